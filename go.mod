@@ -1,0 +1,3 @@
+module github.com/volagent/volagent
+
+go 1.26

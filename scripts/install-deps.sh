@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what volagent's build, demo and tests need on a Debian 12 host.
+# Idempotent and quiet when everything is already there.
+set -euo pipefail
+
+need_pkgs=()
+want() { # want COMMAND PACKAGE
+	command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2")
+}
+want qemu-img qemu-utils
+want qemu-io qemu-utils
+want strace strace
+want lvm lvm2
+want losetup mount
+want busctl systemd
+want dbus-daemon dbus-daemon
+want zstd zstd
+want gcc gcc
+want make make
+
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "install-deps: missing packages ${need_pkgs[*]}; run as root so they can be installed with apt-get" >&2
+		exit 1
+	fi
+	echo "install-deps: installing ${need_pkgs[*]}" >&2
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+# Go: the machine's toolchain, or Debian's; go.mod's go line makes go >= 1.21
+# fetch the exact toolchain it needs through the module proxy.
+if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
+	echo "install-deps: no Go toolchain; installing golang-go" >&2
+	apt-get install -y -qq golang-go >/dev/null
+fi
