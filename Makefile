@@ -46,3 +46,7 @@ bench: build
 
 clean:
 	rm -rf bin dist
+
+# Regenerates the header fuzzer's seed corpus from the hostile-image suite.
+fuzz-seeds: deps
+	$(GO) test -count=1 -tags fuzzseeds -run TestWriteFuzzSeeds ./qcow2/

@@ -29,7 +29,7 @@ func ValidateBackingName(name string) []*FieldError {
 		bad("not valid UTF-8")
 	}
 	for _, c := range name {
-		if c < 0x20 || c == 0x7f {
+		if (c < 0x20 && c != 0) || c == 0x7f { // NUL is reported above
 			bad("contains control character %U", c)
 			break
 		}

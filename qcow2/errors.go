@@ -45,6 +45,9 @@ var (
 	ErrChain = errors.New("invalid backing chain")
 	// ErrFormat: an image's content does not match the format it was given as.
 	ErrFormat = errors.New("image format mismatch")
+	// ErrHeaderInRaw: a raw image starts with another format's header; any
+	// tool that probes formats would misread it (the guest-written header attack).
+	ErrHeaderInRaw = errors.New("raw image carries an image header")
 )
 
 // FieldError is one violation: which field, which value, and why.
@@ -67,6 +70,11 @@ func (e *FieldError) Error() string {
 }
 
 func (e *FieldError) Unwrap() error { return e.Err }
+
+// hex shows a value in hexadecimal, e.g. a feature bit mask.
+type hex uint64
+
+func (h hex) String() string { return fmt.Sprintf("%#x", uint64(h)) }
 
 func fieldErr(sentinel error, field string, value any, format string, args ...any) *FieldError {
 	return &FieldError{Field: field, Value: value, Reason: fmt.Sprintf(format, args...), Err: sentinel}
@@ -113,3 +121,34 @@ func Violations(err error) []*FieldError {
 // IsRefusal reports whether err is a verdict on the image (it broke a rule)
 // rather than an I/O or usage failure.
 func IsRefusal(err error) bool { return len(Violations(err)) > 0 }
+
+// codes are stable machine-readable names of the sentinels, for JSON output
+// and D-Bus clients that should not match on English text.
+var codes = map[error]string{
+	ErrNotQcow2:             "not-qcow2",
+	ErrTruncated:            "truncated",
+	ErrInvalidHeader:        "invalid-header",
+	ErrInvalidExtension:     "invalid-extension",
+	ErrTooLarge:             "too-large",
+	ErrOutOfBounds:          "out-of-bounds",
+	ErrIncompatibleFeature:  "incompatible-feature",
+	ErrUnsupported:          "unsupported",
+	ErrCorrupt:              "corrupt",
+	ErrEncrypted:            "encrypted",
+	ErrDataFile:             "data-file",
+	ErrBackingName:          "backing-name",
+	ErrBackingFormatMissing: "backing-format-missing",
+	ErrBackingFormat:        "backing-format",
+	ErrNotAllowed:           "not-allowed",
+	ErrChain:                "chain",
+	ErrFormat:               "format-mismatch",
+	ErrHeaderInRaw:          "header-in-raw",
+}
+
+// Code is the stable name of the violation's kind, e.g. "data-file".
+func (e *FieldError) Code() string {
+	if c, ok := codes[e.Err]; ok {
+		return c
+	}
+	return "other"
+}

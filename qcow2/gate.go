@@ -26,16 +26,9 @@ type Gate struct {
 // the image at imagePath, refers to, or an error wrapping ErrBackingName or
 // ErrNotAllowed. It does not open the file.
 func (g *Gate) Resolve(imagePath, name string) (string, error) {
-	if errs := ValidateBackingName(name); len(errs) > 0 {
-		return "", &ValidationError{Violations: errs}
-	}
-	p := name
-	if !filepath.IsAbs(p) {
-		imageAbs, err := filepath.Abs(imagePath)
-		if err != nil {
-			return "", fmt.Errorf("resolving image path %q: %w", imagePath, err)
-		}
-		p = filepath.Join(filepath.Dir(imageAbs), p)
+	p, err := joinBackingName(imagePath, name)
+	if err != nil {
+		return "", err
 	}
 	real, err := filepath.EvalSymlinks(p)
 	if err != nil {
@@ -48,17 +41,60 @@ func (g *Gate) Resolve(imagePath, name string) (string, error) {
 	return real, nil
 }
 
+// CheckLexical judges name, as recorded in the image at imagePath, without
+// touching the filesystem: the name must be safe and, resolved against the
+// image's directory and cleaned (symlinks are not followed), lie under an
+// allowed root. Inspection uses it so that looking at a hostile image never
+// makes volagent touch the file it names; Open applies the full check.
+func (g *Gate) CheckLexical(imagePath, name string) (string, error) {
+	p, err := joinBackingName(imagePath, name)
+	if err != nil {
+		return "", err
+	}
+	for _, root := range g.AllowedRoots {
+		if isUnder(p, filepath.Clean(root)) {
+			return p, nil
+		}
+	}
+	return "", &FieldError{Field: "backing_file", Value: name, Err: ErrNotAllowed,
+		Reason: fmt.Sprintf("resolves to %q, which is under none of the allowed roots %q", p, g.AllowedRoots)}
+}
+
+// joinBackingName validates name and makes it absolute: a relative name is
+// relative to the directory of the image that records it, as in qemu.
+func joinBackingName(imagePath, name string) (string, error) {
+	if errs := ValidateBackingName(name); len(errs) > 0 {
+		return "", &ValidationError{Violations: errs}
+	}
+	if filepath.IsAbs(name) {
+		return filepath.Clean(name), nil
+	}
+	imageAbs, err := filepath.Abs(imagePath)
+	if err != nil {
+		return "", fmt.Errorf("resolving image path %q: %w", imagePath, err)
+	}
+	return filepath.Join(filepath.Dir(imageAbs), name), nil
+}
+
 func (g *Gate) underRoot(real string) bool {
 	for _, root := range g.AllowedRoots {
 		r, err := filepath.EvalSymlinks(root)
 		if err != nil || !filepath.IsAbs(r) {
 			continue
 		}
-		if real == r || strings.HasPrefix(real, strings.TrimSuffix(r, "/")+"/") {
+		if isUnder(real, r) {
 			return true
 		}
 	}
 	return false
+}
+
+// isUnder reports whether the clean absolute path p is root or inside it.
+func isUnder(p, root string) bool {
+	if !filepath.IsAbs(root) {
+		return false
+	}
+	return p == root || root == "/" || strings.HasPrefix(p, root+"/")
 }
 
 // Open resolves name as Resolve does and opens the file read-only. It

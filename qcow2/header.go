@@ -230,7 +230,7 @@ func (v *validator) read(r io.ReaderAt, imageSize int64) (*Header, error) {
 	}
 	be := binary.BigEndian
 	if m := be.Uint32(fixed[0:]); m != Magic {
-		v.add(fieldErr(ErrNotQcow2, "magic", fmt.Sprintf("%#08x", m), "want %#08x (QFI\\xfb)", Magic))
+		v.add(fieldErr(ErrNotQcow2, "magic", hex(m), "want %#08x (QFI\\xfb)", Magic))
 		return nil, nil
 	}
 	h := &Header{Version: be.Uint32(fixed[4:]), ImageSize: imageSize}
@@ -315,13 +315,13 @@ func (v *validator) checkFeatures(h *Header) {
 		v.add(fieldErr(ErrEncrypted, "crypt_method", h.CryptMethod, "volagent does not handle encrypted images"))
 	}
 	if h.IncompatibleFeatures&IncompatCorrupt != 0 {
-		v.add(fieldErr(ErrCorrupt, "incompatible_features", fmt.Sprintf("%#x", h.IncompatibleFeatures), "the corrupt bit is set; repair the image with qemu-img check -r all first"))
+		v.add(fieldErr(ErrCorrupt, "incompatible_features", hex(h.IncompatibleFeatures), "the corrupt bit is set; repair the image with qemu-img check -r all first"))
 	}
 	if h.IncompatibleFeatures&IncompatDataFile != 0 {
-		v.add(fieldErr(ErrDataFile, "incompatible_features", fmt.Sprintf("%#x", h.IncompatibleFeatures), "the external data file bit is set"))
+		v.add(fieldErr(ErrDataFile, "incompatible_features", hex(h.IncompatibleFeatures), "the external data file bit is set"))
 	}
 	if unknown := h.IncompatibleFeatures &^ knownIncompat; unknown != 0 {
-		v.add(fieldErr(ErrIncompatibleFeature, "incompatible_features", fmt.Sprintf("%#x", h.IncompatibleFeatures), "unknown bits %#x", unknown))
+		v.add(fieldErr(ErrIncompatibleFeature, "incompatible_features", hex(h.IncompatibleFeatures), "unknown bits %#x", unknown))
 	}
 	if h.RefcountOrder > maxRefcountOrder {
 		v.add(fieldErr(ErrInvalidHeader, "refcount_order", h.RefcountOrder, "refcounts are at most 64 bits wide (order %d)", maxRefcountOrder))
@@ -332,11 +332,11 @@ func (v *validator) checkFeatures(h *Header) {
 	switch h.CompressionType {
 	case CompressionZlib:
 		if h.IncompatibleFeatures&IncompatCompression != 0 {
-			v.add(fieldErr(ErrInvalidHeader, "incompatible_features", fmt.Sprintf("%#x", h.IncompatibleFeatures), "the compression type bit must not be set for zlib"))
+			v.add(fieldErr(ErrInvalidHeader, "incompatible_features", hex(h.IncompatibleFeatures), "the compression type bit must not be set for zlib"))
 		}
 	case CompressionZstd:
 		if h.IncompatibleFeatures&IncompatCompression == 0 {
-			v.add(fieldErr(ErrInvalidHeader, "incompatible_features", fmt.Sprintf("%#x", h.IncompatibleFeatures), "the compression type bit must be set for zstd"))
+			v.add(fieldErr(ErrInvalidHeader, "incompatible_features", hex(h.IncompatibleFeatures), "the compression type bit must be set for zstd"))
 		}
 	default:
 		v.add(fieldErr(ErrInvalidHeader, "compression_type", h.CompressionType, "known types are 0 (zlib) and 1 (zstd)"))
@@ -345,7 +345,7 @@ func (v *validator) checkFeatures(h *Header) {
 		v.add(fieldErr(ErrUnsupported, "cluster_bits", h.ClusterBits, "extended L2 entries need clusters of at least %d bytes", 1<<minExtendedL2Bits))
 	}
 	if h.AutoclearFeatures&AutoclearDataFileRaw != 0 {
-		v.add(fieldErr(ErrDataFile, "autoclear_features", fmt.Sprintf("%#x", h.AutoclearFeatures), "the raw external data bit is set"))
+		v.add(fieldErr(ErrDataFile, "autoclear_features", hex(h.AutoclearFeatures), "the raw external data bit is set"))
 	}
 }
 
@@ -428,7 +428,7 @@ func (v *validator) parseExtensions(h *Header, first []byte, clusterSize uint64)
 		data := first[dataOff : dataOff+uint64(length)]
 		h.Extensions = append(h.Extensions, ExtensionInfo{Type: typ, Offset: dataOff, Length: length})
 		if seen[typ] && isKnownExtension(typ) {
-			v.add(fieldErr(ErrInvalidExtension, "extension type", fmt.Sprintf("%#08x", typ), "appears more than once; tools would disagree on which counts"))
+			v.add(fieldErr(ErrInvalidExtension, "extension type", hex(typ), "appears more than once; tools would disagree on which counts"))
 		}
 		seen[typ] = true
 		v.parseExtension(h, typ, data)
