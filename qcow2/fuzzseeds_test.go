@@ -4,6 +4,7 @@ package qcow2_test
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"testing"
@@ -20,15 +21,35 @@ func TestWriteFuzzSeeds(t *testing.T) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	// Small valid images, whole, so the fuzzer also starts from acceptance.
+	valid := map[string][]string{
+		"valid-512":         {"-o", "cluster_size=512", "-b", bases.BaseRaw, "-F", "raw"},
+		"valid-4k-v2":       {"-o", "cluster_size=4096,compat=0.10", "-b", bases.BaseRaw, "-F", "raw"},
+		"valid-16k-extl2":   {"-o", "cluster_size=16384,extended_l2=on"},
+		"valid-4k-zstd-r64": {"-o", "cluster_size=4096,compression_type=zstd,refcount_bits=64"},
+	}
+	for name, opts := range valid {
+		p := filepath.Join(bases.Dir, name)
+		args := append(append([]string{"create", "-q", "-f", "qcow2"}, opts...), p, "1M")
+		if out, err := exec.Command("qemu-img", args...).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img %q: %v\n%s", args, err, out)
+		}
+		writeSeed(t, dir, name, p, 1<<20)
+	}
 	for _, c := range hostile.Write(t, bases) {
-		img, err := os.ReadFile(c.Path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		img = img[:min(len(img), 4096)]
-		body := "go test fuzz v1\n[]byte(" + strconv.Quote(string(img)) + ")\n"
-		if err := os.WriteFile(filepath.Join(dir, c.Name), []byte(body), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		writeSeed(t, dir, c.Name, c.Path, 4096)
+	}
+}
+
+// writeSeed writes the first limit bytes of the file at path as a seed.
+func writeSeed(t *testing.T, dir, name, path string, limit int) {
+	img, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img = img[:min(len(img), limit)]
+	body := "go test fuzz v1\n[]byte(" + strconv.Quote(string(img)) + ")\n"
+	if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+		t.Fatal(err)
 	}
 }
