@@ -1,0 +1,298 @@
+package hostblk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+)
+
+// ActivationMode is how a pool's LVs become block devices. It is always
+// configured explicitly: guessing from the kernel would silently change
+// device paths if device-mapper appeared or disappeared.
+type ActivationMode string
+
+const (
+	// ActivationDeviceMapper is LVM's own activation: lvchange -ay, the LV
+	// is /dev/VG/LV.
+	ActivationDeviceMapper ActivationMode = "device-mapper"
+	// ActivationLoop maps a linear LV with a loop device over its physical
+	// volume, for kernels without device-mapper. LVs must be created with
+	// CreateOptions.Contiguous.
+	ActivationLoop ActivationMode = "loop"
+)
+
+// ParseActivationMode parses a configuration value; the empty string is an
+// error, not a default.
+func ParseActivationMode(s string) (ActivationMode, error) {
+	switch m := ActivationMode(s); m {
+	case ActivationDeviceMapper, ActivationLoop:
+		return m, nil
+	}
+	return "", fmt.Errorf("activation mode %q: want %q or %q", s, ActivationDeviceMapper, ActivationLoop)
+}
+
+// ErrNotActive means an LV has no block device: it is not activated.
+var ErrNotActive = errors.New("logical volume is not active")
+
+// ErrNotLoopMappable means loop activation cannot map the LV: it is not one
+// linear, contiguous run of extents on one physical volume.
+var ErrNotLoopMappable = errors.New("logical volume cannot be activated by loop")
+
+// Activator makes LVs usable as block devices. All methods are safe for
+// concurrent use.
+type Activator interface {
+	// Mode is the activation this Activator implements.
+	Mode() ActivationMode
+	// Activate makes LV vg/lv a block device and returns its path.
+	// Activating an active LV returns its existing device.
+	Activate(ctx context.Context, vg, lv string) (string, error)
+	// DevicePath returns the block device of an active LV, or ErrNotActive.
+	// It works across restarts of the process: it looks at the system, not
+	// at memory.
+	DevicePath(ctx context.Context, vg, lv string) (string, error)
+	// Refresh makes an active LV's device show the LV's current size, after
+	// LVM.ExtendLV. An inactive LV is left alone.
+	Refresh(ctx context.Context, vg, lv string) error
+	// Deactivate removes the LV's block device. An inactive LV is not an
+	// error.
+	Deactivate(ctx context.Context, vg, lv string) error
+}
+
+// NewActivator returns the Activator for mode. It checks that lvm is set up
+// to match: loop activation needs lvm.NoDeviceMapper (so LVM never tries to
+// talk to device-mapper), device-mapper activation needs it unset.
+func NewActivator(mode ActivationMode, lvm *LVM) (Activator, error) {
+	if lvm == nil {
+		return nil, fmt.Errorf("new activator %q: LVM is nil", mode)
+	}
+	switch mode {
+	case ActivationDeviceMapper:
+		if lvm.NoDeviceMapper {
+			return nil, fmt.Errorf("device-mapper activation with LVM.NoDeviceMapper set: lvm would not activate anything")
+		}
+		return &dmActivator{lvm: lvm}, nil
+	case ActivationLoop:
+		if !lvm.NoDeviceMapper {
+			return nil, fmt.Errorf("loop activation needs LVM.NoDeviceMapper set, so lvm runs with --driverloaded n")
+		}
+		return &loopActivator{lvm: lvm}, nil
+	}
+	_, err := ParseActivationMode(string(mode))
+	return nil, err
+}
+
+// dmActivator is LVM's own device-mapper activation.
+type dmActivator struct{ lvm *LVM }
+
+func (a *dmActivator) Mode() ActivationMode { return ActivationDeviceMapper }
+
+func (a *dmActivator) Activate(ctx context.Context, vg, lv string) (string, error) {
+	if err := validateNames(vg, lv); err != nil {
+		return "", err
+	}
+	if err := a.lvm.runVG(ctx, vg, "lvchange", "--activate", "y", "--", vg+"/"+lv); err != nil {
+		return "", err
+	}
+	return dmPath(vg, lv), nil
+}
+
+func (a *dmActivator) DevicePath(ctx context.Context, vg, lv string) (string, error) {
+	info, err := a.lvm.LogicalVolume(ctx, vg, lv)
+	if err != nil {
+		return "", err
+	}
+	// lv_attr's fifth character is the state: 'a' for active.
+	if len(info.Attr) < 5 || info.Attr[4] != 'a' {
+		return "", fmt.Errorf("%s/%s (lv_attr %q): %w", vg, lv, info.Attr, ErrNotActive)
+	}
+	return dmPath(vg, lv), nil
+}
+
+func (a *dmActivator) Refresh(ctx context.Context, vg, lv string) error {
+	if err := validateNames(vg, lv); err != nil {
+		return err
+	}
+	// lvextend already resizes an active LV; --refresh reloads the table
+	// in case that was interrupted.
+	return a.lvm.runVG(ctx, vg, "lvchange", "--refresh", "--", vg+"/"+lv)
+}
+
+func (a *dmActivator) Deactivate(ctx context.Context, vg, lv string) error {
+	if err := validateNames(vg, lv); err != nil {
+		return err
+	}
+	return a.lvm.runVG(ctx, vg, "lvchange", "--activate", "n", "--", vg+"/"+lv)
+}
+
+func dmPath(vg, lv string) string { return "/dev/" + vg + "/" + lv }
+
+// loopActivator activates an LV as a loop device over its physical volume,
+// starting at the LV's first extent and limited to its size. It keeps no
+// state: the loop device of an LV is the one whose backing file is the PV
+// and whose offset is the LV's offset, which sysfs shows after a restart.
+type loopActivator struct {
+	lvm *LVM
+	// mu serialises activations so two callers cannot attach two loop
+	// devices for the same LV.
+	mu sync.Mutex
+}
+
+func (a *loopActivator) Mode() ActivationMode { return ActivationLoop }
+
+// LoopMapping is where an LV's bytes are on its physical volume.
+type LoopMapping struct {
+	PV     string
+	Offset uint64 // bytes from the start of the PV device
+	Size   uint64 // bytes
+}
+
+// LoopMappingOf computes where LV vg/lv lies on its physical volume. It
+// fails with ErrNotLoopMappable unless the LV is linear and its extents
+// are one contiguous run on one PV (adjacent segments are merged).
+func LoopMappingOf(ctx context.Context, lvm *LVM, vg, lv string) (LoopMapping, error) {
+	segs, err := lvm.Segments(ctx, vg, lv)
+	if err != nil {
+		return LoopMapping{}, err
+	}
+	if len(segs) == 0 {
+		return LoopMapping{}, fmt.Errorf("%s/%s has no segments: %w", vg, lv, ErrNotLoopMappable)
+	}
+	sort.Slice(segs, func(i, j int) bool { return segs[i].LVStartExtent < segs[j].LVStartExtent })
+	var first, last PERange
+	var extents uint64
+	for i, seg := range segs {
+		if seg.Type != "linear" || len(seg.Ranges) != 1 {
+			return LoopMapping{}, fmt.Errorf("%s/%s segment %d: type %q over %d ranges, need one linear range: %w",
+				vg, lv, i, seg.Type, len(seg.Ranges), ErrNotLoopMappable)
+		}
+		r := seg.Ranges[0]
+		if r.End-r.Start+1 != seg.Extents {
+			return LoopMapping{}, fmt.Errorf("%s/%s segment %d: %d extents but range %s:%d-%d: %w",
+				vg, lv, i, seg.Extents, r.PV, r.Start, r.End, ErrNotLoopMappable)
+		}
+		if i == 0 {
+			first = r
+		} else if r.PV != last.PV || r.Start != last.End+1 {
+			return LoopMapping{}, fmt.Errorf("%s/%s has %d segments and segment %d (%s:%d-%d) does not follow %s:%d-%d; "+
+				"create LVs for loop activation with CreateOptions.Contiguous: %w",
+				vg, lv, len(segs), i, r.PV, r.Start, r.End, last.PV, last.Start, last.End, ErrNotLoopMappable)
+		}
+		last = r
+		extents += seg.Extents
+	}
+	info, err := lvm.VolumeGroup(ctx, vg)
+	if err != nil {
+		return LoopMapping{}, err
+	}
+	pvs, err := lvm.PhysicalVolumes(ctx, vg)
+	if err != nil {
+		return LoopMapping{}, err
+	}
+	for _, pv := range pvs {
+		if pv.Name == first.PV {
+			return LoopMapping{
+				PV:     pv.Name,
+				Offset: pv.PEStart + first.Start*info.ExtentSize,
+				Size:   extents * info.ExtentSize,
+			}, nil
+		}
+	}
+	return LoopMapping{}, fmt.Errorf("%s/%s: physical volume %s not found in volume group %s", vg, lv, first.PV, vg)
+}
+
+// findLoop returns the loop device mapping m, if any.
+func findLoop(m LoopMapping) (LoopDevice, bool, error) {
+	loops, err := FindLoops(m.PV)
+	if err != nil {
+		return LoopDevice{}, false, err
+	}
+	for _, l := range loops {
+		if l.Offset == m.Offset {
+			return l, true, nil
+		}
+	}
+	return LoopDevice{}, false, nil
+}
+
+func (a *loopActivator) Activate(ctx context.Context, vg, lv string) (string, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m, err := LoopMappingOf(ctx, a.lvm, vg, lv)
+	if err != nil {
+		return "", fmt.Errorf("activate %s/%s by loop: %w", vg, lv, err)
+	}
+	if l, ok, err := findLoop(m); err != nil {
+		return "", err
+	} else if ok {
+		if l.SizeLimit != m.Size {
+			// The LV was extended while it was not refreshed (e.g. the
+			// daemon crashed between lvextend and Refresh).
+			if err := SetLoopSizeLimit(l.Path, m.Size); err != nil {
+				return "", fmt.Errorf("activate %s/%s by loop: %w", vg, lv, err)
+			}
+		}
+		return l.Path, nil
+	}
+	pvInfo, err := Inspect(m.PV)
+	if err != nil {
+		return "", fmt.Errorf("activate %s/%s by loop: %w", vg, lv, err)
+	}
+	// The LV keeps the PV's logical block size, as device-mapper would.
+	l, err := AttachLoop(m.PV, LoopOptions{
+		Offset:     m.Offset,
+		SizeLimit:  m.Size,
+		SectorSize: uint32(pvInfo.LogicalBlockSize),
+	})
+	if err != nil {
+		return "", fmt.Errorf("activate %s/%s by loop: %w", vg, lv, err)
+	}
+	return l.Path, nil
+}
+
+func (a *loopActivator) DevicePath(ctx context.Context, vg, lv string) (string, error) {
+	m, err := LoopMappingOf(ctx, a.lvm, vg, lv)
+	if err != nil {
+		return "", err
+	}
+	l, ok, err := findLoop(m)
+	if err != nil {
+		return "", err
+	}
+	if !ok {
+		return "", fmt.Errorf("%s/%s (no loop device on %s at offset %d): %w", vg, lv, m.PV, m.Offset, ErrNotActive)
+	}
+	return l.Path, nil
+}
+
+func (a *loopActivator) Refresh(ctx context.Context, vg, lv string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m, err := LoopMappingOf(ctx, a.lvm, vg, lv)
+	if err != nil {
+		return fmt.Errorf("refresh %s/%s: %w", vg, lv, err)
+	}
+	l, ok, err := findLoop(m)
+	if err != nil || !ok {
+		return err
+	}
+	if err := SetLoopSizeLimit(l.Path, m.Size); err != nil {
+		return fmt.Errorf("refresh %s/%s: %w", vg, lv, err)
+	}
+	return nil
+}
+
+func (a *loopActivator) Deactivate(ctx context.Context, vg, lv string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m, err := LoopMappingOf(ctx, a.lvm, vg, lv)
+	if err != nil {
+		return fmt.Errorf("deactivate %s/%s: %w", vg, lv, err)
+	}
+	l, ok, err := findLoop(m)
+	if err != nil || !ok {
+		return err
+	}
+	return DetachLoop(l.Path)
+}
