@@ -55,53 +55,12 @@ policy), 2 usage or I/O error.`,
 	rootCmd.AddCommand(cmd)
 }
 
-// inspectReport is what inspect prints; the JSON field names are stable.
-type inspectReport struct {
-	Path           string      `json:"path"`
-	Format         string      `json:"format"`
-	ImageSize      int64       `json:"image-size"`
-	Qcow2          *qcow2Facts `json:"qcow2,omitempty"`
-	DetectedHeader string      `json:"detected-header,omitempty"`
-	Verdict        string      `json:"verdict"`
-	Violations     []violation `json:"violations"`
-}
-
-type qcow2Facts struct {
-	Version               uint32          `json:"version"`
-	VirtualSize           uint64          `json:"virtual-size"`
-	ClusterSize           int64           `json:"cluster-size"`
-	RefcountBits          int             `json:"refcount-bits"`
-	CompressionType       string          `json:"compression-type"`
-	ExtendedL2            bool            `json:"extended-l2"`
-	LazyRefcounts         bool            `json:"lazy-refcounts"`
-	Dirty                 bool            `json:"dirty"`
-	IncompatibleFeatures  uint64          `json:"incompatible-features"`
-	CompatibleFeatures    uint64          `json:"compatible-features"`
-	AutoclearFeatures     uint64          `json:"autoclear-features"`
-	L1Size                uint32          `json:"l1-size"`
-	L1TableOffset         uint64          `json:"l1-table-offset"`
-	RefcountTableOffset   uint64          `json:"refcount-table-offset"`
-	RefcountTableClusters uint32          `json:"refcount-table-clusters"`
-	Snapshots             uint32          `json:"snapshots"`
-	BackingFile           string          `json:"backing-file,omitempty"`
-	BackingFormat         string          `json:"backing-format,omitempty"`
-	BackingResolved       string          `json:"backing-resolved,omitempty"`
-	DataFile              string          `json:"data-file,omitempty"`
-	Extensions            []extensionFact `json:"extensions"`
-}
-
-type extensionFact struct {
-	Type   string `json:"type"`
-	Name   string `json:"name"`
-	Length uint32 `json:"length"`
-}
-
-type violation struct {
-	Code    string `json:"code"`
-	Field   string `json:"field"`
-	Value   string `json:"value"`
-	Message string `json:"message"`
-}
+// The report types live in qcow2; these names keep the CLI code short.
+type (
+	inspectReport = qcow2.Report
+	qcow2Facts    = qcow2.Facts
+	violation     = qcow2.ReportViolation
+)
 
 func runInspect(out io.Writer, path string, fl inspectFlags) error {
 	if fl.format != "qcow2" && fl.format != "raw" {
@@ -113,22 +72,9 @@ func runInspect(out io.Writer, path string, fl inspectFlags) error {
 	}
 	defer f.Close()
 
-	rep := &inspectReport{Path: path, Format: fl.format, ImageSize: size, Violations: []violation{}}
-	var verdictErr error
-	if fl.format == "raw" {
-		verdictErr = inspectRaw(f, rep)
-	} else {
-		verdictErr = inspectQcow2(f, size, path, fl.allowBacking, rep)
-	}
-	if verdictErr != nil && !qcow2.IsRefusal(verdictErr) {
-		return verdictErr // an I/O error: no verdict
-	}
-	for _, v := range qcow2.Violations(verdictErr) {
-		rep.Violations = append(rep.Violations, violation{Code: v.Code(), Field: v.Field, Value: fmt.Sprint(v.Value), Message: v.Error()})
-	}
-	rep.Verdict = "accepted"
-	if len(rep.Violations) > 0 {
-		rep.Verdict = "refused"
+	rep, err := qcow2.Inspect(f, size, path, fl.format, fl.allowBacking)
+	if err != nil {
+		return err
 	}
 	if fl.json {
 		enc := json.NewEncoder(out)
@@ -168,84 +114,6 @@ func openImageReadOnly(path string) (*os.File, int64, error) {
 		return nil, 0, fmt.Errorf("%s: size: %w", path, err)
 	}
 	return f, size, nil
-}
-
-func inspectRaw(f io.ReaderAt, rep *inspectReport) error {
-	head := make([]byte, qcow2.DetectSize)
-	n, err := f.ReadAt(head, 0)
-	if err != nil && err != io.EOF {
-		return fmt.Errorf("reading %s: %w", rep.Path, err)
-	}
-	rep.DetectedHeader = qcow2.DetectImageHeader(head[:n])
-	if rep.DetectedHeader != "" {
-		return &qcow2.FieldError{Field: "first sector", Value: rep.DetectedHeader, Err: qcow2.ErrHeaderInRaw,
-			Reason: "the raw content starts with a " + rep.DetectedHeader + " header; any tool that probes formats would misread this disk"}
-	}
-	return nil
-}
-
-func inspectQcow2(f io.ReaderAt, size int64, path string, roots []string, rep *inspectReport) error {
-	h, err := qcow2.ReadHeader(f, size)
-	if h == nil {
-		return err
-	}
-	rep.Qcow2 = qcow2FactsOf(h)
-	violations := qcow2.Violations(err)
-	if err != nil && violations == nil {
-		return err
-	}
-	if h.HasBacking() && len(roots) > 0 {
-		gate := qcow2.Gate{AllowedRoots: roots}
-		resolved, gerr := gate.CheckLexical(path, h.BackingFile)
-		rep.Qcow2.BackingResolved = resolved
-		if gerr != nil {
-			// Name violations are already in the header's verdict.
-			for _, v := range qcow2.Violations(gerr) {
-				if v.Err == qcow2.ErrNotAllowed {
-					violations = append(violations, v)
-				}
-			}
-		}
-	}
-	if len(violations) == 0 {
-		return nil
-	}
-	return &qcow2.ValidationError{Violations: violations}
-}
-
-func qcow2FactsOf(h *qcow2.Header) *qcow2Facts {
-	facts := &qcow2Facts{
-		Version: h.Version, VirtualSize: h.Size, ClusterSize: h.ClusterSize(),
-		RefcountBits: h.RefcountBits(), CompressionType: h.CompressionName(),
-		ExtendedL2: h.ExtendedL2(), LazyRefcounts: h.LazyRefcounts(), Dirty: h.Dirty(),
-		IncompatibleFeatures: h.IncompatibleFeatures, CompatibleFeatures: h.CompatibleFeatures,
-		AutoclearFeatures: h.AutoclearFeatures,
-		L1Size:            h.L1Size, L1TableOffset: h.L1TableOffset,
-		RefcountTableOffset: h.RefcountTableOffset, RefcountTableClusters: h.RefcountTableClusters,
-		Snapshots:   h.NbSnapshots,
-		BackingFile: h.BackingFile, BackingFormat: h.BackingFormat, DataFile: h.DataFile,
-		Extensions: []extensionFact{},
-	}
-	for _, e := range h.Extensions {
-		facts.Extensions = append(facts.Extensions, extensionFact{Type: fmt.Sprintf("%#08x", e.Type), Name: extensionName(e.Type), Length: e.Length})
-	}
-	return facts
-}
-
-func extensionName(typ uint32) string {
-	switch typ {
-	case qcow2.ExtBackingFormat:
-		return "backing format"
-	case qcow2.ExtFeatureTable:
-		return "feature name table"
-	case qcow2.ExtBitmaps:
-		return "bitmaps"
-	case qcow2.ExtCrypto:
-		return "full disk encryption"
-	case qcow2.ExtDataFile:
-		return "external data file"
-	}
-	return "unknown"
 }
 
 // printInspectText prints the report for people. Every string that came
