@@ -87,8 +87,19 @@ func MakeBases(t testing.TB, dir string) *Bases {
 	qemuImg(t, "create", "-q", "-f", "qcow2", "-b", b.BaseRaw, "-F", "raw", p("overlay.qcow2"))
 	qemuImg(t, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", b.BaseRaw, "-F", "raw", p("v2.qcow2"))
 	qemuImg(t, "create", "-q", "-f", "qcow2", "-o", "data_file="+p("data.raw"), p("datafile.qcow2"), "16M")
-	qemuImg(t, "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=volagent-test",
-		"-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100", p("luks.qcow2"), "16M")
+	// qemu benchmarks PBKDF iterations first; on a loaded machine that can
+	// fail ("Unable to get accurate CPU usage"), so give it a few tries.
+	luksArgs := []string{"create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=volagent-test",
+		"-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100", p("luks.qcow2"), "16M"}
+	for try := 1; ; try++ {
+		out, err := exec.Command("qemu-img", luksArgs...).CombinedOutput()
+		if err == nil {
+			break
+		}
+		if try == 5 {
+			t.Fatalf("qemu-img %q: %v\n%s", luksArgs, err, out)
+		}
+	}
 	qemuImg(t, "create", "-q", "-f", "qcow2", p("snap.qcow2"), "16M")
 	qemuImg(t, "snapshot", "-c", "s1", p("snap.qcow2"))
 	qemuImg(t, "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,compression_type=zstd", p("extl2.qcow2"), "16M")
