@@ -10,7 +10,7 @@ PKGS     := ./...
 FUZZTIME ?= 10s
 FUZZTIME_LONG ?= 10m
 
-.PHONY: all deps build demo test unit lint fuzz fuzz-short bench clean
+.PHONY: all deps build demo test unit lint fuzz fuzz-short bench clean fuzz-seeds packages
 
 all: build
 
@@ -50,3 +50,7 @@ clean:
 # Regenerates the header fuzzer's seed corpus from the hostile-image suite.
 fuzz-seeds: deps
 	$(GO) test -count=1 -tags fuzzseeds -run TestWriteFuzzSeeds ./qcow2/
+
+# The .deb and the .rpm, into dist/.
+packages: deps
+	@scripts/packages.sh

@@ -8,6 +8,8 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+
+	"github.com/volagent/volagent/internal/version"
 )
 
 // Exit statuses shared by every subcommand.
@@ -39,6 +41,7 @@ header as hostile input.
 
 Exit status: 0 success, 2 usage or I/O error, 3 image refused (malformed,
 hostile, or against the policy).`,
+	Version:       version.Version,
 	SilenceUsage:  true,
 	SilenceErrors: true,
 }
