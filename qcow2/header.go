@@ -561,6 +561,7 @@ func (v *validator) walkSnapshots(r io.ReaderAt, h *Header, imageSize int64) err
 	off := h.SnapshotsOffset
 	limit := min(uint64(imageSize), h.SnapshotsOffset+maxSnapshotTableBytes)
 	var fixed [40]byte
+	var end uint64
 	for i := uint32(0); i < h.NbSnapshots; i++ {
 		if off+40 > limit {
 			v.add(fieldErr(ErrOutOfBounds, "snapshot_table", i, "snapshot entry %d at %d runs past the image or the %d-byte table limit", i, off, maxSnapshotTableBytes))
@@ -580,10 +581,11 @@ func (v *validator) walkSnapshots(r io.ReaderAt, h *Header, imageSize int64) err
 		}
 		v.checkTable(h, fmt.Sprintf("snapshot %d l1_table", i), l1Offset, uint64(l1Size), 8, maxL1Bytes, imageSize)
 		entry := 40 + uint64(extraSize) + uint64(idSize) + uint64(nameSize)
-		off += (entry + 7) &^ 7
+		end = off + entry
+		off += (entry + 7) &^ 7 // entries are 8-byte aligned; the last one is not padded
 	}
-	if off > limit {
-		v.add(fieldErr(ErrOutOfBounds, "snapshot_table", h.NbSnapshots, "the table ends at %d, past the image or the table limit", off))
+	if end > limit {
+		v.add(fieldErr(ErrOutOfBounds, "snapshot_table", h.NbSnapshots, "the table ends at %d, past the image or the table limit", end))
 	}
 	return nil
 }

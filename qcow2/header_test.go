@@ -73,6 +73,7 @@ func TestReadHeaderAgreesWithQemu(t *testing.T) {
 		{"overlay-relative", []string{"-b", "base.raw", "-F", "raw"}},
 		{"prealloc-metadata", []string{"-o", "preallocation=metadata"}},
 		{"huge-virtual", []string{"-o", "cluster_size=4096"}},
+		{"snapshot-last", nil}, // qemu does not pad the last snapshot entry
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -87,6 +88,10 @@ func TestReadHeaderAgreesWithQemu(t *testing.T) {
 				args = append(args, "16M")
 			}
 			testutil.Run(t, "qemu-img", args...)
+			if c.name == "snapshot-last" {
+				testutil.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", img)
+				testutil.Run(t, "qemu-img", "snapshot", "-c", "s1", img)
+			}
 			h, err := readHeaderFile(t, img)
 			if err != nil {
 				t.Fatalf("ReadHeader refused a qemu-made image: %v", err)
