@@ -104,7 +104,80 @@ bench_create() {
 	report create "$ours" "qemu-img create" "$theirs" 0.5
 }
 
-BENCHMARKS=(inspect create)
+# import: sequential allocating writes of 1 GiB into a fresh overlay, by
+# volagent import from a raw file in /dev/shm, against dd of the same data
+# onto the raw loop device (the device's limit) and qemu-img convert -n
+# into an equally fresh overlay, all on one loop device with direct I/O.
+# Runs are interleaved (dd, volagent, qemu-img) so drift hits all three;
+# the median of BENCH_IMPORT_RUNS (default 5) runs counts. Throughput
+# ratios: goal >= 0.95 of dd, >= 1.0 of qemu-img.
+bench_import() {
+	local shm size=$((1024 * 1024 * 1024)) n=${BENCH_IMPORT_RUNS:-5}
+	shm=$(mktemp /dev/shm/volagent-bench-import.XXXXXX)
+	bench_import_body "$shm" "$size" "$n"
+	local status=$?
+	rm -f "$shm"
+	return "$status"
+}
+
+bench_import_body() {
+	local shm=$1 size=$2 n=$3 base="$work/import-base.raw"
+	head -c "$size" /dev/urandom >"$shm" || return 1
+	truncate -s "$size" "$base"
+	new_loop_device $((size + 256 * 1024 * 1024)) import-target
+	local dev=$loop_device i start end dd_t=() va_t=() qi_t=()
+	for ((i = 0; i < n; i++)); do
+		start=${EPOCHREALTIME/[.,]/}
+		dd if="$shm" of="$dev" oflag=direct bs=1M status=none || return 1
+		end=${EPOCHREALTIME/[.,]/}
+		dd_t+=($((10#$end - 10#$start)))
+
+		qemu-img create -q -f qcow2 -b "$base" -F raw "$dev" "$size" || return 1
+		start=${EPOCHREALTIME/[.,]/}
+		"$volagent" import --allow-backing "$work" "$shm" "$dev" >/dev/null 2>"$work/stderr" ||
+			{ echo "bench: volagent import failed: $(head -c 500 "$work/stderr")" >&2; return 1; }
+		end=${EPOCHREALTIME/[.,]/}
+		va_t+=($((10#$end - 10#$start)))
+
+		qemu-img create -q -f qcow2 -b "$base" -F raw "$dev" "$size" || return 1
+		start=${EPOCHREALTIME/[.,]/}
+		qemu-img convert -n -t none -T none -f raw -O qcow2 "$shm" "$dev" || return 1
+		end=${EPOCHREALTIME/[.,]/}
+		qi_t+=($((10#$end - 10#$start)))
+	done
+	local dd_us va_us qi_us
+	dd_us=$(printf '%s\n' "${dd_t[@]}" | sort -n | awk '{ t[NR] = $1 } END { print t[int((NR + 1) / 2)] }')
+	va_us=$(printf '%s\n' "${va_t[@]}" | sort -n | awk '{ t[NR] = $1 } END { print t[int((NR + 1) / 2)] }')
+	qi_us=$(printf '%s\n' "${qi_t[@]}" | sort -n | awk '{ t[NR] = $1 } END { print t[int((NR + 1) / 2)] }')
+	awk -v size="$size" -v dd="$dd_us" -v va="$va_us" -v qi="$qi_us" 'BEGIN {
+		mib = size / 1048576
+		r_dd = dd / va; r_qi = qi / va
+		printf "import: volagent %.0f MiB/s, dd %.0f MiB/s, ratio %.2f (goal >= 0.95)%s; qemu-img convert %.0f MiB/s, ratio %.2f (goal >= 1.0)%s\n",
+			mib / (va / 1e6), mib / (dd / 1e6), r_dd, (r_dd < 0.95 ? " MISSED" : ""),
+			mib / (qi / 1e6), r_qi, (r_qi < 1.0 ? " MISSED" : "")
+	}'
+}
+
+# cow-latency: 4 KiB writes, one per 64 KiB cluster, into a fresh overlay
+# over a raw backing (each a copy-on-write), against 4 KiB O_DIRECT writes
+# to the raw device, alternating on one loop device: median latencies.
+# The Go benchmark sets up its own loop device and backing.
+bench_cow_latency() {
+	local root result="$work/cow-latency.txt"
+	root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+	(cd "$root" && VOLAGENT_BENCH_RESULT="$result" go test -count=1 -run '^$' \
+		-bench '^BenchmarkCowWriteLatency$' -benchtime 1x ./qcow2 >"$work/cow.out" 2>&1) ||
+		{ echo "bench: cow-latency failed: $(tail -c 1000 "$work/cow.out")" >&2; return 1; }
+	local ours theirs ratio raw64
+	read -r ours theirs ratio raw64 <"$result"
+	awk -v o="$ours" -v t="$theirs" -v f="$raw64" 'BEGIN {
+		r = o / t
+		printf "cow-latency: volagent 4K copy-on-write median %.1fus, raw 4K O_DIRECT median %.1fus, ratio %.2f (goal <= 1.5)%s; raw 64K write (the floor) %.1fus\n",
+			o * 1000, t * 1000, r, (r > 1.5 ? " MISSED" : ""), f * 1000
+	}'
+}
+
+BENCHMARKS=(inspect create import cow_latency)
 
 status=0
 for name in "${BENCHMARKS[@]}"; do
