@@ -75,6 +75,11 @@ type VolumeInfo struct {
 	BackingName      string // as recorded in the image; "" for none
 	BackingFormat    string // as recorded in the image; "" for none
 	Role             Role
+	// Problem is why the volume cannot be used safely, "" when it can: a
+	// qcow2 header volagent refuses, corruption found by a check at load,
+	// a backing that is no longer where the header says. Such volumes are
+	// listed so an admin can see and delete them, never silently dropped.
+	Problem string
 }
 
 // OverlayRequest asks for a new qcow2 overlay. Exactly one of BackingPath

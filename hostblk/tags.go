@@ -21,6 +21,7 @@ const (
 	tagKeyRole          = "volagent.role"
 	tagKeyBackingName   = "volagent.backing"
 	tagKeyBackingFormat = "volagent.backing-format"
+	tagKeyState         = "volagent.state"
 )
 
 // isTagLiteral reports whether c can stand for itself in an encoded tag
@@ -144,6 +145,10 @@ type VolumeMeta struct {
 	BackingName string `json:"backing_name,omitempty"`
 	// BackingFormat is the format of BackingName (e.g. "qcow2", "raw").
 	BackingFormat string `json:"backing_format,omitempty"`
+	// State is "" for a finished volume; otherwise the operation that is
+	// still making or removing it (e.g. "creating", "importing",
+	// "deleting"), so that whoever finds it after a crash can clean up.
+	State string `json:"state,omitempty"`
 }
 
 // Tags returns the LVM tags that record m: OwnerTag plus one key=value tag
@@ -154,6 +159,7 @@ func (m VolumeMeta) Tags() ([]string, error) {
 		{tagKeyRole, m.Role},
 		{tagKeyBackingName, m.BackingName},
 		{tagKeyBackingFormat, m.BackingFormat},
+		{tagKeyState, m.State},
 	} {
 		if f.value == "" {
 			continue
@@ -193,6 +199,8 @@ func ParseVolumeTags(tags []string) (meta VolumeMeta, owned bool, err error) {
 			meta.BackingName = value
 		case tagKeyBackingFormat:
 			meta.BackingFormat = value
+		case tagKeyState:
+			meta.State = value
 		}
 	}
 	return meta, owned, nil

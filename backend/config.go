@@ -1,0 +1,252 @@
+package backend
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/volagent/volagent/hostblk"
+)
+
+// Config is the daemon configuration: one [[pool]] table per pool.
+type Config struct {
+	Pools []PoolConfig `toml:"pool"`
+}
+
+// PoolConfig is one [[pool]] table. ParseConfig fills in the defaults, so
+// a Config it returns has every field set that its pool type uses.
+type PoolConfig struct {
+	Name        string   `toml:"name"`         // [a-zA-Z0-9_-]{1,32}
+	Type        PoolType `toml:"type"`         // "lvm" | "loop"
+	VolumeGroup string   `toml:"volume_group"` // lvm only
+	// Activation is how LVs become block devices (lvm only):
+	// "device-mapper" or "loop". Required: it is never guessed.
+	Activation string `toml:"activation"`
+	Directory  string `toml:"directory"` // loop only: an absolute path
+	// BackingRoots are absolute directories backing files may come from.
+	// The devices (and loop-pool files) of managed volumes are always
+	// allowed besides.
+	BackingRoots []string `toml:"backing_roots"`
+	// InitialSize is the device size thin volumes start at (at least what
+	// the qcow2 metadata needs). A byte count, or a string with a binary
+	// suffix ("1G"). Default DefaultInitialSize.
+	InitialSize int64 `toml:"initial_size"`
+	// ChunkSize is what a thin volume's device grows by when the qcow2
+	// writer runs out of space. Default DefaultChunkSize.
+	ChunkSize int64 `toml:"chunk_size"`
+	// Policy is "enforce" (default) or "audit".
+	Policy PolicyMode `toml:"policy"`
+}
+
+// Defaults of ParseConfig.
+const (
+	DefaultInitialSize = 1 << 30
+	DefaultChunkSize   = 1 << 30
+	// sizeAlignment: device sizes must be whole loop sectors (4096) so
+	// loop pools and loop activation can map them.
+	sizeAlignment = 4096
+)
+
+// rawConfig mirrors Config for decoding: sizes may be strings or integers,
+// which only an untyped field can take.
+type rawConfig struct {
+	Pools []rawPool `toml:"pool"`
+}
+
+type rawPool struct {
+	Name         string   `toml:"name"`
+	Type         string   `toml:"type"`
+	VolumeGroup  string   `toml:"volume_group"`
+	Activation   string   `toml:"activation"`
+	Directory    string   `toml:"directory"`
+	BackingRoots []string `toml:"backing_roots"`
+	InitialSize  any      `toml:"initial_size"`
+	ChunkSize    any      `toml:"chunk_size"`
+	Policy       string   `toml:"policy"`
+}
+
+var poolNamePattern = regexp.MustCompile(`^[a-zA-Z0-9_-]{1,32}$`)
+
+// LoadConfig reads and parses the configuration file at path. Errors name
+// the file, the key and the value.
+func LoadConfig(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%w: reading configuration: %w", ErrInvalidArgument, err)
+	}
+	return ParseConfig(data, path)
+}
+
+// ParseConfig parses a TOML configuration; source names it in errors.
+// Unknown keys are errors, so a typo never silently falls back to a
+// default. Every error wraps ErrInvalidArgument and names the key, e.g.
+// `volagent.toml: pool[1] ("fast").chunk_size: "12Q" is not a size`.
+func ParseConfig(data []byte, source string) (*Config, error) {
+	var raw rawConfig
+	dec := toml.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&raw); err != nil {
+		return nil, fmt.Errorf("%w: %s", ErrInvalidArgument, describeTOMLError(source, err))
+	}
+	cfg := &Config{}
+	seen := map[string]int{}
+	for i, rp := range raw.Pools {
+		pc, err := rp.build()
+		where := fmt.Sprintf("%s: pool[%d]", source, i)
+		if rp.Name != "" {
+			where += fmt.Sprintf(" (%q)", rp.Name)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s.%v", ErrInvalidArgument, where, err)
+		}
+		if j, dup := seen[pc.Name]; dup {
+			return nil, fmt.Errorf("%w: %s.name: %q is already the name of pool[%d]", ErrInvalidArgument, where, pc.Name, j)
+		}
+		seen[pc.Name] = i
+		cfg.Pools = append(cfg.Pools, pc)
+	}
+	return cfg, nil
+}
+
+// describeTOMLError turns go-toml's errors into "source: line N: ..."
+// naming the key.
+func describeTOMLError(source string, err error) string {
+	var strict *toml.StrictMissingError
+	if errors.As(err, &strict) {
+		var parts []string
+		for _, e := range strict.Errors {
+			row, _ := e.Position()
+			parts = append(parts, fmt.Sprintf("%s: line %d: unknown key %s", source, row, strings.Join(e.Key(), ".")))
+		}
+		return strings.Join(parts, "; ")
+	}
+	var de *toml.DecodeError
+	if errors.As(err, &de) {
+		row, col := de.Position()
+		key := strings.Join(de.Key(), ".")
+		if key != "" {
+			return fmt.Sprintf("%s: line %d column %d: key %s: %v", source, row, col, key, de)
+		}
+		return fmt.Sprintf("%s: line %d column %d: %v", source, row, col, de)
+	}
+	return fmt.Sprintf("%s: %v", source, err)
+}
+
+// build checks one pool table and applies the defaults. Errors start with
+// the key name (the caller prefixes the pool).
+func (rp rawPool) build() (PoolConfig, error) {
+	pc := PoolConfig{
+		Name: rp.Name, Type: PoolType(rp.Type), VolumeGroup: rp.VolumeGroup, Activation: rp.Activation,
+		Directory: rp.Directory, Policy: PolicyMode(rp.Policy),
+	}
+	if !poolNamePattern.MatchString(rp.Name) {
+		return pc, fmt.Errorf("name: %q: want 1 to 32 characters of [a-zA-Z0-9_-]", rp.Name)
+	}
+	switch pc.Type {
+	case PoolLVM:
+		if err := validateLVMName(rp.VolumeGroup); err != nil {
+			return pc, fmt.Errorf("volume_group: %q: %v", rp.VolumeGroup, err)
+		}
+		if rp.Activation == "" {
+			return pc, fmt.Errorf("activation: missing: give %q or %q (it is never guessed)", hostblk.ActivationDeviceMapper, hostblk.ActivationLoop)
+		}
+		if _, err := hostblk.ParseActivationMode(rp.Activation); err != nil {
+			return pc, fmt.Errorf("activation: %q: want %q or %q", rp.Activation, hostblk.ActivationDeviceMapper, hostblk.ActivationLoop)
+		}
+		if rp.Directory != "" {
+			return pc, fmt.Errorf("directory: %q: only loop pools have a directory", rp.Directory)
+		}
+	case PoolLoop:
+		if rp.Directory == "" || !filepath.IsAbs(rp.Directory) {
+			return pc, fmt.Errorf("directory: %q: want an absolute path", rp.Directory)
+		}
+		pc.Directory = filepath.Clean(rp.Directory)
+		if rp.VolumeGroup != "" {
+			return pc, fmt.Errorf("volume_group: %q: only lvm pools have a volume group", rp.VolumeGroup)
+		}
+		if rp.Activation != "" {
+			return pc, fmt.Errorf("activation: %q: only lvm pools have an activation mode", rp.Activation)
+		}
+	case "":
+		return pc, fmt.Errorf("type: missing: give %q or %q", PoolLVM, PoolLoop)
+	default:
+		return pc, fmt.Errorf("type: %q: want %q or %q", rp.Type, PoolLVM, PoolLoop)
+	}
+	for i, root := range rp.BackingRoots {
+		if root == "" || !filepath.IsAbs(root) {
+			return pc, fmt.Errorf("backing_roots[%d]: %q: want an absolute directory", i, root)
+		}
+		pc.BackingRoots = append(pc.BackingRoots, filepath.Clean(root))
+	}
+	var err error
+	if pc.InitialSize, err = configSize("initial_size", rp.InitialSize, DefaultInitialSize); err != nil {
+		return pc, err
+	}
+	if pc.ChunkSize, err = configSize("chunk_size", rp.ChunkSize, DefaultChunkSize); err != nil {
+		return pc, err
+	}
+	switch pc.Policy {
+	case "":
+		pc.Policy = PolicyEnforce
+	case PolicyEnforce, PolicyAudit:
+	default:
+		return pc, fmt.Errorf("policy: %q: want %q or %q", rp.Policy, PolicyEnforce, PolicyAudit)
+	}
+	return pc, nil
+}
+
+// configSize converts an integer or a size string; nil means the default.
+func configSize(key string, v any, def int64) (int64, error) {
+	var n int64
+	switch v := v.(type) {
+	case nil:
+		return def, nil
+	case int64:
+		n = v
+	case string:
+		var err error
+		if n, err = ParseSize(v); err != nil {
+			return 0, fmt.Errorf("%s: %q is not a size (bytes, or a number with K, M, G, T or P, binary)", key, v)
+		}
+	default:
+		return 0, fmt.Errorf("%s: %v (%T) is not a size: give an integer or a string such as \"1G\"", key, v, v)
+	}
+	if n <= 0 || n%sizeAlignment != 0 {
+		return 0, fmt.Errorf("%s: %d: want a positive multiple of %d bytes", key, n, sizeAlignment)
+	}
+	return n, nil
+}
+
+var sizeSuffixes = map[string]uint{
+	"": 0, "B": 0,
+	"K": 10, "KB": 10, "KIB": 10,
+	"M": 20, "MB": 20, "MIB": 20,
+	"G": 30, "GB": 30, "GIB": 30,
+	"T": 40, "TB": 40, "TIB": 40,
+	"P": 50, "PB": 50, "PIB": 50,
+}
+
+// ParseSize parses a byte count with an optional binary suffix: "512",
+// "64K", "64KiB", "20G". (The same rules as the CLI's --size.)
+func ParseSize(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	digits := strings.TrimLeft(s, "0123456789")
+	num, suffix := s[:len(s)-len(digits)], strings.ToUpper(strings.TrimSpace(digits))
+	shift, ok := sizeSuffixes[suffix]
+	if !ok || num == "" {
+		return 0, fmt.Errorf("size %q: want bytes, or a number with K, M, G, T or P", s)
+	}
+	n, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || n > math.MaxInt64>>shift {
+		return 0, fmt.Errorf("size %q: too large", s)
+	}
+	return n << shift, nil
+}

@@ -1,0 +1,244 @@
+package backend
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestParseConfigGood(t *testing.T) {
+	data := `
+[[pool]]
+name = "fast"
+type = "lvm"
+volume_group = "vg0"
+activation = "loop"
+backing_roots = ["/var/lib/images/", "/srv/images"]
+initial_size = "1G"
+chunk_size = 268435456
+policy = "audit"
+
+[[pool]]
+name = "files"
+type = "loop"
+directory = "/var/lib/volagent/pool/"
+`
+	cfg, err := ParseConfig([]byte(data), "volagent.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Pools) != 2 {
+		t.Fatalf("got %d pools", len(cfg.Pools))
+	}
+	fast, files := cfg.Pools[0], cfg.Pools[1]
+	want := PoolConfig{Name: "fast", Type: PoolLVM, VolumeGroup: "vg0", Activation: "loop",
+		BackingRoots: []string{"/var/lib/images", "/srv/images"}, InitialSize: 1 << 30, ChunkSize: 256 << 20, Policy: PolicyAudit}
+	if !equalPool(fast, want) {
+		t.Errorf("pool 0 = %+v, want %+v", fast, want)
+	}
+	// Defaults.
+	wantFiles := PoolConfig{Name: "files", Type: PoolLoop, Directory: "/var/lib/volagent/pool",
+		InitialSize: DefaultInitialSize, ChunkSize: DefaultChunkSize, Policy: PolicyEnforce}
+	if !equalPool(files, wantFiles) {
+		t.Errorf("pool 1 = %+v, want %+v", files, wantFiles)
+	}
+
+	// LoadConfig reads the same from a file; an empty file has no pools.
+	path := filepath.Join(t.TempDir(), "volagent.toml")
+	if err := os.WriteFile(path, []byte(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if cfg, err := LoadConfig(path); err != nil || len(cfg.Pools) != 2 {
+		t.Fatalf("LoadConfig: %v, %+v", err, cfg)
+	}
+	if cfg, err := ParseConfig(nil, "empty.toml"); err != nil || len(cfg.Pools) != 0 {
+		t.Fatalf("empty config: %v, %+v", err, cfg)
+	}
+	if _, err := LoadConfig(filepath.Join(t.TempDir(), "missing.toml")); err == nil {
+		t.Fatal("LoadConfig of a missing file succeeded")
+	}
+}
+
+func equalPool(a, b PoolConfig) bool {
+	if len(a.BackingRoots) != len(b.BackingRoots) {
+		return false
+	}
+	for i := range a.BackingRoots {
+		if a.BackingRoots[i] != b.BackingRoots[i] {
+			return false
+		}
+	}
+	a.BackingRoots, b.BackingRoots = nil, nil
+	return a.Name == b.Name && a.Type == b.Type && a.VolumeGroup == b.VolumeGroup && a.Activation == b.Activation &&
+		a.Directory == b.Directory && a.InitialSize == b.InitialSize && a.ChunkSize == b.ChunkSize && a.Policy == b.Policy
+}
+
+func TestParseConfigBad(t *testing.T) {
+	const lvmPool = "[[pool]]\nname = \"ok\"\ntype = \"lvm\"\nvolume_group = \"vg0\"\nactivation = \"loop\"\n"
+	cases := []struct {
+		name, data string
+		want       []string // substrings of the error
+	}{
+		{"chunk size", lvmPool + "[[pool]]\nname = \"fast\"\ntype = \"loop\"\ndirectory = \"/p\"\nchunk_size = \"12Q\"\n",
+			[]string{`volagent.toml: pool[1] ("fast").chunk_size: "12Q" is not a size`}},
+		{"initial size not aligned", "[[pool]]\nname = \"a\"\ntype = \"loop\"\ndirectory = \"/p\"\ninitial_size = 1000\n", []string{`pool[0] ("a").initial_size: 1000`}},
+		{"initial size negative", "[[pool]]\nname = \"a\"\ntype = \"loop\"\ndirectory = \"/p\"\ninitial_size = -4096\n", []string{`initial_size: -4096`}},
+		{"size wrong type", "[[pool]]\nname = \"a\"\ntype = \"loop\"\ndirectory = \"/p\"\nchunk_size = 1.5\n", []string{`chunk_size: 1.5`}},
+		{"name", "[[pool]]\nname = \"bad name\"\ntype = \"loop\"\ndirectory = \"/p\"\n", []string{`pool[0] ("bad name").name: "bad name"`}},
+		{"name missing", "[[pool]]\ntype = \"loop\"\ndirectory = \"/p\"\n", []string{`pool[0].name: ""`}},
+		{"name too long", "[[pool]]\nname = \"" + strings.Repeat("a", 33) + "\"\ntype = \"loop\"\ndirectory = \"/p\"\n", []string{`.name:`}},
+		{"duplicate", lvmPool + lvmPool, []string{`pool[1] ("ok").name: "ok" is already the name of pool[0]`}},
+		{"type", "[[pool]]\nname = \"a\"\ntype = \"zfs\"\n", []string{`("a").type: "zfs"`}},
+		{"type missing", "[[pool]]\nname = \"a\"\n", []string{`("a").type: missing`}},
+		{"vg", "[[pool]]\nname = \"a\"\ntype = \"lvm\"\nvolume_group = \"-vg\"\nactivation = \"loop\"\n", []string{`("a").volume_group: "-vg"`}},
+		{"vg missing", "[[pool]]\nname = \"a\"\ntype = \"lvm\"\nactivation = \"loop\"\n", []string{`("a").volume_group: ""`}},
+		{"activation missing", "[[pool]]\nname = \"a\"\ntype = \"lvm\"\nvolume_group = \"vg\"\n", []string{`("a").activation: missing`}},
+		{"activation", "[[pool]]\nname = \"a\"\ntype = \"lvm\"\nvolume_group = \"vg\"\nactivation = \"auto\"\n", []string{`("a").activation: "auto"`}},
+		{"directory on lvm", lvmPool + "directory = \"/x\"\n", []string{`("ok").directory: "/x"`}},
+		{"directory relative", "[[pool]]\nname = \"a\"\ntype = \"loop\"\ndirectory = \"pool\"\n", []string{`("a").directory: "pool"`}},
+		{"vg on loop", "[[pool]]\nname = \"a\"\ntype = \"loop\"\ndirectory = \"/p\"\nvolume_group = \"vg\"\n", []string{`("a").volume_group: "vg"`}},
+		{"activation on loop", "[[pool]]\nname = \"a\"\ntype = \"loop\"\ndirectory = \"/p\"\nactivation = \"loop\"\n", []string{`("a").activation: "loop"`}},
+		{"backing root relative", lvmPool + "backing_roots = [\"/ok\", \"images\"]\n", []string{`("ok").backing_roots[1]: "images"`}},
+		{"policy", lvmPool + "policy = \"warn\"\n", []string{`("ok").policy: "warn"`}},
+		{"unknown key", lvmPool + "chunksize = 5\n", []string{`volagent.toml: line 6: unknown key pool.chunksize`}},
+		{"unknown table", "[daemon]\nfoo = 1\n", []string{`unknown key daemon`}},
+		{"syntax", "[[pool]\n", []string{`volagent.toml: line 1`}},
+		{"wrong type", "[[pool]]\nname = 5\n", []string{`volagent.toml: line 2`, `name`}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseConfig([]byte(tc.data), "volagent.toml")
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			mustErrIs(t, err, ErrInvalidArgument)
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for s, want := range map[string]int64{"512": 512, "64K": 64 << 10, "64KiB": 64 << 10, "1G": 1 << 30, "2t": 2 << 40, "1 M": 1 << 20} {
+		if got, err := ParseSize(s); err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", s, got, err, want)
+		}
+	}
+	for _, s := range []string{"", "G", "12Q", "1.5G", "-1", "99999999999P"} {
+		if _, err := ParseSize(s); err == nil {
+			t.Errorf("ParseSize(%q) accepted", s)
+		}
+	}
+}
+
+func TestVolumeNames(t *testing.T) {
+	for _, ok := range []string{"a", "vm1-disk0", "base.raw", "A_b+c", strings.Repeat("x", 64)} {
+		if err := validateVolumeName(ok); err != nil {
+			t.Errorf("%q refused: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", ".", "..", "../etc", "a/b", "-a", "_a", ".hidden", "a b", strings.Repeat("x", 65),
+		"snapshot", "snapshot1", "pvmove0", "a_mlog", "x_rimage_0", "vm_tmeta", "é"} {
+		err := validateVolumeName(bad)
+		if err == nil {
+			t.Errorf("%q accepted", bad)
+			continue
+		}
+		mustErrIs(t, err, ErrInvalidArgument)
+	}
+	id := VolumeID("pool", "name")
+	if id != VolumeID("pool", "name") || id == VolumeID("poo", "lname") || !isVolumeID(id) {
+		t.Errorf("VolumeID not stable or not distinct: %s", id)
+	}
+	for _, c := range id {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			t.Fatalf("VolumeID %q is not a D-Bus path element", id)
+		}
+	}
+}
+
+func TestNewManagerRefusesMixedActivation(t *testing.T) {
+	cfg := &Config{Pools: []PoolConfig{
+		{Name: "a", Type: PoolLVM, VolumeGroup: "vg0", Activation: "loop", InitialSize: 4096, ChunkSize: 4096},
+		{Name: "b", Type: PoolLVM, VolumeGroup: "vg1", Activation: "device-mapper", InitialSize: 4096, ChunkSize: 4096},
+	}}
+	_, err := NewManager(cfg, ManagerOptions{})
+	mustErrIs(t, err, ErrInvalidArgument)
+}
+
+// TestSubscribeSlowSubscriber: a subscriber that does not read loses
+// events instead of blocking the Manager; cancel closes its channel.
+func TestSubscribeSlowSubscriber(t *testing.T) {
+	m, err := NewManager(&Config{}, ManagerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	events, cancel := m.Subscribe()
+	fast, cancelFast := m.Subscribe()
+	defer cancelFast()
+	for i := 0; i < subscriberBuffer+50; i++ {
+		m.emit(Event{Kind: EventVolumeRemoved, VolumeID: "x"})
+		if i < 10 {
+			<-fast
+		}
+	}
+	if len(events) != subscriberBuffer {
+		t.Fatalf("slow subscriber holds %d events, want %d", len(events), subscriberBuffer)
+	}
+	cancel()
+	cancel() // idempotent
+	n := 0
+	for range events {
+		n++
+	}
+	if n != subscriberBuffer {
+		t.Fatalf("read %d events after cancel", n)
+	}
+	m.Close()
+	if _, ok := <-fast; ok {
+		for range fast {
+		}
+	}
+	if late, _ := m.Subscribe(); late != nil {
+		if _, ok := <-late; ok {
+			t.Fatal("a subscription after Close is open")
+		}
+	}
+}
+
+// TestJobHistory: finished jobs stay listed for the last keepFinishedJobs.
+func TestJobHistory(t *testing.T) {
+	m, err := NewManager(&Config{}, ManagerOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	var last uint64
+	for i := 0; i < keepFinishedJobs+5; i++ {
+		j, _ := m.startJob("import", "v", Caller{UID: 7}, 10)
+		m.progress(j, 5)
+		m.finishJob(j, JobSucceeded, "")
+		last = j.info.ID
+	}
+	running, _ := m.startJob("import", "w", Caller{UID: 7}, 10)
+	jobs := m.Jobs()
+	if len(jobs) != keepFinishedJobs+1 || jobs[0].ID != 6 || jobs[len(jobs)-1].ID != running.info.ID {
+		t.Fatalf("Jobs(): %d jobs, first %d", len(jobs), jobs[0].ID)
+	}
+	if _, err := m.Job(1); err == nil {
+		t.Fatal("job 1 is still kept")
+	}
+	if info, err := m.Job(last); err != nil || info.State != JobSucceeded || info.Progress != 1 || info.Cancelable {
+		t.Fatalf("Job(%d) = %+v, %v", last, info, err)
+	}
+	mustErrIs(t, m.CancelJob(Caller{UID: 8}, running.info.ID), ErrNotAuthorized)
+	if err := m.CancelJob(Caller{UID: 0}, running.info.ID); err != nil {
+		t.Fatal(err)
+	}
+	m.finishJob(running, JobCancelled, "cancelled")
+	mustErrIs(t, m.CancelJob(Caller{UID: 0}, 99999), ErrNotFound)
+}

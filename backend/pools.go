@@ -1,0 +1,355 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/qcow2"
+)
+
+// Volume states recorded in hostblk.VolumeMeta.State while an operation
+// is making or removing a volume. Load removes every volume that still
+// carries one: the operation that set it did not finish.
+const (
+	stateCreating  = "creating"
+	stateImporting = "importing"
+	stateDeleting  = "deleting"
+)
+
+// poolSpace returns a pool's capacity and free bytes: the volume group's
+// for LVM, the filesystem's for a loop pool.
+func (m *Manager) poolSpace(ctx context.Context, p *pool) (capacity, free int64, err error) {
+	switch p.cfg.Type {
+	case PoolLVM:
+		vg, err := m.lvm.VolumeGroup(ctx, p.cfg.VolumeGroup)
+		if err != nil {
+			return 0, 0, err
+		}
+		return int64(vg.Size), int64(vg.Free), nil
+	default:
+		var st unix.Statfs_t
+		if err := unix.Statfs(p.cfg.Directory, &st); err != nil {
+			return 0, 0, fmt.Errorf("statfs %s: %w", p.cfg.Directory, err)
+		}
+		return int64(st.Blocks) * st.Bsize, int64(st.Bavail) * st.Bsize, nil
+	}
+}
+
+// scanPool lists a pool's volumes from the devices, removing the ones
+// that crashed operations left marked in progress.
+func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
+	type found struct {
+		name, dev, file string
+		meta            hostblk.VolumeMeta
+		problem         string
+	}
+	var candidates []found
+	switch p.cfg.Type {
+	case PoolLVM:
+		lvs, err := m.lvm.LogicalVolumes(ctx, p.cfg.VolumeGroup)
+		if err != nil {
+			return nil, err
+		}
+		for _, lv := range lvs {
+			meta, owned, err := hostblk.ParseVolumeTags(lv.Tags)
+			if !owned && err == nil {
+				continue // not volagent's
+			}
+			f := found{name: lv.Name, meta: meta}
+			if err != nil {
+				// Tags another tool mangled: the LV is volagent's (it has
+				// "volagent." tags) but what it is cannot be told.
+				f.problem = fmt.Sprintf("its LVM tags cannot be read: %v", err)
+			}
+			candidates = append(candidates, f)
+		}
+	case PoolLoop:
+		vols, err := p.loop.AttachAll()
+		if err != nil {
+			// One bad file must not hide the others; AttachAll returned them.
+			m.log.Error("loop pool: some volumes could not be attached", "pool", p.cfg.Name, "err", err)
+		}
+		for _, pv := range vols {
+			candidates = append(candidates, found{name: pv.Name, dev: pv.Device, file: pv.File, meta: pv.Meta})
+		}
+	}
+
+	var out []*volume
+	for _, c := range candidates {
+		id := VolumeID(p.cfg.Name, c.name)
+		if m.isPending(id) {
+			continue // an operation of ours is on it; it registers the result
+		}
+		if c.meta.State != "" {
+			if err := m.removeDevice(ctx, p, c.name); err != nil {
+				m.log.Error("could not remove a volume an interrupted operation left", "pool", p.cfg.Name, "volume", c.name, "state", c.meta.State, "err", err)
+			} else {
+				m.log.Warn("removed a volume an interrupted operation left", "pool", p.cfg.Name, "volume", c.name, "state", c.meta.State)
+			}
+			continue
+		}
+		if p.cfg.Type == PoolLVM && c.problem == "" {
+			dev, err := p.act.Activate(ctx, p.cfg.VolumeGroup, c.name)
+			if err != nil {
+				c.problem = fmt.Sprintf("it cannot be activated: %v", err)
+			}
+			c.dev = dev
+		}
+		v := m.readVolume(p, c.name, c.dev, c.file, c.meta)
+		if c.problem != "" && v.problem == "" {
+			v.problem = c.problem
+			v.info.Problem = c.problem
+		}
+		if v.problem != "" {
+			m.log.Error("volume has a problem", "pool", p.cfg.Name, "volume", c.name, "id", id, "problem", v.problem)
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+func (m *Manager) isPending(id string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, ok := m.pending[id]
+	return ok
+}
+
+// readVolume builds a volume from its device: the qcow2 header says the
+// format, virtual size and backing; a check says how far the image
+// reaches. A header that is refused becomes the volume's problem.
+func (m *Manager) readVolume(p *pool, name, dev, file string, meta hostblk.VolumeMeta) *volume {
+	v := &volume{
+		info: VolumeInfo{ID: VolumeID(p.cfg.Name, name), Name: name, Pool: p.cfg.Name, DevicePath: dev, Role: Role(meta.Role)},
+		meta: meta, file: file, backingPath: dev,
+	}
+	if file != "" {
+		v.backingPath = file
+	}
+	setProblem := func(format string, args ...any) {
+		v.problem = fmt.Sprintf(format, args...)
+		v.info.Problem = v.problem
+	}
+	if dev == "" {
+		setProblem("it has no block device")
+		return v
+	}
+	d, err := hostblk.OpenDevice(dev, hostblk.OpenOptions{})
+	if err != nil {
+		setProblem("its device cannot be opened: %v", err)
+		return v
+	}
+	defer d.Close()
+	size, err := d.Size()
+	if err != nil {
+		setProblem("its device size cannot be read: %v", err)
+		return v
+	}
+	v.info.DeviceSize = size
+	h, err := qcow2.ReadHeader(d.File(), size)
+	if err != nil {
+		setProblem("its qcow2 header is refused: %v", err)
+		return v
+	}
+	v.info.Format = "qcow2"
+	v.info.VirtualSize = int64(h.Size)
+	v.info.BackingName, v.info.BackingFormat = h.BackingFile, h.BackingFormat
+	res, err := qcow2.Check(d.File(), size)
+	if err != nil {
+		setProblem("checking its qcow2 metadata failed: %v", err)
+		return v
+	}
+	v.info.HighestAllocated = res.ImageEndOffset
+	if res.Corruptions > 0 || res.CheckErrors > 0 {
+		setProblem("its qcow2 metadata has %d corruptions and %d check errors (run Check for details)", res.Corruptions, res.CheckErrors)
+	} else if res.Leaks > 0 {
+		// Leaks are what an interrupted write leaves at worst: harmless.
+		m.log.Info("volume has leaked clusters", "pool", p.cfg.Name, "volume", name, "leaks", res.Leaks)
+	}
+	return v
+}
+
+// createDevice makes the device of a new volume, marked with meta (whose
+// State says the volume is in progress), and returns its block device and
+// (loop pools) backing file. op names the operation for crash points.
+func (m *Manager) createDevice(ctx context.Context, p *pool, op, name string, size int64, meta hostblk.VolumeMeta) (dev, file string, err error) {
+	switch p.cfg.Type {
+	case PoolLVM:
+		vg, err := m.lvm.VolumeGroup(ctx, p.cfg.VolumeGroup)
+		if err != nil {
+			return "", "", fmt.Errorf("%w: pool %q: %v", ErrFailed, p.cfg.Name, err)
+		}
+		if int64(vg.Free) < size {
+			return "", "", fmt.Errorf("%w: pool %q: volume group %q has %s free, the volume needs %s (initial size)",
+				ErrNoSpace, p.cfg.Name, p.cfg.VolumeGroup, humanBytes(int64(vg.Free)), humanBytes(size))
+		}
+		tags, err := meta.Tags()
+		if err != nil {
+			return "", "", fmt.Errorf("%w: volume %q: metadata does not fit in LVM tags: %v", ErrInvalidArgument, name, err)
+		}
+		_, err = m.lvm.CreateLV(ctx, p.cfg.VolumeGroup, name, uint64(size), hostblk.CreateOptions{
+			Tags:       tags,
+			Contiguous: p.act.Mode() == hostblk.ActivationLoop,
+		})
+		switch {
+		case errors.Is(err, hostblk.ErrLVExists):
+			return "", "", fmt.Errorf("%w: pool %q: a logical volume named %q already exists in volume group %q (not a volagent volume, or one being made)", ErrInvalidArgument, p.cfg.Name, name, p.cfg.VolumeGroup)
+		case errors.Is(err, hostblk.ErrNoSpace):
+			return "", "", fmt.Errorf("%w: pool %q: volume group %q cannot hold %s more (contiguous=%v): %v", ErrNoSpace, p.cfg.Name, p.cfg.VolumeGroup, humanBytes(size), p.act.Mode() == hostblk.ActivationLoop, err)
+		case err != nil:
+			return "", "", fmt.Errorf("%w: pool %q: creating LV %q: %v", ErrFailed, p.cfg.Name, name, err)
+		}
+		if err := m.crashPoint(op + ":device"); err != nil {
+			return "", "", err
+		}
+		dev, err = p.act.Activate(ctx, p.cfg.VolumeGroup, name)
+		if err != nil {
+			if rerr := m.removeDevice(context.WithoutCancel(ctx), p, name); rerr != nil {
+				m.log.Error("could not remove a half-made volume; the next Load removes it", "pool", p.cfg.Name, "volume", name, "err", rerr)
+			}
+			return "", "", fmt.Errorf("%w: pool %q: activating LV %q: %v", ErrFailed, p.cfg.Name, name, err)
+		}
+		if err := m.crashPoint(op + ":activated"); err != nil {
+			return "", "", err
+		}
+		return dev, "", nil
+	default:
+		pv, err := p.loop.Create(name, size, meta)
+		switch {
+		case errors.Is(err, hostblk.ErrVolumeExists):
+			return "", "", fmt.Errorf("%w: pool %q: a file for %q already exists in %s", ErrInvalidArgument, p.cfg.Name, name, p.cfg.Directory)
+		case errors.Is(err, unix.ENOSPC):
+			return "", "", fmt.Errorf("%w: pool %q: %v", ErrNoSpace, p.cfg.Name, err)
+		case err != nil:
+			return "", "", fmt.Errorf("%w: pool %q: %v", ErrFailed, p.cfg.Name, err)
+		}
+		if err := m.crashPoint(op + ":device"); err != nil {
+			return "", "", err
+		}
+		return pv.Device, pv.File, nil
+	}
+}
+
+// removeDevice deactivates and removes a volume's device. A device already
+// gone is not an error, so a retried cleanup completes.
+func (m *Manager) removeDevice(ctx context.Context, p *pool, name string) error {
+	switch p.cfg.Type {
+	case PoolLVM:
+		// Loop activation: detach first, or the loop device would keep
+		// mapping the freed extents.
+		if err := p.act.Deactivate(ctx, p.cfg.VolumeGroup, name); err != nil && !errors.Is(err, hostblk.ErrLVNotFound) {
+			return fmt.Errorf("deactivating LV %q: %w", name, err)
+		}
+		if err := m.lvm.RemoveLV(ctx, p.cfg.VolumeGroup, name); err != nil && !errors.Is(err, hostblk.ErrLVNotFound) {
+			return fmt.Errorf("removing LV %q: %w", name, err)
+		}
+	default:
+		if err := p.loop.Remove(name); err != nil && !errors.Is(err, hostblk.ErrVolumeNotFound) {
+			return err
+		}
+	}
+	return nil
+}
+
+// setState records a volume's state ("" when finished) on its device's
+// metadata, in one atomic step (one lvchange, one setxattr).
+func (m *Manager) setState(ctx context.Context, p *pool, name string, meta hostblk.VolumeMeta, from, to string) error {
+	switch p.cfg.Type {
+	case PoolLVM:
+		if from != "" {
+			tag, err := stateTag(meta, from)
+			if err != nil {
+				return err
+			}
+			if err := m.lvm.DeleteLVTags(ctx, p.cfg.VolumeGroup, name, tag); err != nil {
+				return err
+			}
+		}
+		if to != "" {
+			tag, err := stateTag(meta, to)
+			if err != nil {
+				return err
+			}
+			return m.lvm.AddLVTags(ctx, p.cfg.VolumeGroup, name, tag)
+		}
+		return nil
+	default:
+		meta.State = to
+		return p.loop.SetMeta(name, meta)
+	}
+}
+
+// stateTag is the LVM tag that records state: the one tag VolumeMeta.Tags
+// adds for it (hostblk keeps the key to itself).
+func stateTag(meta hostblk.VolumeMeta, state string) (string, error) {
+	meta.State = ""
+	without, err := meta.Tags()
+	if err != nil {
+		return "", err
+	}
+	meta.State = state
+	with, err := meta.Tags()
+	if err != nil {
+		return "", err
+	}
+	have := map[string]bool{}
+	for _, t := range without {
+		have[t] = true
+	}
+	for _, t := range with {
+		if !have[t] {
+			return t, nil
+		}
+	}
+	return "", fmt.Errorf("no LVM tag records state %q", state)
+}
+
+// growDevice grows a volume's device to at least size bytes and returns
+// its new size.
+func (m *Manager) growDevice(ctx context.Context, p *pool, v *volume, size int64) (int64, error) {
+	size = roundUp(size, sizeAlignment)
+	switch p.cfg.Type {
+	case PoolLVM:
+		if _, err := m.lvm.ExtendLV(ctx, p.cfg.VolumeGroup, v.info.Name, uint64(size)); err != nil {
+			if errors.Is(err, hostblk.ErrNoSpace) {
+				return 0, fmt.Errorf("%w: pool %q: volume group %q cannot grow volume %q to %s: %v", ErrNoSpace, p.cfg.Name, p.cfg.VolumeGroup, v.info.Name, humanBytes(size), err)
+			}
+			return 0, fmt.Errorf("%w: growing volume %q: %v", ErrFailed, v.info.Name, err)
+		}
+		if err := p.act.Refresh(ctx, p.cfg.VolumeGroup, v.info.Name); err != nil {
+			return 0, fmt.Errorf("%w: refreshing volume %q after growing it: %v", ErrFailed, v.info.Name, err)
+		}
+	default:
+		if _, err := p.loop.Grow(v.info.Name, size); err != nil {
+			if errors.Is(err, unix.ENOSPC) {
+				return 0, fmt.Errorf("%w: pool %q: %v", ErrNoSpace, p.cfg.Name, err)
+			}
+			return 0, fmt.Errorf("%w: growing volume %q: %v", ErrFailed, v.info.Name, err)
+		}
+	}
+	info, err := hostblk.Inspect(v.info.DevicePath)
+	if err != nil {
+		return 0, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+	}
+	return info.Size, nil
+}
+
+func roundUp(x, a int64) int64 { return (x + a - 1) / a * a }
+
+// humanBytes shows a size the way the error messages want it: "2.0 GiB".
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for q := n / unit; q >= unit && exp < 5; q /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,739 @@
+package backend
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/qcow2"
+)
+
+// Limits of the guest-facing operations.
+const (
+	// MaxWriteSize bounds one Write: it is for small guest writes (a
+	// config drive, a boot sector), not bulk data (use Import).
+	MaxWriteSize = 16 << 20
+	// maxGrowAttempts bounds how often one write grows a device and
+	// retries before giving up.
+	maxGrowAttempts = 8
+	// headerBlockSize is the block size new images are planned with: the
+	// largest logical block size volagent's devices have (loop devices
+	// use 4096), so the metadata fits whatever the device reports.
+	headerBlockSize = 4096
+)
+
+// resolvedBacking is the backing of a new overlay after the policy
+// checks.
+type resolvedBacking struct {
+	name     string // recorded in the qcow2 header
+	format   string
+	metaName string // recorded in the volume metadata: the backing volume's ID, or name
+	volumeID string // the managed backing volume, "" for a path
+	// virtualSize is the backing's guest size; 0 if it could not be read
+	// (audit mode let a refused backing through).
+	virtualSize int64
+}
+
+// CreateOverlay makes a new qcow2 overlay volume over a file under the
+// pool's backing roots (BackingPath + BackingFormat) or over a managed
+// volume (BackingVolume), and returns it complete.
+//
+// The overlay is thin: its device starts at the pool's InitialSize (or
+// what the metadata needs, if more) and grows by ChunkSize when volagent
+// writes to it. The header records the backing name — the path as given
+// (cleaned), or for a managed backing the volume's loop-pool file or LV
+// device — and its format, so nothing ever probes.
+//
+// Results: ErrNotFound (pool, backing volume, backing file);
+// ErrInvalidArgument (a name that is invalid or taken, both or neither of
+// BackingPath and BackingVolume, a relative path, a format other than raw
+// or qcow2, sizes); ErrPolicyViolation in enforce mode for a backing
+// outside the roots or whose chain is refused (audit mode logs, sends
+// EventPolicyViolation and goes on); ErrBusy if the backing volume is
+// being deleted; ErrNoSpace; ErrFailed. On any error no volume is left.
+func (m *Manager) CreateOverlay(ctx context.Context, c Caller, req OverlayRequest) (VolumeInfo, error) {
+	p, err := m.openedPool(req.Pool)
+	if err != nil {
+		return VolumeInfo{}, err
+	}
+	if err := validateVolumeName(req.Name); err != nil {
+		return VolumeInfo{}, err
+	}
+	if req.VirtualSize < 0 || req.VirtualSize%512 != 0 {
+		return VolumeInfo{}, fmt.Errorf("%w: virtual size %d: want 0 (the backing's size) or a positive multiple of 512", ErrInvalidArgument, req.VirtualSize)
+	}
+	id := VolumeID(p.cfg.Name, req.Name)
+	if err := m.reserve(id, "create", p.cfg.Name, req.Name); err != nil {
+		return VolumeInfo{}, err
+	}
+	defer m.release(id)
+
+	b, err := m.resolveBacking(p, req)
+	if err != nil {
+		return VolumeInfo{}, err
+	}
+	if b.volumeID != "" {
+		defer m.releaseBacking(b.volumeID)
+	}
+	opts := qcow2.CreateOptions{VirtualSize: req.VirtualSize, ClusterSize: req.ClusterSize, BackingFile: b.name, BackingFormat: b.format}
+	if opts.VirtualSize == 0 {
+		if b.virtualSize == 0 {
+			return VolumeInfo{}, fmt.Errorf("%w: the backing's virtual size cannot be read (see the policy violation); give VirtualSize", ErrInvalidArgument)
+		}
+		opts.VirtualSize = roundUp(b.virtualSize, 512)
+	}
+	meta := hostblk.VolumeMeta{Role: string(RoleOverlay), BackingName: b.metaName, BackingFormat: b.format, State: stateCreating}
+	dev, file, err := m.makeVolume(ctx, p, "create", req.Name, opts, meta)
+	if err != nil {
+		return VolumeInfo{}, err
+	}
+	if err := m.commit(ctx, p, "create", req.Name, meta); err != nil {
+		return VolumeInfo{}, err
+	}
+	meta.State = ""
+	v := m.readVolume(p, req.Name, dev, file, meta)
+	m.register(v)
+	m.poolChanged(p)
+	m.log.Info("overlay created", "pool", p.cfg.Name, "volume", req.Name, "id", id, "backing", b.name, "backing_format", b.format, "uid", c.UID)
+	return v.info, nil
+}
+
+// reserve takes a volume's name for an operation making it.
+func (m *Manager) reserve(id, op, poolName, name string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return fmt.Errorf("%w: the manager is closed", ErrFailed)
+	}
+	if _, ok := m.volumes[id]; ok {
+		return fmt.Errorf("%w: pool %q already has a volume named %q", ErrInvalidArgument, poolName, name)
+	}
+	if other, ok := m.pending[id]; ok {
+		return fmt.Errorf("%w: pool %q: volume %q is being made or removed (%s)", ErrInvalidArgument, poolName, name, other)
+	}
+	m.pending[id] = op
+	return nil
+}
+
+func (m *Manager) release(id string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.pending, id)
+}
+
+func (m *Manager) releaseBacking(id string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.backingUsers[id]--; m.backingUsers[id] <= 0 {
+		delete(m.backingUsers, id)
+	}
+}
+
+// register lists a complete volume and tells subscribers.
+func (m *Manager) register(v *volume) {
+	m.mu.Lock()
+	m.volumes[v.info.ID] = v
+	m.mu.Unlock()
+	info := v.info
+	m.emit(Event{Kind: EventVolumeAdded, Volume: &info})
+}
+
+// makeVolume creates a volume's device marked with meta.State and writes
+// a new qcow2 image onto it. On an error nothing is left behind (except
+// after a simulated crash, which skips cleanup as a real one would).
+func (m *Manager) makeVolume(ctx context.Context, p *pool, op, name string, opts qcow2.CreateOptions, meta hostblk.VolumeMeta) (dev, file string, err error) {
+	// The refcount table covers what the image can grow to, so neither
+	// volagent nor qemu has to move it when the device grows.
+	capacity, err := qcow2.MaxImageSize(opts)
+	if err != nil {
+		return "", "", fmt.Errorf("%w: %v", ErrInvalidArgument, err)
+	}
+	planned := opts
+	planned.BlockSize = headerBlockSize
+	layout, err := qcow2.PlanCreate(capacity, planned)
+	if err != nil {
+		if qcow2.IsRefusal(err) {
+			return "", "", fmt.Errorf("%w: %v", ErrPolicyViolation, err)
+		}
+		return "", "", fmt.Errorf("%w: %v", ErrInvalidArgument, err)
+	}
+	size := roundUp(max(p.cfg.InitialSize, layout.WriteSize), sizeAlignment)
+
+	dev, file, err = m.createDevice(ctx, p, op, name, size, meta)
+	if err != nil {
+		return "", "", err
+	}
+	cleanup := func(cause error) error {
+		if errors.Is(cause, errSimulatedCrash) {
+			return cause
+		}
+		if rerr := m.removeDevice(context.WithoutCancel(ctx), p, name); rerr != nil {
+			m.log.Error("could not remove a half-made volume; the next Load removes it", "pool", p.cfg.Name, "volume", name, "err", rerr)
+		}
+		return cause
+	}
+	if err := writeNewImage(dev, capacity, opts); err != nil {
+		return "", "", cleanup(fmt.Errorf("%w: pool %q: volume %q: %v", ErrFailed, p.cfg.Name, name, err))
+	}
+	if err := m.crashPoint(op + ":header"); err != nil {
+		return "", "", err
+	}
+	return dev, file, nil
+}
+
+// commit clears a volume's in-progress mark: from now on it is complete.
+func (m *Manager) commit(ctx context.Context, p *pool, op, name string, meta hostblk.VolumeMeta) error {
+	if err := m.setState(ctx, p, name, meta, meta.State, ""); err != nil {
+		if rerr := m.removeDevice(context.WithoutCancel(ctx), p, name); rerr != nil {
+			m.log.Error("could not remove a half-made volume; the next Load removes it", "pool", p.cfg.Name, "volume", name, "err", rerr)
+		}
+		return fmt.Errorf("%w: pool %q: volume %q: marking it complete: %v", ErrFailed, p.cfg.Name, name, err)
+	}
+	return m.crashPoint(op + ":committed")
+}
+
+// writeNewImage writes a qcow2 image onto the device at path as the CLI's
+// create does: an exclusive open, direct I/O where the device allows it,
+// one write of the metadata, a flush.
+func writeNewImage(path string, capacity int64, opts qcow2.CreateOptions) error {
+	dev, err := hostblk.OpenDevice(path, hostblk.OpenOptions{Write: true, Exclusive: true, Direct: true})
+	if errors.Is(err, unix.EINVAL) {
+		dev, err = hostblk.OpenDevice(path, hostblk.OpenOptions{Write: true, Exclusive: true})
+	}
+	if err != nil {
+		return err
+	}
+	defer dev.Close()
+	info, err := dev.Info()
+	if err != nil {
+		return err
+	}
+	if info.ReadOnly {
+		return fmt.Errorf("%s: the device is read-only", path)
+	}
+	opts.BlockSize = info.LogicalBlockSize
+	_, err = qcow2.Create(dev.File(), capacity, opts)
+	return err
+}
+
+// resolveBacking applies the policy to an overlay's backing and reads its
+// virtual size. A managed backing volume is counted as in use until
+// releaseBacking.
+func (m *Manager) resolveBacking(p *pool, req OverlayRequest) (resolvedBacking, error) {
+	var b resolvedBacking
+	gate := m.gateFor(p)
+	switch {
+	case req.BackingPath != "" && req.BackingVolume != "":
+		return b, fmt.Errorf("%w: give BackingPath or BackingVolume, not both", ErrInvalidArgument)
+	case req.BackingPath == "" && req.BackingVolume == "":
+		return b, fmt.Errorf("%w: give BackingPath (with BackingFormat) or BackingVolume", ErrInvalidArgument)
+	case req.BackingVolume != "":
+		m.mu.Lock()
+		bv, ok := m.volumes[req.BackingVolume]
+		op, pending := m.pending[req.BackingVolume]
+		if ok && !pending {
+			m.backingUsers[req.BackingVolume]++
+		}
+		m.mu.Unlock()
+		switch {
+		case !ok:
+			return b, fmt.Errorf("%w: backing volume %q", ErrNotFound, req.BackingVolume)
+		case pending:
+			return b, fmt.Errorf("%w: backing volume %q (%s) is being removed (%s)", ErrBusy, bv.info.Name, req.BackingVolume, op)
+		}
+		b.volumeID, b.metaName = req.BackingVolume, req.BackingVolume
+		b.name, b.format = bv.backingPath, bv.info.Format
+		if req.BackingFormat != "" && req.BackingFormat != b.format {
+			m.releaseBacking(b.volumeID)
+			return b, fmt.Errorf("%w: backing format %q: backing volume %q is %s", ErrInvalidArgument, req.BackingFormat, bv.info.Name, b.format)
+		}
+		if bv.problem != "" || b.format == "" {
+			subject := fmt.Sprintf("backing volume %q (%s)", bv.info.Name, bv.info.ID)
+			if err := m.policyRefusal(p, subject, fmt.Errorf("%s", bv.problem)); err != nil || b.format == "" {
+				m.releaseBacking(b.volumeID)
+				if err == nil {
+					err = fmt.Errorf("%w: %s: %s", ErrInvalidArgument, subject, bv.problem)
+				}
+				return b, err
+			}
+		}
+	default:
+		if !filepath.IsAbs(req.BackingPath) {
+			return b, fmt.Errorf("%w: backing path %q: must be absolute", ErrInvalidArgument, req.BackingPath)
+		}
+		if req.BackingFormat != "raw" && req.BackingFormat != "qcow2" {
+			return b, fmt.Errorf("%w: backing format %q: give raw or qcow2 (volagent never guesses a format)", ErrInvalidArgument, req.BackingFormat)
+		}
+		b.name, b.format, b.metaName = filepath.Clean(req.BackingPath), req.BackingFormat, filepath.Clean(req.BackingPath)
+		if _, err := os.Stat(b.name); errors.Is(err, os.ErrNotExist) {
+			return b, fmt.Errorf("%w: backing path %q does not exist", ErrNotFound, b.name)
+		}
+		if _, err := gate.Resolve("/", b.name); err != nil {
+			if !qcow2.IsRefusal(err) {
+				return b, fmt.Errorf("%w: backing path %q: %v", ErrFailed, b.name, err)
+			}
+			if err := m.policyRefusal(p, fmt.Sprintf("backing %q", b.name), err); err != nil {
+				return b, err
+			}
+		}
+	}
+
+	// The backing's own chain must be explicit and clean: opened through
+	// the gate, each layer as the format its parent records.
+	disk, err := qcow2.OpenChain(b.name, b.format, gate)
+	if err == nil {
+		b.virtualSize = disk.Size()
+		disk.Close()
+		return b, nil
+	}
+	if !qcow2.IsRefusal(err) {
+		if b.volumeID != "" {
+			m.releaseBacking(b.volumeID)
+		}
+		if errors.Is(err, os.ErrNotExist) {
+			return b, fmt.Errorf("%w: backing %q: %v", ErrNotFound, b.name, err)
+		}
+		return b, fmt.Errorf("%w: backing %q: %v", ErrFailed, b.name, err)
+	}
+	if perr := m.policyRefusal(p, fmt.Sprintf("backing %q", b.name), err); perr != nil {
+		if b.volumeID != "" {
+			m.releaseBacking(b.volumeID)
+		}
+		return b, perr
+	}
+	// Audit mode: the chain below is refused but allowed; the top may
+	// still tell its size.
+	if f, ferr := os.Open(b.name); ferr == nil {
+		if size, serr := f.Seek(0, 2); serr == nil {
+			if vs, verr := qcow2.BackingVirtualSize(f, size, b.format); verr == nil {
+				b.virtualSize = vs
+			}
+		}
+		f.Close()
+	}
+	return b, nil
+}
+
+// policyRefusal applies the pool's policy to a refusal: in enforce mode it
+// returns ErrPolicyViolation; in audit mode it logs each violation, sends
+// EventPolicyViolation and returns nil.
+func (m *Manager) policyRefusal(p *pool, subject string, refusal error) error {
+	if p.cfg.Policy != PolicyAudit {
+		return fmt.Errorf("%w: pool %q (policy enforce): %s: %v", ErrPolicyViolation, p.cfg.Name, subject, refusal)
+	}
+	violations := qcow2.Violations(refusal)
+	if len(violations) == 0 {
+		violations = []*qcow2.FieldError{{Field: "volume", Value: subject, Reason: refusal.Error(), Err: errors.New("policy")}}
+	}
+	for _, fe := range violations {
+		code := fe.Code()
+		m.log.Warn("policy violation allowed (audit mode)", "pool", p.cfg.Name, "subject", subject, "code", code, "violation", fe.Error())
+		m.emit(Event{Kind: EventPolicyViolation, Violation: &Violation{Subject: subject, Code: code, Message: fe.Error()}})
+	}
+	return nil
+}
+
+// Delete removes a volume and its device. Results: ErrNotFound; ErrBusy
+// if it backs another managed volume (by metadata or by the name in that
+// volume's header), an operation or job is using it, or its device is in
+// use (opened exclusively elsewhere, e.g. by a running VM, or held by the
+// kernel); ErrFailed. A crash during Delete leaves the volume marked
+// "deleting", and the next Load finishes removing it.
+func (m *Manager) Delete(ctx context.Context, c Caller, id string) error {
+	v, p, err := m.lookup(id)
+	if err != nil {
+		return err
+	}
+	lock := m.opLock(id)
+	if !lock.TryLock() {
+		return fmt.Errorf("%w: volume %q (%s): another operation on it is running", ErrBusy, v.info.Name, id)
+	}
+	defer lock.Unlock()
+
+	m.mu.Lock()
+	busy := m.dependentLocked(&v)
+	if op, ok := m.pending[id]; ok {
+		busy = fmt.Sprintf("%s in progress", op)
+	}
+	if busy == "" {
+		m.pending[id] = "delete"
+	}
+	m.mu.Unlock()
+	if busy != "" {
+		return fmt.Errorf("%w: volume %q (%s): %s", ErrBusy, v.info.Name, id, busy)
+	}
+	defer m.release(id)
+
+	if v.info.DevicePath != "" {
+		if u, err := hostblk.DeviceUsage(v.info.DevicePath); err == nil && u.InUse() {
+			return fmt.Errorf("%w: volume %q (%s): device %s is in use (opened exclusively elsewhere, e.g. by a running VM: %v; holders %v; loop devices %v)",
+				ErrBusy, v.info.Name, id, v.info.DevicePath, u.Claimed, u.Holders, u.LoopDevices)
+		}
+	}
+	meta := v.meta
+	if err := m.setState(ctx, p, v.info.Name, meta, "", stateDeleting); err != nil {
+		return fmt.Errorf("%w: volume %q (%s): marking it for deletion: %v", ErrFailed, v.info.Name, id, err)
+	}
+	m.mu.Lock()
+	delete(m.volumes, id)
+	m.mu.Unlock()
+	m.emit(Event{Kind: EventVolumeRemoved, VolumeID: id})
+	if err := m.crashPoint("delete:marked"); err != nil {
+		return err
+	}
+	if err := m.removeDevice(context.WithoutCancel(ctx), p, v.info.Name); err != nil {
+		// Marked "deleting": the next Load finishes the job.
+		return fmt.Errorf("%w: volume %q (%s): %v (it stays marked for deletion; the next Load or Rescan retries)", ErrFailed, v.info.Name, id, err)
+	}
+	m.poolChanged(p)
+	m.log.Info("volume deleted", "pool", p.cfg.Name, "volume", v.info.Name, "id", id, "uid", c.UID)
+	return nil
+}
+
+// dependentLocked says why v must not change under others: a volume it
+// backs (by metadata, or by the name in that volume's header), or an
+// overlay being created over it. "" if nothing depends on it.
+func (m *Manager) dependentLocked(v *volume) string {
+	if n := m.backingUsers[v.info.ID]; n > 0 {
+		return fmt.Sprintf("%d overlays are being created over it", n)
+	}
+	for _, other := range m.volumes {
+		if other.info.ID == v.info.ID {
+			continue
+		}
+		if other.meta.BackingName == v.info.ID || other.info.BackingName != "" &&
+			(other.info.BackingName == v.backingPath || other.info.BackingName == v.info.DevicePath) {
+			return fmt.Sprintf("it backs volume %q in pool %q (%s)", other.info.Name, other.info.Pool, other.info.ID)
+		}
+	}
+	return ""
+}
+
+// Resize grows a volume's virtual size (the guest sees a larger disk).
+// Only the qcow2 header changes: virtual size and, when the new size
+// needs more L1 entries, l1_size — in one write of the header's first
+// logical block, which the device writes atomically. The L1 table is
+// never moved: if the new size needs more L1 entries than its clusters
+// hold, Resize refuses with ErrInvalidArgument and says the largest size
+// it can reach. The device is not grown (the image is thin; writes grow
+// it). Shrinking is refused (ErrInvalidArgument); the same size is a
+// no-op. ErrBusy if the device is open exclusively elsewhere.
+func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize int64) error {
+	v, p, err := m.lookup(id)
+	if err != nil {
+		return err
+	}
+	if v.problem != "" {
+		return fmt.Errorf("%w: volume %q (%s) cannot be resized: %s", ErrFailed, v.info.Name, id, v.problem)
+	}
+	switch {
+	case virtualSize <= 0 || virtualSize%512 != 0:
+		return fmt.Errorf("%w: virtual size %d: want a positive multiple of 512", ErrInvalidArgument, virtualSize)
+	case virtualSize < v.info.VirtualSize:
+		return fmt.Errorf("%w: virtual size %d is smaller than the current %d: volagent only grows volumes", ErrInvalidArgument, virtualSize, v.info.VirtualSize)
+	case virtualSize == v.info.VirtualSize:
+		return nil
+	}
+	lock := m.opLock(id)
+	lock.Lock()
+	defer lock.Unlock()
+
+	if err := resizeImage(v.info.DevicePath, virtualSize); err != nil {
+		return fmt.Errorf("volume %q (%s): %w", v.info.Name, id, err)
+	}
+	m.refresh(p, &v)
+	m.log.Info("volume resized", "pool", p.cfg.Name, "volume", v.info.Name, "id", id, "virtual_size", virtualSize, "uid", c.UID)
+	return nil
+}
+
+// resizeImage rewrites the size fields of the qcow2 header on the device.
+func resizeImage(path string, virtualSize int64) error {
+	// Buffered: ReadHeader reads unaligned; the header write is followed
+	// by a flush, which makes it as durable as a direct write.
+	tgt, err := qcow2.OpenTarget(path, true)
+	if err != nil {
+		if errors.Is(err, qcow2.ErrTargetBusy) {
+			return fmt.Errorf("%w: %v", ErrBusy, err)
+		}
+		return fmt.Errorf("%w: %v", ErrFailed, err)
+	}
+	defer tgt.Close()
+	bs := int64(tgt.BlockSize)
+	h, err := qcow2.ReadHeader(tgt.File, tgt.Size)
+	if err != nil {
+		if qcow2.IsRefusal(err) {
+			return fmt.Errorf("%w: header refused: %v", ErrPolicyViolation, err)
+		}
+		return fmt.Errorf("%w: %v", ErrFailed, err)
+	}
+	if h.NbSnapshots > 0 {
+		return fmt.Errorf("%w: the image has %d internal snapshots; volagent does not resize those", ErrInvalidArgument, h.NbSnapshots)
+	}
+	c := h.ClusterSize()
+	perL1Entry := h.L2Entries() * c
+	needed := (virtualSize + perL1Entry - 1) / perL1Entry
+	inPlace := roundUp(int64(h.L1Size)*8, c) / 8
+	if int64(h.L1Size) == 0 {
+		inPlace = 0
+	}
+	if needed > inPlace {
+		return fmt.Errorf("%w: virtual size %d needs %d L1 entries; the L1 table at offset %d holds %d in place (at most %d bytes of virtual size) and volagent does not move it",
+			ErrInvalidArgument, virtualSize, needed, h.L1TableOffset, inPlace, inPlace*perL1Entry)
+	}
+	if needed > int64(h.L1Size) {
+		// The entries past l1_size become live: they must be empty.
+		from, to := int64(h.L1TableOffset)+int64(h.L1Size)*8, int64(h.L1TableOffset)+needed*8
+		lo, hi := from/bs*bs, roundUp(to, bs)
+		buf := qcow2.AlignedBuffer(int(hi-lo), int(bs))
+		if _, err := tgt.File.ReadAt(buf, lo); err != nil {
+			return fmt.Errorf("%w: reading the L1 table: %v", ErrFailed, err)
+		}
+		for _, x := range buf[from-lo : to-lo] {
+			if x != 0 {
+				return fmt.Errorf("%w: the L1 table has non-zero bytes past l1_size %d; run qemu-img check", ErrFailed, h.L1Size)
+			}
+		}
+	}
+	first := qcow2.AlignedBuffer(int(bs), int(bs))
+	if _, err := tgt.File.ReadAt(first, 0); err != nil {
+		return fmt.Errorf("%w: reading the header: %v", ErrFailed, err)
+	}
+	// Offsets from docs/interop/qcow2.txt: size at 24, l1_size at 36.
+	binary.BigEndian.PutUint64(first[24:], uint64(virtualSize))
+	if needed > int64(h.L1Size) {
+		binary.BigEndian.PutUint32(first[36:], uint32(needed))
+	}
+	if _, err := tgt.File.WriteAt(first, 0); err != nil {
+		return fmt.Errorf("%w: writing the header: %v", ErrFailed, err)
+	}
+	if err := tgt.Sync(); err != nil {
+		return fmt.Errorf("%w: flushing the header: %v", ErrFailed, err)
+	}
+	if _, err := qcow2.ReadHeader(tgt.File, tgt.Size); err != nil {
+		return fmt.Errorf("%w: the resized header is refused: %v", ErrFailed, err)
+	}
+	return nil
+}
+
+// refresh re-reads a volume from its device after a change and tells
+// subscribers.
+func (m *Manager) refresh(p *pool, v *volume) {
+	nv := m.readVolume(p, v.info.Name, v.info.DevicePath, v.file, v.meta)
+	m.mu.Lock()
+	if _, ok := m.volumes[nv.info.ID]; ok {
+		m.volumes[nv.info.ID] = nv
+	}
+	m.mu.Unlock()
+	info := nv.info
+	m.emit(Event{Kind: EventVolumeChanged, Volume: &info})
+}
+
+// Write writes data at guest offset offset of a volume through the qcow2
+// writer (copy-on-write from the backing for partial clusters) and flushes
+// it. When the writer runs out of device, the device grows by ChunkSize
+// (more if the write needs it) and the write is retried. Results:
+// ErrInvalidArgument (a range outside the disk, more than MaxWriteSize
+// bytes); ErrBusy (the volume backs another volume, or its device is
+// open exclusively elsewhere); ErrNoSpace (the pool cannot grow the
+// device); ErrPolicyViolation (the image's chain is refused); ErrFailed.
+func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, data []byte) error {
+	v, p, err := m.lookup(id)
+	if err != nil {
+		return err
+	}
+	if v.problem != "" {
+		return fmt.Errorf("%w: volume %q (%s) cannot be written: %s", ErrFailed, v.info.Name, id, v.problem)
+	}
+	switch {
+	case len(data) == 0:
+		return nil
+	case len(data) > MaxWriteSize:
+		return fmt.Errorf("%w: write of %d bytes: at most %d per call (use Import for bulk data)", ErrInvalidArgument, len(data), MaxWriteSize)
+	case offset < 0 || offset > v.info.VirtualSize || int64(len(data)) > v.info.VirtualSize-offset:
+		return fmt.Errorf("%w: write of %d bytes at offset %d: outside the virtual disk of %d bytes", ErrInvalidArgument, len(data), offset, v.info.VirtualSize)
+	}
+	lock := m.opLock(id)
+	lock.Lock()
+	defer lock.Unlock()
+	m.mu.Lock()
+	busy := m.dependentLocked(&v)
+	m.mu.Unlock()
+	if busy != "" {
+		return fmt.Errorf("%w: volume %q (%s): %s; writing would change that volume's guest view", ErrBusy, v.info.Name, id, busy)
+	}
+
+	s, err := m.openWriteSession(p, &v)
+	if err != nil {
+		return err
+	}
+	err = s.do(ctx, int64(len(data)), func(w *qcow2.Writer) error {
+		_, err := w.WriteAt(data, offset)
+		return err
+	})
+	if cerr := s.close(); err == nil && cerr != nil {
+		err = fmt.Errorf("%w: volume %q: flushing: %v", ErrFailed, v.info.Name, cerr)
+	}
+	m.refresh(p, &v)
+	if err != nil {
+		return err
+	}
+	m.log.Debug("volume written", "pool", p.cfg.Name, "volume", v.info.Name, "offset", offset, "bytes", len(data), "uid", c.UID)
+	return nil
+}
+
+// Check runs qcow2.Check on a volume's device (read-only, while other
+// operations of this Manager on the volume wait). Results: the check
+// result, counted as qemu-img check counts; ErrPolicyViolation if the
+// header is refused; ErrNotFound; ErrFailed for I/O errors.
+func (m *Manager) Check(ctx context.Context, id string) (*qcow2.CheckResult, error) {
+	v, _, err := m.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	lock := m.opLock(id)
+	lock.Lock()
+	defer lock.Unlock()
+	d, err := hostblk.OpenDevice(v.info.DevicePath, hostblk.OpenOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+	}
+	defer d.Close()
+	size, err := d.Size()
+	if err != nil {
+		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+	}
+	res, err := qcow2.Check(d.File(), size)
+	if err != nil {
+		if qcow2.IsRefusal(err) {
+			return nil, fmt.Errorf("%w: volume %q: header refused: %v", ErrPolicyViolation, v.info.Name, err)
+		}
+		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+	}
+	return res, nil
+}
+
+// backingView lends a chain's backing disk to the writer; the chain
+// closes it. (cmd/volagent/import.go has the same helper.)
+type backingView struct{ qcow2.Disk }
+
+func (backingView) Close() error { return nil }
+
+// writeSession is a qcow2 writer open on a volume's device, reopened
+// after the device grows.
+type writeSession struct {
+	m     *Manager
+	p     *pool
+	v     *volume
+	tgt   *qcow2.Target
+	chain qcow2.Disk
+	w     *qcow2.Writer
+}
+
+func (m *Manager) openWriteSession(p *pool, v *volume) (*writeSession, error) {
+	s := &writeSession{m: m, p: p, v: v}
+	if err := s.open(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// open opens the device as import.go does: the exclusive open first, so
+// nobody else writes while the chain is opened and checked.
+func (s *writeSession) open() error {
+	name := s.v.info.Name
+	tgt, err := qcow2.OpenTarget(s.v.info.DevicePath, false)
+	if err != nil {
+		if errors.Is(err, qcow2.ErrTargetBusy) {
+			return fmt.Errorf("%w: volume %q: %v", ErrBusy, name, err)
+		}
+		return fmt.Errorf("%w: volume %q: %v", ErrFailed, name, err)
+	}
+	chain, err := qcow2.OpenChain(s.v.info.DevicePath, "qcow2", s.m.gateFor(s.p))
+	if err != nil {
+		tgt.Close()
+		if qcow2.IsRefusal(err) {
+			return fmt.Errorf("%w: volume %q: its chain is refused: %v", ErrPolicyViolation, name, err)
+		}
+		return fmt.Errorf("%w: volume %q: %v", ErrFailed, name, err)
+	}
+	top := chain.(*qcow2.Image)
+	var backing qcow2.Disk
+	if top.Backing() != nil {
+		backing = backingView{top.Backing()}
+	}
+	w, err := qcow2.OpenWriter(tgt, tgt.Size, qcow2.WriterOptions{BlockSize: tgt.BlockSize, Backing: backing, ContainerSize: tgt.ContainerSize()})
+	if err != nil {
+		chain.Close()
+		tgt.Close()
+		if qcow2.IsRefusal(err) {
+			return fmt.Errorf("%w: volume %q: %v", ErrPolicyViolation, name, err)
+		}
+		return fmt.Errorf("%w: volume %q: %v", ErrFailed, name, err)
+	}
+	if h, seen := w.Header(), top.Header(); h.BackingFile != seen.BackingFile || h.BackingFormat != seen.BackingFormat || h.Size != seen.Size {
+		w.Close()
+		chain.Close()
+		tgt.Close()
+		return fmt.Errorf("%w: volume %q changed while it was being opened", ErrBusy, name)
+	}
+	s.tgt, s.chain, s.w = tgt, chain, w
+	s.v.info.DeviceSize = tgt.Size
+	return nil
+}
+
+// close flushes and closes the writer, then the chain and the device.
+func (s *writeSession) close() error {
+	if s.w == nil {
+		return nil
+	}
+	err := s.w.Close()
+	s.chain.Close()
+	s.tgt.Close()
+	s.w, s.chain, s.tgt = nil, nil, nil
+	return err
+}
+
+// do runs fn; when the writer reports no space, it grows the device by
+// at least ChunkSize (and by need plus a few clusters of metadata),
+// reopens and runs fn again. fn must be safe to repeat.
+func (s *writeSession) do(ctx context.Context, need int64, fn func(w *qcow2.Writer) error) error {
+	chunk := s.p.cfg.ChunkSize
+	for attempt := 0; ; attempt++ {
+		err := fn(s.w)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, qcow2.ErrNoSpace) {
+			if qcow2.IsRefusal(err) {
+				return fmt.Errorf("%w: volume %q: %v", ErrPolicyViolation, s.v.info.Name, err)
+			}
+			return fmt.Errorf("%w: volume %q: %v", ErrFailed, s.v.info.Name, err)
+		}
+		if attempt == maxGrowAttempts {
+			return fmt.Errorf("%w: volume %q: still out of space after growing the device %d times: %v", ErrNoSpace, s.v.info.Name, attempt, err)
+		}
+		cluster := s.w.Header().ClusterSize()
+		target := max(s.v.info.DeviceSize, s.w.HighestAllocated()) + roundUp(max(need+4*cluster, chunk), chunk)
+		if cerr := s.close(); cerr != nil {
+			return fmt.Errorf("%w: volume %q: %v", ErrFailed, s.v.info.Name, cerr)
+		}
+		size, gerr := s.m.growDevice(ctx, s.p, s.v, target)
+		if gerr != nil {
+			if oerr := s.open(); oerr != nil {
+				s.m.log.Error("could not reopen a volume after a failed grow", "volume", s.v.info.Name, "err", oerr)
+			}
+			return gerr
+		}
+		s.m.poolChanged(s.p)
+		s.m.log.Info("volume device grown", "pool", s.p.cfg.Name, "volume", s.v.info.Name, "device_size", size)
+		if err := s.open(); err != nil {
+			return err
+		}
+	}
+}
