@@ -10,7 +10,7 @@ PKGS     := ./...
 FUZZTIME ?= 10s
 FUZZTIME_LONG ?= 10m
 
-.PHONY: all deps build demo test unit lint fuzz fuzz-short bench clean fuzz-seeds packages
+.PHONY: all deps build demo test unit lint fuzz fuzz-short bench clean fuzz-seeds packages package-test
 
 all: build
 
@@ -39,7 +39,7 @@ fuzz-short: deps
 fuzz: deps
 	@scripts/fuzz.sh $(FUZZTIME_LONG)
 
-test: lint build unit fuzz-short
+test: lint build unit fuzz-short package-test
 
 bench: build
 	@scripts/bench.sh $(BIN)
@@ -54,3 +54,7 @@ fuzz-seeds: deps
 # The .deb and the .rpm, into dist/.
 packages: deps
 	@scripts/packages.sh
+
+# Builds, lints and installs the packages, then purges them (needs root).
+package-test: deps
+	@scripts/test-packages.sh

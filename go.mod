@@ -15,4 +15,5 @@ require (
 	github.com/pelletier/go-toml/v2 v2.4.3 // indirect
 	github.com/spf13/pflag v1.0.9 // indirect
 	golang.org/x/term v0.47.0 // indirect
+	libvirt.org/go/libvirt v1.11010.0 // indirect
 )

@@ -17,6 +17,23 @@ want dbus-daemon dbus-daemon
 want zstd zstd
 want gcc gcc
 want make make
+# libvirt integration (virt/, `volagent hook qemu`): the daemon with its QEMU
+# driver (the dir and logical storage backends are in libvirt-daemon on
+# Debian 12), virsh, the cgo headers for libvirt.org/go/libvirt, and qemu
+# with SeaBIOS for the KVM domain tests. libvirt-daemon-system is left out
+# on purpose: its maintainer scripts start services; the tests configure
+# and start libvirtd themselves (internal/testutil/libvirtd.go).
+want libvirtd libvirt-daemon
+[ -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ] || need_pkgs+=(libvirt-daemon-driver-qemu)
+want virsh libvirt-clients
+want pkg-config pkg-config
+pkg-config --exists libvirt 2>/dev/null || need_pkgs+=(libvirt-dev)
+want qemu-system-x86_64 qemu-system-x86
+[ -e /usr/share/seabios/bios-256k.bin ] || need_pkgs+=(seabios)
+want lintian lintian
+want rpm rpm
+want objdump binutils
+want setpriv util-linux
 
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ]; then

@@ -1,0 +1,154 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+
+	"github.com/godbus/dbus/v5"
+	"github.com/spf13/cobra"
+
+	"github.com/volagent/volagent/dbusapi"
+)
+
+func init() { rootCmd.AddCommand(newVolumesCmd()) }
+
+func newVolumesCmd() *cobra.Command {
+	var fl clientFlags
+	cmd := &cobra.Command{
+		Use:   "volumes [--json] [--bus-address ADDRESS]",
+		Short: "List the daemon's volumes (and import new ones: volumes import)",
+		Long: `volumes lists the volumes the volagent daemon manages, in every pool,
+with their format, sizes and recorded backing. It asks the daemon over
+D-Bus; reading is open to every user.
+
+Exit status: 0 success, 2 error (e.g. the daemon is not running).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runVolumes(cmd.OutOrStdout(), fl)
+		},
+	}
+	fl.register(cmd)
+	cmd.AddCommand(newVolumesImportCmd())
+	return cmd
+}
+
+func runVolumes(out io.Writer, fl clientFlags) error {
+	conn, err := dialDaemon(fl)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	objs, err := getManagedObjects(conn)
+	if err != nil {
+		return err
+	}
+	pools := objs.poolNames()
+	vols := []volumeJSON{}
+	for _, o := range objs.ofInterface(dbusapi.VolumeIface) {
+		vols = append(vols, volumeFromProps(o, pools))
+	}
+	if fl.json {
+		return printJSON(out, vols)
+	}
+	if len(vols) == 0 {
+		fmt.Fprintln(out, "no volumes")
+		return nil
+	}
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tPOOL\tROLE\tFORMAT\tVIRTUAL\tALLOCATED\tDEVICE\tBACKING")
+	for _, v := range vols {
+		backing := "-"
+		if v.BackingName != "" {
+			backing = quoteIfNeeded(v.BackingName) + " (" + quoteIfNeeded(v.BackingFormat) + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Pool, v.Role, v.Format,
+			shortBytes(v.VirtualSize), shortBytes(v.HighestAllocated), v.DevicePath, backing)
+	}
+	return tw.Flush()
+}
+
+type volumesImportFlags struct {
+	clientFlags
+	pool, name   string
+	sourceFormat string
+	size         string
+	noWait       bool
+}
+
+// newVolumesImportCmd is the daemon's import. (The top-level `volagent
+// import` copies into an image directly, without the daemon.)
+func newVolumesImportCmd() *cobra.Command {
+	var fl volumesImportFlags
+	cmd := &cobra.Command{
+		Use:   "import --pool POOL --name NAME [--source-format raw|qcow2] [--size N] [--no-wait] [--json] SOURCE",
+		Short: "Import an image into a new base volume, through the daemon",
+		Long: `volumes import asks the volagent daemon to copy SOURCE into a new base
+volume NAME in POOL. SOURCE is opened here, with your rights, and passed to
+the daemon as a file descriptor; it is read as --source-format (default
+raw), never probed.
+
+The copy is a daemon job: this command shows its progress (a bar on a
+terminal, lines otherwise, JSON lines with --json) until it ends;
+with --no-wait it prints the job's object path and returns. Ctrl-C stops
+watching, not the job: cancel it with busctl call ... Job Cancel.
+
+Exit status: 0 success, 2 error or failed job, 3 refused by the policy.`,
+		Example: `  volagent volumes import --pool fast --name debian12 debian-12.qcow2 --source-format qcow2`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runVolumesImport(cmd.OutOrStdout(), cmd.ErrOrStderr(), args[0], fl)
+		},
+	}
+	fl.register(cmd)
+	f := cmd.Flags()
+	f.StringVar(&fl.pool, "pool", "", "pool to import into (required)")
+	f.StringVar(&fl.name, "name", "", "name of the new volume (required)")
+	f.StringVar(&fl.sourceFormat, "source-format", "raw", "format of SOURCE: raw or qcow2 (never probed)")
+	f.StringVar(&fl.size, "size", "", "virtual size of the volume (default: the source's)")
+	f.BoolVar(&fl.noWait, "no-wait", false, "print the job and return at once")
+	cmd.MarkFlagRequired("pool")
+	cmd.MarkFlagRequired("name")
+	return cmd
+}
+
+func runVolumesImport(out, errOut io.Writer, source string, fl volumesImportFlags) error {
+	opts := map[string]dbus.Variant{}
+	if fl.size != "" {
+		n, err := parseSize("--size", fl.size)
+		if err != nil {
+			return err
+		}
+		opts["virtual-size"] = dbus.MakeVariant(uint64(n))
+	}
+	f, err := os.Open(source)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	conn, err := dialDaemon(fl.clientFlags)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	// Subscribe before the job exists, so no progress is missed.
+	w, err := newJobWatcher(conn)
+	if err != nil {
+		return err
+	}
+	var job dbus.ObjectPath
+	err = conn.Object(dbusapi.BusName, dbusapi.ManagerPath).Call(dbusapi.ManagerIface+".Import", 0,
+		fl.pool, fl.name, dbus.UnixFD(f.Fd()), fl.sourceFormat, opts).Store(&job)
+	if err != nil {
+		return daemonError(err)
+	}
+	if fl.noWait {
+		if fl.json {
+			return printJSON(out, map[string]string{"job": string(job)})
+		}
+		fmt.Fprintln(out, job)
+		return nil
+	}
+	return w.watch(out, errOut, []dbus.ObjectPath{job}, fl.json)
+}

@@ -1,0 +1,167 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+
+	"github.com/godbus/dbus/v5"
+	"github.com/spf13/cobra"
+
+	"github.com/volagent/volagent/backend"
+	"github.com/volagent/volagent/dbusapi"
+	"github.com/volagent/volagent/systemd"
+)
+
+// defaultConfigPath is where serve reads its configuration.
+const defaultConfigPath = "/etc/volagent/volagent.toml"
+
+type serveOptions struct {
+	config     string
+	busAddress string
+	debug      bool
+}
+
+func init() { rootCmd.AddCommand(newServeCmd()) }
+
+func newServeCmd() *cobra.Command {
+	var opts serveOptions
+	cmd := &cobra.Command{
+		Use:   "serve [--config PATH] [--bus-address ADDRESS] [--debug]",
+		Short: "Run the daemon: serve org.volagent.VolAgent1 on the system bus",
+		Long: `serve runs the volagent daemon. It reads the configuration (TOML, one
+[[pool]] table per pool), opens the pools - removing what an interrupted
+operation left behind - and serves the D-Bus API org.volagent.VolAgent1 on
+the system bus (or the bus at --bus-address, or at DBUS_SYSTEM_BUS_ADDRESS).
+
+Under systemd (Type=notify) it reports READY=1 once the bus name is owned
+and the pools are loaded, keeps STATUS= current, pings the watchdog when
+WatchdogSec= is set, and logs to the journal with structured fields
+(otherwise to standard error). SIGTERM or SIGINT stop it gracefully:
+running jobs are cancelled and their half-made volumes removed.
+
+Exit status: 0 after a clean stop, 2 when it cannot start (the message
+names the configuration key at fault) or loses the bus.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runServe(opts)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&opts.config, "config", defaultConfigPath, "configuration file")
+	f.StringVar(&opts.busAddress, "bus-address", "", "D-Bus address to serve on (default: the system bus)")
+	f.BoolVar(&opts.debug, "debug", false, "log debug messages")
+	return cmd
+}
+
+// daemonVersion is the module version the binary was built from.
+func daemonVersion() string {
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "devel"
+}
+
+// connectBus connects to the bus at address, or to the system bus
+// (DBUS_SYSTEM_BUS_ADDRESS, else the well-known socket) when it is empty.
+func connectBus(address string, opts ...dbus.ConnOption) (*dbus.Conn, error) {
+	if address == "" {
+		address = os.Getenv("DBUS_SYSTEM_BUS_ADDRESS")
+	}
+	if address == "" {
+		return dbus.ConnectSystemBus(opts...)
+	}
+	return dbus.Connect(address, opts...)
+}
+
+func runServe(opts serveOptions) error {
+	level := slog.LevelInfo
+	if opts.debug {
+		level = slog.LevelDebug
+	}
+	log := slog.New(systemd.NewLogHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	slog.SetDefault(log)
+
+	// Signals are caught from the start, so a SIGTERM during loading still
+	// stops cleanly (after loading, which cleans up what it finds).
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	systemd.Status("reading " + opts.config)
+	cfg, err := backend.LoadConfig(opts.config)
+	if err != nil {
+		return fmt.Errorf("bad configuration: %w", err)
+	}
+	mgr, err := backend.NewManager(cfg, backend.ManagerOptions{Logger: log})
+	if err != nil {
+		return fmt.Errorf("bad configuration %s: %w", opts.config, err)
+	}
+	defer mgr.Close()
+
+	systemd.Status(fmt.Sprintf("loading %d pool(s)", len(cfg.Pools)))
+	if err := mgr.Load(context.Background()); err != nil {
+		// The pools that did load are served; the others are named here
+		// and in the status line.
+		log.Error("some pools could not be loaded", "error", err)
+	}
+
+	srv := dbusapi.NewServer(mgr, dbusapi.Options{Version: daemonVersion(), Logger: log})
+	conn, err := connectBus(opts.busAddress, dbus.WithHandler(srv))
+	if err != nil {
+		return fmt.Errorf("connecting to the bus: %w", err)
+	}
+	defer conn.Close()
+	srv.Start(conn)
+	defer srv.Stop()
+
+	reply, err := conn.RequestName(dbusapi.BusName, dbus.NameFlagDoNotQueue)
+	if err != nil {
+		return fmt.Errorf("owning bus name %s: %w (the bus policy file org.volagent.VolAgent1.conf lets only root own it)", dbusapi.BusName, err)
+	}
+	if reply != dbus.RequestNameReplyPrimaryOwner {
+		return fmt.Errorf("bus name %s is already owned by another process: is another volagent serve running?", dbusapi.BusName)
+	}
+
+	pools, volumes := mgr.Pools(), mgr.Volumes()
+	status := fmt.Sprintf("serving %d of %d pool(s), %d volume(s)", len(pools), len(cfg.Pools), len(volumes))
+	if err := systemd.Ready(status); err != nil {
+		log.Warn("notifying the service manager", "error", err)
+	}
+	log.Info("ready", "bus_name", dbusapi.BusName, "pools", len(pools), "volumes", len(volumes), "version", daemonVersion())
+
+	go systemd.RunWatchdog(ctx, func() error {
+		if !conn.Connected() {
+			return errors.New("the bus connection is closed")
+		}
+		return nil
+	}, log)
+
+	var lost error
+	select {
+	case <-ctx.Done():
+		log.Info("stopping on signal")
+	case <-conn.Context().Done():
+		lost = errors.New("lost the connection to the bus")
+		log.Error("stopping", "error", lost)
+	}
+
+	systemd.Stopping("stopping: cancelling jobs")
+	// Jobs are cancelled while the daemon still owns its name, so that
+	// clients watching them (matching on the name) see Completed(false).
+	if err := mgr.Close(); err != nil {
+		log.Error("closing the pools", "error", err)
+	}
+	srv.Stop()
+	if conn.Connected() {
+		if _, err := conn.ReleaseName(dbusapi.BusName); err != nil {
+			log.Warn("releasing the bus name", "error", err)
+		}
+	}
+	log.Info("stopped")
+	return lost
+}
