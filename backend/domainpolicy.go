@@ -1,0 +1,621 @@
+package backend
+
+// The no-probing policy for libvirt domains. CheckDomain is pure logic over
+// a domain's XML and the images its disks name: the qemu hook runs it (in
+// the daemon, or locally when told to) before a domain starts, and the
+// libvirt integration runs it on running domains whose disks change.
+
+import (
+	"bytes"
+	"context"
+	"encoding/xml"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/volagent/volagent/qcow2"
+)
+
+// Violation and warning codes of a DomainReport besides the
+// qcow2.FieldError codes ("data-file", "backing-format-missing", ...).
+const (
+	CodeDriverTypeMissing     = "driver-type-missing"     // a disk without <driver type>: libvirt would probe
+	CodeDriverTypeUnsupported = "driver-type-unsupported" // a format volagent cannot walk
+	CodeBackingStoreMismatch  = "backing-store-mismatch"  // the XML's <backingStore> disagrees with the headers
+	CodeBackingStoreFormat    = "backing-store-format-missing"
+	CodeSourceUnreadable      = "source-unreadable" // the disk's image cannot be opened or read
+	CodeHeaderInRaw           = "header-in-raw"     // a raw image starts with an image header
+	CodeNotChecked            = "not-checked"       // a disk kind the policy cannot follow (a warning)
+	CodeChain                 = "chain"             // the chain loops or is too deep (as qcow2.ErrChain)
+)
+
+// maxDomainXML bounds the domain XML CheckDomain accepts; real ones are a
+// few KiB.
+const maxDomainXML = 16 << 20
+
+// DomainPolicyOptions are what CheckDomain judges backing files against.
+type DomainPolicyOptions struct {
+	// AllowedRoots are the directories backing files may lie under.
+	AllowedRoots []string
+	// ManagedDevices are the device paths (and loop-pool files) of
+	// volagent's volumes: allowed as backing files, and marked in the
+	// report so the hook knows which domains use volagent.
+	ManagedDevices []string
+	// AllowHeaderInRaw makes a raw image that starts with an image header
+	// a warning instead of a violation. By default it is a violation:
+	// libvirt's QEMU driver turns a disk without <driver type> into
+	// type='raw' before the hook sees it, so a qcow2 used that way shows
+	// up only as a raw disk with a qcow2 header; and any tool that probes
+	// would misread such a disk (a guest can write the header itself).
+	AllowHeaderInRaw bool
+}
+
+// DomainReport is CheckDomain's verdict on one domain. The JSON field names
+// are stable: the D-Bus method returns this document.
+type DomainReport struct {
+	Domain     string            `json:"domain"`
+	UUID       string            `json:"uuid,omitempty"`
+	Disks      []DiskReport      `json:"disks"`
+	Violations []DomainViolation `json:"violations"`
+	// Warnings are findings that do not refuse the domain: a disk kind
+	// not followed, a raw image with a header when that is allowed.
+	Warnings []DomainViolation `json:"warnings"`
+}
+
+// DiskReport is what was found for one disk.
+type DiskReport struct {
+	Target  string      `json:"target"` // e.g. "vda"; the source when the XML has no target
+	Type    string      `json:"type"`   // the <disk type>: file, block, network, ...
+	Source  string      `json:"source,omitempty"`
+	Format  string      `json:"format,omitempty"` // the <driver type>, as written
+	Managed bool        `json:"managed"`          // a volagent volume
+	Chain   []ChainLink `json:"chain"`            // as the headers record it, top first
+}
+
+// ChainLink is one image of a disk's chain.
+type ChainLink struct {
+	Path        string `json:"path"`                   // as qemu names it
+	Resolved    string `json:"resolved,omitempty"`     // symlink-free, for backing files
+	Format      string `json:"format"`                 // given by the XML (top) or the parent's header
+	BackingName string `json:"backing-name,omitempty"` // as recorded in this image
+}
+
+// DomainViolation is one finding, tied to a disk and an image.
+type DomainViolation struct {
+	Disk    string `json:"disk"`
+	Image   string `json:"image,omitempty"`
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// Allowed reports whether the domain breaks no rule (warnings aside).
+func (r *DomainReport) Allowed() bool { return len(r.Violations) == 0 }
+
+// UsesManagedVolumes reports whether any disk is a volagent volume.
+func (r *DomainReport) UsesManagedVolumes() bool {
+	for _, d := range r.Disks {
+		if d.Managed {
+			return true
+		}
+	}
+	return false
+}
+
+// domainXML is the part of a libvirt domain definition the policy reads.
+type domainXML struct {
+	Name  string    `xml:"name"`
+	UUID  string    `xml:"uuid"`
+	Disks []diskXML `xml:"devices>disk"`
+}
+
+type diskXML struct {
+	Type   string `xml:"type,attr"`
+	Device string `xml:"device,attr"`
+	Driver *struct {
+		Type string `xml:"type,attr"`
+	} `xml:"driver"`
+	Source       *sourceXML       `xml:"source"`
+	BackingStore *backingStoreXML `xml:"backingStore"`
+	Target       *struct {
+		Dev string `xml:"dev,attr"`
+	} `xml:"target"`
+}
+
+type sourceXML struct {
+	File     string `xml:"file,attr"`
+	Dev      string `xml:"dev,attr"`
+	Dir      string `xml:"dir,attr"`
+	Protocol string `xml:"protocol,attr"`
+	Name     string `xml:"name,attr"`
+	Pool     string `xml:"pool,attr"`
+	Volume   string `xml:"volume,attr"`
+}
+
+// backingStoreXML is one <backingStore> level. An empty element (no type,
+// no source) ends the chain explicitly; a missing element leaves the rest
+// to libvirt's detection.
+type backingStoreXML struct {
+	Type   string `xml:"type,attr"`
+	Format *struct {
+		Type string `xml:"type,attr"`
+	} `xml:"format"`
+	Source       *sourceXML       `xml:"source"`
+	BackingStore *backingStoreXML `xml:"backingStore"`
+}
+
+func (b *backingStoreXML) empty() bool { return b.Type == "" && b.Source == nil && b.Format == nil }
+
+// path is the local path a source names ("" for network and volume sources).
+func (s *sourceXML) path() string {
+	if s == nil {
+		return ""
+	}
+	if s.File != "" {
+		return s.File
+	}
+	return s.Dev
+}
+
+// ParseDomainDisks returns the domain's name and the local paths of its
+// disks' sources (file and block disks), without opening anything. The
+// hook uses it when the daemon cannot be asked.
+func ParseDomainDisks(domain []byte) (name string, sources []string, err error) {
+	d, err := parseDomain(domain)
+	if err != nil {
+		return "", nil, err
+	}
+	for _, disk := range d.Disks {
+		if p := disk.Source.path(); p != "" {
+			sources = append(sources, p)
+		}
+	}
+	return d.Name, sources, nil
+}
+
+func parseDomain(domain []byte) (*domainXML, error) {
+	if len(domain) > maxDomainXML {
+		return nil, fmt.Errorf("%w: domain XML of %d bytes: at most %d are accepted", ErrInvalidArgument, len(domain), maxDomainXML)
+	}
+	var d domainXML
+	dec := xml.NewDecoder(bytes.NewReader(domain))
+	if err := dec.Decode(&d); err != nil {
+		return nil, fmt.Errorf("%w: domain XML: %v", ErrInvalidArgument, err)
+	}
+	return &d, nil
+}
+
+// CheckDomain judges a libvirt domain definition against the no-probing
+// policy. For every disk with a local source (<disk type='file'|'block'>):
+//   - the <driver type> is explicit and "raw" or "qcow2";
+//   - the image is opened read-only (it is the domain's own disk) and its
+//     header judged by qcow2.ReadHeader: every qcow2 in the chain records
+//     its backing format, has no external data file, and names no json: or
+//     protocol backing;
+//   - backing files are opened only through a qcow2.Gate with
+//     opts.AllowedRoots and opts.ManagedDevices, each read as the format its
+//     parent records (never probed);
+//   - an explicit <backingStore> chain matches the headers (path and format);
+//   - a raw image that starts with an image header is a violation (a
+//     warning with opts.AllowHeaderInRaw).
+//
+// The error is non-nil only when the XML cannot be parsed (ErrInvalidArgument);
+// every verdict, including unreadable images, is in the report.
+func CheckDomain(domain []byte, opts DomainPolicyOptions) (*DomainReport, error) {
+	d, err := parseDomain(domain)
+	if err != nil {
+		return nil, err
+	}
+	rep := &DomainReport{Domain: d.Name, UUID: d.UUID, Disks: []DiskReport{}, Violations: []DomainViolation{}, Warnings: []DomainViolation{}}
+	gate := &qcow2.Gate{AllowedRoots: append(append([]string{}, opts.AllowedRoots...), opts.ManagedDevices...)}
+	managed := managedSet(opts.ManagedDevices)
+	for i, disk := range d.Disks {
+		rep.checkDisk(i, disk, gate, managed, opts.AllowHeaderInRaw)
+	}
+	return rep, nil
+}
+
+// managedSet maps each managed path, as given and symlink-resolved, so a
+// disk naming /dev/vg/lv matches a volume listed as /dev/dm-3 and back.
+func managedSet(paths []string) map[string]bool {
+	set := map[string]bool{}
+	for _, p := range paths {
+		if p == "" {
+			continue
+		}
+		set[filepath.Clean(p)] = true
+		if real, err := filepath.EvalSymlinks(p); err == nil {
+			set[real] = true
+		}
+	}
+	return set
+}
+
+func isManaged(set map[string]bool, path string) bool {
+	if set[filepath.Clean(path)] {
+		return true
+	}
+	real, err := filepath.EvalSymlinks(path)
+	return err == nil && set[real]
+}
+
+func (r *DomainReport) violation(disk, image, code, format string, args ...any) {
+	r.Violations = append(r.Violations, DomainViolation{Disk: disk, Image: image, Code: code, Message: fmt.Sprintf(format, args...)})
+}
+
+func (r *DomainReport) warning(disk, image, code, format string, args ...any) {
+	r.Warnings = append(r.Warnings, DomainViolation{Disk: disk, Image: image, Code: code, Message: fmt.Sprintf(format, args...)})
+}
+
+func (r *DomainReport) fieldViolations(disk, image string, err error) {
+	for _, fe := range qcow2.Violations(err) {
+		r.Violations = append(r.Violations, DomainViolation{Disk: disk, Image: image, Code: fe.Code(), Message: fmt.Sprintf("%s: %v", image, fe)})
+	}
+}
+
+func (r *DomainReport) checkDisk(index int, disk diskXML, gate *qcow2.Gate, managed map[string]bool, allowHeaderInRaw bool) {
+	dr := DiskReport{Type: disk.Type, Chain: []ChainLink{}}
+	if disk.Target != nil {
+		dr.Target = disk.Target.Dev
+	}
+	if disk.Driver != nil {
+		dr.Format = disk.Driver.Type
+	}
+	src := disk.Source
+	dr.Source = src.path()
+	if dr.Target == "" {
+		dr.Target = dr.Source
+	}
+	if dr.Target == "" {
+		dr.Target = fmt.Sprintf("disk[%d]", index)
+	}
+	name := dr.Target
+	defer func() { r.Disks = append(r.Disks, dr) }()
+
+	if src == nil || (dr.Source == "" && src.Protocol == "" && src.Volume == "" && src.Dir == "") {
+		return // an empty drive (a cdrom without media): nothing is opened
+	}
+	switch dr.Format {
+	case "":
+		r.violation(name, dr.Source, CodeDriverTypeMissing,
+			"disk %s (source %q) has no <driver type>: libvirt would guess its format from the content; give type='raw' or type='qcow2'", name, dr.Source)
+		return
+	case "raw", "qcow2":
+	default:
+		r.violation(name, dr.Source, CodeDriverTypeUnsupported,
+			"disk %s: <driver type=%q>: volagent checks only raw and qcow2 chains", name, dr.Format)
+		return
+	}
+	if disk.Type != "file" && disk.Type != "block" {
+		r.warning(name, "", CodeNotChecked, "disk %s: <disk type=%q> has no local image to check", name, disk.Type)
+		return
+	}
+	if dr.Source == "" {
+		r.violation(name, "", CodeSourceUnreadable, "disk %s: <disk type=%q> has no source path", name, disk.Type)
+		return
+	}
+	dr.Managed = isManaged(managed, dr.Source)
+	chain, complete := r.walkChain(name, dr.Source, dr.Format, gate, allowHeaderInRaw)
+	dr.Chain = chain
+	if disk.BackingStore != nil {
+		r.compareBackingStore(name, chain, complete, disk.BackingStore)
+	}
+}
+
+// walkChain reads the headers of the disk's chain, top first. complete
+// says the walk reached the bottom image (no refusal stopped it).
+func (r *DomainReport) walkChain(disk, path, format string, gate *qcow2.Gate, allowHeaderInRaw bool) (chain []ChainLink, complete bool) {
+	type fileID struct{ dev, ino uint64 }
+	seen := map[fileID]bool{}
+	f, err := openTopImage(path)
+	if err != nil {
+		r.violation(disk, path, CodeSourceUnreadable, "disk %s: %v", disk, err)
+		return nil, false
+	}
+	link := ChainLink{Path: path, Format: format}
+	for {
+		done, next, nextLink := r.judgeImage(disk, f, &link, gate, allowHeaderInRaw)
+		chain = append(chain, link)
+		var st unix.Stat_t
+		if err := unix.Fstat(int(f.Fd()), &st); err == nil {
+			seen[fileID{uint64(st.Dev), st.Ino}] = true
+		}
+		f.Close()
+		if done || next == nil {
+			return chain, done
+		}
+		if err := unix.Fstat(int(next.Fd()), &st); err == nil && seen[fileID{uint64(st.Dev), st.Ino}] {
+			next.Close()
+			r.violation(disk, link.Path, CodeChain, "%s: backing file %q is an image higher up the same chain: the chain loops", link.Path, link.BackingName)
+			return chain, false
+		}
+		if len(chain) >= qcow2.MaxChainDepth {
+			next.Close()
+			r.violation(disk, link.Path, CodeChain, "disk %s: the chain has more than %d images", disk, qcow2.MaxChainDepth)
+			return chain, false
+		}
+		f, link = next, nextLink
+	}
+}
+
+// judgeImage judges one opened image. It returns done when the image is
+// the bottom of the chain, or else the opened backing file and its link;
+// (false, nil) when a refusal stops the walk.
+func (r *DomainReport) judgeImage(disk string, f *os.File, link *ChainLink, gate *qcow2.Gate, allowHeaderInRaw bool) (done bool, next *os.File, nextLink ChainLink) {
+	size, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		r.violation(disk, link.Path, CodeSourceUnreadable, "size of %s: %v", link.Path, err)
+		return false, nil, ChainLink{}
+	}
+	if link.Format == "raw" {
+		head := make([]byte, qcow2.DetectSize)
+		n, err := f.ReadAt(head, 0)
+		if err != nil && err != io.EOF {
+			r.violation(disk, link.Path, CodeSourceUnreadable, "reading %s: %v", link.Path, err)
+			return false, nil, ChainLink{}
+		}
+		if found := qcow2.DetectImageHeader(head[:n]); found != "" {
+			report := r.violation
+			if allowHeaderInRaw {
+				report = r.warning
+			}
+			report(disk, link.Path, CodeHeaderInRaw,
+				"%s is used as raw but starts with a %s header: the disk's <driver type> is missing (libvirt then assumes raw) or wrong, or the guest wrote the header; any tool that guesses formats would misread it",
+				link.Path, found)
+		}
+		return true, nil, ChainLink{}
+	}
+	h, err := qcow2.ReadHeader(f, size)
+	if h == nil || err != nil {
+		if err != nil && !qcow2.IsRefusal(err) {
+			r.violation(disk, link.Path, CodeSourceUnreadable, "reading the header of %s: %v", link.Path, err)
+		} else {
+			r.fieldViolations(disk, link.Path, err)
+		}
+		if h != nil {
+			link.BackingName = h.BackingFile
+		}
+		return false, nil, ChainLink{}
+	}
+	link.BackingName = h.BackingFile
+	if !h.HasBacking() {
+		return true, nil, ChainLink{}
+	}
+	bf, resolved, err := gate.Open(link.Path, h.BackingFile)
+	if err != nil {
+		if qcow2.IsRefusal(err) {
+			r.fieldViolations(disk, link.Path, err)
+		} else {
+			r.violation(disk, link.Path, CodeSourceUnreadable, "%s: %v", link.Path, err)
+		}
+		return false, nil, ChainLink{}
+	}
+	nextPath := h.BackingFile
+	if !filepath.IsAbs(nextPath) {
+		nextPath = filepath.Join(filepath.Dir(link.Path), nextPath)
+	}
+	return false, bf, ChainLink{Path: nextPath, Resolved: resolved, Format: h.BackingFormat}
+}
+
+// openTopImage opens a disk's own image read-only: a regular file or a
+// block device, never a FIFO (O_NONBLOCK keeps one from hanging the open).
+func openTopImage(path string) (*os.File, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	f := os.NewFile(uintptr(fd), path)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		f.Close()
+		return nil, &os.PathError{Op: "stat", Path: path, Err: err}
+	}
+	if t := st.Mode & unix.S_IFMT; t != unix.S_IFREG && t != unix.S_IFBLK {
+		f.Close()
+		return nil, fmt.Errorf("%s: only regular files and block devices can be disk images", path)
+	}
+	return f, nil
+}
+
+// compareBackingStore checks the XML's explicit chain against the one the
+// headers record: each level's path and format must match, an empty
+// <backingStore/> must be where the recorded chain ends, and a level
+// without <format> would make libvirt probe.
+func (r *DomainReport) compareBackingStore(disk string, chain []ChainLink, complete bool, bs *backingStoreXML) {
+	for level := 1; bs != nil; level, bs = level+1, bs.BackingStore {
+		if bs.empty() {
+			if level < len(chain) {
+				r.violation(disk, chain[level-1].Path, CodeBackingStoreMismatch,
+					"disk %s: the XML says %s has no backing file, but its header records %q (%s)",
+					disk, chain[level-1].Path, chain[level].Path, chain[level].Format)
+			}
+			return
+		}
+		xmlPath := bs.Source.path()
+		var xmlFormat string
+		if bs.Format != nil {
+			xmlFormat = bs.Format.Type
+		}
+		if xmlFormat == "" {
+			r.violation(disk, xmlPath, CodeBackingStoreFormat,
+				"disk %s: <backingStore> level %d (%q) has no <format type>: libvirt would guess it", disk, level, xmlPath)
+		}
+		if level >= len(chain) {
+			if !complete {
+				return // the walk stopped earlier; that is already reported
+			}
+			r.violation(disk, xmlPath, CodeBackingStoreMismatch,
+				"disk %s: the XML names backing %q at level %d, but the headers record a chain of %d image(s)", disk, xmlPath, level, len(chain))
+			return
+		}
+		got := chain[level]
+		if bs.Type != "file" && bs.Type != "block" || !samePath(xmlPath, got) {
+			r.violation(disk, xmlPath, CodeBackingStoreMismatch,
+				"disk %s: the XML names backing %q (type %q) at level %d, but %s records %q",
+				disk, xmlPath, bs.Type, level, chain[level-1].Path, got.Path)
+		}
+		if xmlFormat != "" && xmlFormat != got.Format {
+			r.violation(disk, xmlPath, CodeBackingStoreMismatch,
+				"disk %s: the XML gives backing %q format %q, but %s records format %q",
+				disk, xmlPath, xmlFormat, chain[level-1].Path, got.Format)
+		}
+	}
+}
+
+// samePath reports whether the XML's path names the recorded backing:
+// equal as written, or the same file once symlinks are resolved.
+func samePath(xmlPath string, link ChainLink) bool {
+	if xmlPath == "" {
+		return false
+	}
+	if filepath.Clean(xmlPath) == filepath.Clean(link.Path) {
+		return true
+	}
+	real, err := filepath.EvalSymlinks(xmlPath)
+	return err == nil && link.Resolved != "" && real == link.Resolved
+}
+
+// Lines returns one line per violation, for the hook's stderr (libvirt
+// shows it in the error of `virsh start`).
+func (r *DomainReport) Lines() []string {
+	var out []string
+	for _, v := range r.Violations {
+		out = append(out, fmt.Sprintf("domain %q disk %s: [%s] %s", r.Domain, v.Disk, v.Code, v.Message))
+	}
+	return out
+}
+
+// ConfigManagesPath reports whether path is, by its name alone, a device
+// or file of one of cfg's pools, and which: /dev/VG/* and /dev/mapper/VG-*
+// for LVM pools, files under the directory of loop pools, and loop devices
+// whose backing file is under a loop pool's directory or, for LVM pools
+// with loop activation, a block device (an LV mapped by loop). It touches
+// only sysfs; the hook uses it when the daemon cannot be asked.
+func ConfigManagesPath(cfg *Config, path string) (pool string, ok bool) {
+	if cfg == nil || path == "" {
+		return "", false
+	}
+	candidates := []string{filepath.Clean(path)}
+	if real, err := filepath.EvalSymlinks(path); err == nil && real != candidates[0] {
+		candidates = append(candidates, real)
+	}
+	loopBacking := ""
+	for _, c := range candidates {
+		if b := loopBackingFile(c); b != "" {
+			loopBacking = b
+		}
+	}
+	for _, pc := range cfg.Pools {
+		for _, c := range candidates {
+			switch pc.Type {
+			case PoolLVM:
+				vg := pc.VolumeGroup
+				dmPrefix := "/dev/mapper/" + strings.ReplaceAll(vg, "-", "--") + "-"
+				if strings.HasPrefix(c, "/dev/"+vg+"/") || (strings.HasPrefix(c, dmPrefix) && !strings.HasPrefix(c[len(dmPrefix):], "-")) {
+					return pc.Name, true
+				}
+			case PoolLoop:
+				if strings.HasPrefix(c, pc.Directory+"/") {
+					return pc.Name, true
+				}
+			}
+		}
+		if loopBacking == "" {
+			continue
+		}
+		switch {
+		case pc.Type == PoolLoop && strings.HasPrefix(loopBacking, pc.Directory+"/"):
+			return pc.Name, true
+		case pc.Type == PoolLVM && pc.Activation == "loop" && isBlockDevice(loopBacking):
+			return pc.Name, true
+		}
+	}
+	return "", false
+}
+
+// loopBackingFile is the backing file of /dev/loopN, from sysfs; "" if
+// path is not an attached loop device.
+func loopBackingFile(path string) string {
+	base := filepath.Base(path)
+	if filepath.Dir(path) != "/dev" || !strings.HasPrefix(base, "loop") {
+		return ""
+	}
+	b, err := os.ReadFile(filepath.Join("/sys/block", base, "loop", "backing_file"))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
+}
+
+func isBlockDevice(path string) bool {
+	var st unix.Stat_t
+	return unix.Stat(path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK
+}
+
+// DomainPolicyOptions returns the options the Manager's pools imply: every
+// pool's backing roots, and every managed volume's device and backing
+// path as managed devices.
+func (m *Manager) DomainPolicyOptions() DomainPolicyOptions {
+	var opts DomainPolicyOptions
+	for _, pc := range m.cfg.Pools {
+		opts.AllowedRoots = append(opts.AllowedRoots, pc.BackingRoots...)
+	}
+	m.mu.Lock()
+	for _, v := range m.volumes {
+		if v.info.DevicePath != "" {
+			opts.ManagedDevices = append(opts.ManagedDevices, v.info.DevicePath)
+		}
+		if v.backingPath != "" && v.backingPath != v.info.DevicePath {
+			opts.ManagedDevices = append(opts.ManagedDevices, v.backingPath)
+		}
+	}
+	m.mu.Unlock()
+	sort.Strings(opts.ManagedDevices)
+	return opts
+}
+
+// CheckDomain is the daemon side of the qemu hook (D-Bus
+// Manager.CheckDomain) and of the audit of running domains: it judges the
+// domain with the Manager's pools, and decides whether it may start. A
+// domain with violations is refused when any configured pool enforces the
+// policy (or none is configured); when every pool is in audit mode it is
+// allowed, and each violation is logged and sent as EventPolicyViolation
+// either way. The error wraps ErrInvalidArgument for XML that cannot be
+// parsed.
+func (m *Manager) CheckDomain(ctx context.Context, domain []byte) (allowed bool, report *DomainReport, err error) {
+	if err := ctx.Err(); err != nil {
+		return false, nil, fmt.Errorf("%w: %v", ErrCancelled, err)
+	}
+	report, err = CheckDomain(domain, m.DomainPolicyOptions())
+	if err != nil {
+		return false, nil, err
+	}
+	m.SignalDomainViolations(report)
+	return report.Allowed() || !m.enforcesDomainPolicy(), report, nil
+}
+
+// SignalDomainViolations logs each violation of report and sends it as
+// EventPolicyViolation (subject "domain NAME disk TARGET").
+func (m *Manager) SignalDomainViolations(report *DomainReport) {
+	for _, v := range report.Violations {
+		subject := fmt.Sprintf("domain %s disk %s", report.Domain, v.Disk)
+		m.log.Warn("domain policy violation", "domain", report.Domain, "disk", v.Disk, "image", v.Image, "code", v.Code, "violation", v.Message)
+		m.emit(Event{Kind: EventPolicyViolation, Violation: &Violation{Subject: subject, Code: v.Code, Message: v.Message}})
+	}
+}
+
+func (m *Manager) enforcesDomainPolicy() bool {
+	if len(m.cfg.Pools) == 0 {
+		return true
+	}
+	for _, pc := range m.cfg.Pools {
+		if pc.Policy != PolicyAudit {
+			return true
+		}
+	}
+	return false
+}
