@@ -32,7 +32,8 @@ grep -v 'running with root privileges' dist/lintian.log >&2 || true
 [ "$lintian_status" -eq 0 ] || fail "lintian reports errors (exit $lintian_status)"
 
 step "rpm contents, requirements and scripts"
-expected_rpm_files="/etc/volagent/volagent.toml
+expected_rpm_files="/etc/libvirt/hooks/qemu.d/volagent
+/etc/volagent/volagent.toml
 /usr/bin/volagent
 /usr/lib/systemd/system/volagent.service
 /usr/share/dbus-1/interfaces/org.volagent.VolAgent1.xml
@@ -48,7 +49,9 @@ actual_rpm_files=$(rpm -qlp "$rpm" 2>/dev/null | sort)
 	fail "rpm files differ from the expected list:
 $(diff <(echo "$expected_rpm_files") <(echo "$actual_rpm_files") || true)"
 [ "$(rpm -qp --queryformat '%{VERSION}' "$rpm" 2>/dev/null)" = "$version" ] || fail "rpm version is not $version"
-[ "$(rpm -qp --configfiles "$rpm" 2>/dev/null)" = "/etc/volagent/volagent.toml" ] || fail "rpm config files"
+expected_config="/etc/libvirt/hooks/qemu.d/volagent
+/etc/volagent/volagent.toml"
+[ "$(rpm -qp --configfiles "$rpm" 2>/dev/null | sort)" = "$expected_config" ] || fail "rpm config files"
 requires=$(rpm -qp --requires "$rpm" 2>/dev/null)
 for need in lvm2 dbus 'libc.so.6()(64bit)'; do
 	grep -qxF "$need" <<<"$requires" || fail "rpm does not require $need (requires: $requires)"
@@ -68,7 +71,7 @@ depends=$(dpkg-deb -f "$deb" Depends)
 for need in lvm2 dbus libc6; do
 	grep -q "\b$need\b" <<<"$depends" || fail "deb does not depend on $need ($depends)"
 done
-[ "$(dpkg-deb -I "$deb" conffiles)" = "/etc/volagent/volagent.toml" ] || fail "deb conffiles"
+[ "$(dpkg-deb -I "$deb" conffiles | sort)" = "$expected_config" ] || fail "deb conffiles: $(dpkg-deb -I "$deb" conffiles)"
 
 work=$(mktemp -d /var/tmp/volagent-pkgtest.XXXXXX)
 daemon_pid= bus_pid=
@@ -87,6 +90,9 @@ trap cleanup EXIT
 step "dpkg -i"
 dpkg -i "$deb" >/dev/null
 [ "$(/usr/bin/volagent --version)" = "volagent version $version" ] || fail "installed binary's --version"
+[ -x /etc/libvirt/hooks/qemu.d/volagent ] || fail "the libvirt hook is not installed executable"
+echo '<domain><name>x</name></domain>' | /etc/libvirt/hooks/qemu.d/volagent x release end - ||
+	fail "the installed hook fails on a step it should ignore"
 getent group volagent >/dev/null || fail "postinst did not create the volagent group"
 installed_files=$(dpkg -L volagent)
 
@@ -168,5 +174,6 @@ while IFS= read -r path; do
 done <<<"$installed_files"
 [ -z "$left" ] || fail "left behind after purge:$left"
 [ ! -e /etc/volagent ] || fail "/etc/volagent left behind after purge"
+[ ! -e /etc/libvirt/hooks/qemu.d/volagent ] || fail "the libvirt hook was left behind after purge"
 [ ! -e /var/lib/volagent ] || fail "/var/lib/volagent left behind after purge"
 step "ok"
