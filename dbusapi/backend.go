@@ -40,6 +40,10 @@ type Backend interface {
 	Inspect(ctx context.Context, r io.ReaderAt, size int64, name, format string) (*qcow2.Report, error)
 	Rescan(ctx context.Context) error
 	CancelJob(c backend.Caller, id uint64) error
+	// CheckDomain judges a libvirt domain's XML against the no-probing
+	// policy (the qemu hook's question). It reads the header of every
+	// image the XML names, so the adapter lets only root call it.
+	CheckDomain(ctx context.Context, domainXML []byte) (allowed bool, report *backend.DomainReport, err error)
 
 	Subscribe() (<-chan backend.Event, func())
 }

@@ -308,3 +308,19 @@ func (f *fakeBackend) mutatingCalls() int {
 	defer f.mu.Unlock()
 	return f.mutating
 }
+
+// CheckDomain judges with the real policy, with no backing roots, and
+// counts as a mutating call (so refused callers can be shown not to
+// reach it).
+func (f *fakeBackend) CheckDomain(_ context.Context, domainXML []byte) (bool, *backend.DomainReport, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.begin(); err != nil {
+		return false, nil, err
+	}
+	rep, err := backend.CheckDomain(domainXML, backend.DomainPolicyOptions{})
+	if err != nil {
+		return false, nil, err
+	}
+	return rep.Allowed(), rep, nil
+}

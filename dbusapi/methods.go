@@ -23,6 +23,7 @@ func (o object) apiMethods() methodTable {
 		add("Import", o.importImage)
 		add("Inspect", o.inspect)
 		add("Rescan", o.rescan)
+		add("CheckDomain", o.checkDomain)
 	case kindVolume:
 		add("Delete", o.deleteVolume)
 		add("Resize", o.resizeVolume)
@@ -388,4 +389,39 @@ func (o object) cancelJob(c *call, args []any) ([]any, *dbus.Error) {
 	}
 	o.s.log.Info("cancelled job", "job", o.jobID(), "uid", caller.UID)
 	return nil, nil
+}
+
+// maxDomainXML bounds CheckDomain's domain_xml (real ones are a few KiB;
+// the backend has the same bound).
+const maxDomainXML = 16 << 20
+
+// checkDomain is root only, whatever the Authorizer says: it opens and
+// reads the header of every path the XML names, which no other caller may
+// make the daemon do (the volagent group included).
+func (o object) checkDomain(c *call, args []any) ([]any, *dbus.Error) {
+	domainXML := args[0].(string)
+	if _, derr := parseOptions("CheckDomain", args[1].(map[string]dbus.Variant)); derr != nil {
+		return nil, derr
+	}
+	s := o.s
+	uid, err := callerUID(s.ctx, c.conn, c.sender)
+	if err != nil {
+		return nil, failed("CheckDomain: cannot identify the caller %s: %v", c.sender, err)
+	}
+	if uid != 0 {
+		s.log.Warn("refused a call", "method", "CheckDomain", "sender", c.sender, "uid", uid)
+		return nil, notAuthorized("CheckDomain: UID %d may not call it: only root may (it reads the headers of every image the domain XML names)", uid)
+	}
+	if len(domainXML) > maxDomainXML {
+		return nil, invalidArgument("CheckDomain: domain_xml is %d bytes; at most %d", len(domainXML), maxDomainXML)
+	}
+	allowed, rep, err := s.backend.CheckDomain(s.ctx, []byte(domainXML))
+	if err != nil {
+		return nil, toDBusError(err)
+	}
+	out, err := json.Marshal(rep)
+	if err != nil {
+		return nil, failed("CheckDomain: encoding the report: %v", err)
+	}
+	return []any{allowed, string(out)}, nil
 }

@@ -8,7 +8,9 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/godbus/dbus/v5"
 	"github.com/spf13/cobra"
@@ -16,6 +18,7 @@ import (
 	"github.com/volagent/volagent/backend"
 	"github.com/volagent/volagent/dbusapi"
 	"github.com/volagent/volagent/systemd"
+	"github.com/volagent/volagent/virt"
 )
 
 // defaultConfigPath is where serve reads its configuration.
@@ -25,6 +28,12 @@ type serveOptions struct {
 	config     string
 	busAddress string
 	debug      bool
+	// libvirtURI enables the libvirt integration ("" leaves it off).
+	// TODO: move to a [libvirt] table of the configuration file (uri,
+	// request_dir, reconcile_interval) once backend.Config has one.
+	libvirtURI        string
+	requestDir        string
+	reconcileInterval time.Duration
 }
 
 func init() { rootCmd.AddCommand(newServeCmd()) }
@@ -45,6 +54,14 @@ WatchdogSec= is set, and logs to the journal with structured fields
 (otherwise to standard error). SIGTERM or SIGINT stop it gracefully:
 running jobs are cancelled and their half-made volumes removed.
 
+With --libvirt-uri (e.g. qemu:///system) it also connects to libvirt, and
+reconnects whenever libvirtd restarts: it audits running domains against
+the no-probing policy (hot-plugged disks included), defines for each pool a
+libvirt "dir" pool of the same name on --request-dir/POOL whose
+"virsh vol-create" requests it materializes as overlays (and whose
+"virsh vol-delete" deletes them), and grows the overlays running domains
+write to (block thresholds, and ENOSPC pauses).
+
 Exit status: 0 after a clean stop, 2 when it cannot start (the message
 names the configuration key at fault) or loses the bus.`,
 		Args: cobra.NoArgs,
@@ -56,6 +73,9 @@ names the configuration key at fault) or loses the bus.`,
 	f.StringVar(&opts.config, "config", defaultConfigPath, "configuration file")
 	f.StringVar(&opts.busAddress, "bus-address", "", "D-Bus address to serve on (default: the system bus)")
 	f.BoolVar(&opts.debug, "debug", false, "log debug messages")
+	f.StringVar(&opts.libvirtURI, "libvirt-uri", "", "libvirt connection URI, e.g. qemu:///system (default: no libvirt integration)")
+	f.StringVar(&opts.requestDir, "request-dir", virt.DefaultRequestDir, "directory of the libvirt request pools, one subdirectory per pool (with --libvirt-uri)")
+	f.DurationVar(&opts.reconcileInterval, "reconcile-interval", 30*time.Second, "how often the request pools are rescanned (with --libvirt-uri)")
 	return cmd
 }
 
@@ -127,6 +147,16 @@ func runServe(opts serveOptions) error {
 		return fmt.Errorf("bus name %s is already owned by another process: is another volagent serve running?", dbusapi.BusName)
 	}
 
+	// After the name is owned: the qemu hook, which libvirt runs when a
+	// domain starts, asks this daemon.
+	stopLibvirt := func() {}
+	if opts.libvirtURI != "" {
+		if stopLibvirt, err = startLibvirt(mgr, cfg, opts, log); err != nil {
+			return err
+		}
+		defer stopLibvirt()
+	}
+
 	pools, volumes := mgr.Pools(), mgr.Volumes()
 	status := fmt.Sprintf("serving %d of %d pool(s), %d volume(s)", len(pools), len(cfg.Pools), len(volumes))
 	if err := systemd.Ready(status); err != nil {
@@ -151,6 +181,8 @@ func runServe(opts serveOptions) error {
 	}
 
 	systemd.Stopping("stopping: cancelling jobs")
+	// Before the Manager closes: nothing may call it afterwards.
+	stopLibvirt()
 	// Jobs are cancelled while the daemon still owns its name, so that
 	// clients watching them (matching on the name) see Completed(false).
 	if err := mgr.Close(); err != nil {
@@ -164,4 +196,44 @@ func runServe(opts serveOptions) error {
 	}
 	log.Info("stopped")
 	return lost
+}
+
+// startLibvirt connects to libvirt (in the background, reconnecting after
+// every libvirtd restart) with the domain auditor, the request pools and
+// the thin-provisioning controller, and returns what stops them all
+// (idempotent).
+func startLibvirt(mgr *backend.Manager, cfg *backend.Config, opts serveOptions, log *slog.Logger) (func(), error) {
+	var pools []string
+	for _, p := range mgr.Pools() {
+		pools = append(pools, p.Name)
+	}
+	if len(pools) < len(cfg.Pools) {
+		log.Warn("request pools only for the pools that loaded", "loaded", len(pools), "configured", len(cfg.Pools))
+	}
+	vlog := log.With("component", "libvirt")
+	auditor := virt.NewAuditor(mgr, vlog, nil)
+	requests := virt.NewRequestWatcher(mgr, virt.RequestWatcherOptions{Pools: pools, BaseDir: opts.requestDir, ReconcileInterval: opts.reconcileInterval, Logger: vlog})
+	thin := virt.NewThinController(mgr, vlog)
+	if err := requests.Start(); err != nil {
+		return nil, fmt.Errorf("libvirt request pools: %w", err)
+	}
+	handlers := thin.Handlers(requests.Handlers(auditor.Handlers(virt.Handlers{})))
+	conn, err := virt.Dial(virt.Options{URI: opts.libvirtURI, Logger: vlog}, handlers)
+	if err != nil {
+		requests.Close()
+		return nil, fmt.Errorf("libvirt %s: %w", opts.libvirtURI, err)
+	}
+	auditor.Bind(conn)
+	requests.Bind(conn)
+	thin.Bind(conn)
+	log.Info("libvirt integration started", "uri", opts.libvirtURI, "request_dir", opts.requestDir, "pools", pools)
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			// The watcher first: it calls libvirt through conn.
+			requests.Close()
+			conn.Close()
+			log.Info("libvirt integration stopped")
+		})
+	}, nil
 }

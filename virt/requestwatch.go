@@ -1,0 +1,536 @@
+package virt
+
+// The request watcher turns `virsh vol-create` on a request pool into a
+// volagent overlay, and `virsh vol-delete` of the result into a Delete.
+//
+// Nothing is missed across restarts: the directories are watched with
+// inotify, libvirt's pool refresh events and every (re)connection trigger
+// a scan, a periodic scan catches the rest, and processing is idempotent
+// (a request whose overlay exists already is only linked). Deletions are
+// the exception, on purpose: a link removed while volagent was not
+// watching leaves its volume in place (listed on D-Bus), since volagent
+// never deletes a volume on inference.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+	"golang.org/x/sys/unix"
+	"libvirt.org/go/libvirt"
+
+	"github.com/volagent/volagent/backend"
+)
+
+// DefaultRequestDir is where request pools live, one directory per pool.
+const DefaultRequestDir = "/var/lib/volagent/requests"
+
+// Suffixes of what a refused request leaves behind.
+const (
+	RefusedSuffix = ".refused"
+	ReasonSuffix  = ".refused.reason"
+	// tempPrefix marks the watcher's own temporary files.
+	tempPrefix = ".volagent-"
+)
+
+// RequestWatcherOptions configure a RequestWatcher.
+type RequestWatcherOptions struct {
+	// Pools are the volagent pools that get a request pool (a libvirt dir
+	// pool of the same name on BaseDir/NAME).
+	Pools []string
+	// BaseDir is DefaultRequestDir when empty.
+	BaseDir string
+	// ReconcileInterval is how often every directory is rescanned;
+	// default 30 s.
+	ReconcileInterval time.Duration
+	// Settle is how long a request file must be left alone (no inotify
+	// event, nobody holding it open) before it is read; default 300 ms.
+	Settle time.Duration
+	Logger *slog.Logger
+}
+
+// RequestWatcher materializes request files as overlays. Handlers and
+// Bind wire it to a Conn; Start begins watching; Close stops.
+type RequestWatcher struct {
+	vols Volumes
+	opts RequestWatcherOptions
+	log  *slog.Logger
+
+	mu   sync.Mutex
+	conn *Conn
+
+	kick chan string // a pool to rescan ("" for all)
+	stop context.CancelFunc
+	done chan struct{}
+
+	// Owned by the run goroutine.
+	links   map[string]map[string]string // pool -> link name -> volume ID
+	pending map[string]time.Time         // request path -> when to read it
+}
+
+// NewRequestWatcher makes a watcher for opts.Pools.
+func NewRequestWatcher(vols Volumes, opts RequestWatcherOptions) *RequestWatcher {
+	if opts.BaseDir == "" {
+		opts.BaseDir = DefaultRequestDir
+	}
+	if opts.ReconcileInterval <= 0 {
+		opts.ReconcileInterval = 30 * time.Second
+	}
+	if opts.Settle <= 0 {
+		opts.Settle = 300 * time.Millisecond
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	return &RequestWatcher{vols: vols, opts: opts, log: log, kick: make(chan string, 64),
+		links: map[string]map[string]string{}, pending: map[string]time.Time{}}
+}
+
+// Dir is the request directory of a pool.
+func (w *RequestWatcher) Dir(pool string) string { return filepath.Join(w.opts.BaseDir, pool) }
+
+// Handlers returns h with the watcher's handlers added (chained after
+// h's): every (re)connection makes sure the libvirt pools exist and
+// rescans; a pool refresh rescans that pool.
+func (w *RequestWatcher) Handlers(h Handlers) Handlers {
+	connected, refresh := h.Connected, h.PoolRefresh
+	h.Connected = func(conn *libvirt.Connect, gen uint64) {
+		if connected != nil {
+			connected(conn, gen)
+		}
+		w.ensurePools(conn)
+		// What was linked while disconnected is not in libvirt's view yet.
+		for _, pool := range w.opts.Pools {
+			if p, err := conn.LookupStoragePoolByName(pool); err == nil {
+				_ = p.Refresh(0)
+				p.Free()
+			}
+		}
+		w.trigger("")
+	}
+	h.PoolRefresh = func(pool string) {
+		if refresh != nil {
+			refresh(pool)
+		}
+		w.trigger(pool)
+	}
+	return h
+}
+
+// Bind tells the watcher which connection to refresh pools and look
+// domains up on.
+func (w *RequestWatcher) Bind(c *Conn) {
+	w.mu.Lock()
+	w.conn = c
+	w.mu.Unlock()
+}
+
+func (w *RequestWatcher) trigger(pool string) {
+	select {
+	case w.kick <- pool:
+	default: // a scan is queued already
+	}
+}
+
+func (w *RequestWatcher) ensurePools(conn *libvirt.Connect) {
+	for _, pool := range w.opts.Pools {
+		if err := EnsureRequestPool(conn, pool, w.Dir(pool)); err != nil {
+			w.log.Error("request pool not available in libvirt", "pool", pool, "dir", w.Dir(pool), "err", err)
+		}
+	}
+}
+
+// Start creates the directories, learns the links already there, starts
+// watching and runs a first scan (which picks up requests made while
+// volagent was not running).
+func (w *RequestWatcher) Start() error {
+	fsw, err := fsnotify.NewWatcher()
+	if err != nil {
+		return fmt.Errorf("request watcher: inotify: %w", err)
+	}
+	for _, pool := range w.opts.Pools {
+		dir := w.Dir(pool)
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			fsw.Close()
+			return fmt.Errorf("request pool %q: directory %q: %w", pool, dir, err)
+		}
+		if err := fsw.Add(dir); err != nil {
+			fsw.Close()
+			return fmt.Errorf("request pool %q: watching %q: %w", pool, dir, err)
+		}
+		w.links[pool] = map[string]string{}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	w.stop, w.done = cancel, make(chan struct{})
+	w.scanAll(ctx)
+	go w.run(ctx, fsw)
+	return nil
+}
+
+// Close stops watching; a request being processed is finished first.
+func (w *RequestWatcher) Close() error {
+	if w.stop == nil {
+		return nil
+	}
+	w.stop()
+	<-w.done
+	return nil
+}
+
+func (w *RequestWatcher) run(ctx context.Context, fsw *fsnotify.Watcher) {
+	defer close(w.done)
+	defer fsw.Close()
+	reconcile := time.NewTicker(w.opts.ReconcileInterval)
+	defer reconcile.Stop()
+	settle := time.NewTicker(w.opts.Settle / 3)
+	defer settle.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-fsw.Events:
+			if !ok {
+				return
+			}
+			w.onEvent(ctx, ev)
+		case err, ok := <-fsw.Errors:
+			if !ok {
+				return
+			}
+			// An overflow loses events: rescan everything.
+			w.log.Warn("inotify error; rescanning the request pools", "err", err)
+			w.scanAll(ctx)
+		case pool := <-w.kick:
+			if pool == "" {
+				w.scanAll(ctx)
+			} else if _, ours := w.links[pool]; ours {
+				w.scan(ctx, pool)
+			}
+		case <-reconcile.C:
+			w.scanAll(ctx)
+		case now := <-settle.C:
+			for path, due := range w.pending {
+				if now.After(due) {
+					delete(w.pending, path)
+					w.process(ctx, filepath.Base(filepath.Dir(path)), filepath.Base(path))
+				}
+			}
+		}
+	}
+}
+
+func ignoredName(name string) bool {
+	return strings.HasPrefix(name, ".") || strings.HasSuffix(name, RefusedSuffix) || strings.HasSuffix(name, ReasonSuffix)
+}
+
+func (w *RequestWatcher) onEvent(ctx context.Context, ev fsnotify.Event) {
+	pool, name := filepath.Base(filepath.Dir(ev.Name)), filepath.Base(ev.Name)
+	if _, ours := w.links[pool]; !ours || filepath.Dir(ev.Name) != w.Dir(pool) || ignoredName(name) {
+		return
+	}
+	switch {
+	case ev.Has(fsnotify.Remove):
+		if id, linked := w.links[pool][name]; linked {
+			if _, err := os.Lstat(ev.Name); errors.Is(err, os.ErrNotExist) {
+				w.linkRemoved(ctx, pool, name, id)
+			}
+		}
+	case ev.Has(fsnotify.Rename):
+		if id, linked := w.links[pool][name]; linked {
+			w.log.Warn("a volume's link in a request pool was renamed; the volume stays", "pool", pool, "link", name, "volume", id)
+			delete(w.links[pool], name)
+		}
+	case ev.Has(fsnotify.Create), ev.Has(fsnotify.Write), ev.Has(fsnotify.Chmod):
+		w.pending[ev.Name] = time.Now().Add(w.opts.Settle)
+	}
+}
+
+func (w *RequestWatcher) scanAll(ctx context.Context) {
+	for _, pool := range w.opts.Pools {
+		w.scan(ctx, pool)
+	}
+}
+
+// scan processes every entry of a pool's directory now.
+func (w *RequestWatcher) scan(ctx context.Context, pool string) {
+	entries, err := os.ReadDir(w.Dir(pool))
+	if err != nil {
+		w.log.Error("cannot read a request pool's directory", "pool", pool, "err", err)
+		return
+	}
+	for _, e := range entries {
+		if !ignoredName(e.Name()) {
+			w.process(ctx, pool, e.Name())
+		}
+	}
+}
+
+// process handles one entry: a link is learnt (and re-pointed if its
+// volume's device changed), a request is materialized or refused.
+func (w *RequestWatcher) process(ctx context.Context, pool, name string) {
+	path := filepath.Join(w.Dir(pool), name)
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return // gone already
+	}
+	switch {
+	case fi.Mode()&os.ModeSymlink != 0:
+		w.adoptLink(pool, name, path)
+	case fi.Mode().IsRegular():
+		if openElsewhere(path) {
+			// libvirt (qemu-img) is still writing it.
+			w.pending[path] = time.Now().Add(w.opts.Settle)
+			return
+		}
+		w.materialize(ctx, pool, name, path)
+	}
+}
+
+// openElsewhere reports whether another process has the file open: a
+// write lease can only be taken on a file nobody else has open.
+func openElsewhere(path string) bool {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETLEASE, unix.F_WRLCK); err != nil {
+		return errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EBUSY)
+	}
+	_, _ = unix.FcntlInt(uintptr(fd), unix.F_SETLEASE, unix.F_UNLCK)
+	return false
+}
+
+// volumeName is the volagent volume name of a request or link name.
+func volumeName(name string) string { return strings.TrimSuffix(name, ".qcow2") }
+
+func (w *RequestWatcher) materialize(ctx context.Context, pool, name, path string) {
+	log := w.log.With("pool", pool, "request", path)
+	settings, err := w.vols.PoolSettings(pool)
+	if err != nil {
+		log.Error("request pool's volagent pool is not loaded; request left in place", "err", err)
+		return
+	}
+	req, err := ReadOverlayRequest(path, pool, settings.BackingRoots)
+	if err != nil {
+		if errors.Is(err, backend.ErrFailed) {
+			log.Warn("request cannot be read now; retried at the next scan", "err", err)
+			return
+		}
+		w.refuse(pool, name, path, err)
+		return
+	}
+	id := backend.VolumeID(pool, req.Name)
+	v, err := w.vols.Volume(id)
+	if err == nil {
+		// Made by an earlier run that stopped before linking, or a name
+		// taken by a volume with another backing.
+		if v.BackingName != filepath.Clean(req.BackingPath) || v.BackingFormat != req.BackingFormat {
+			w.refuse(pool, name, path, fmt.Errorf("%w: pool %q already has a volume named %q, over %q (%s), not over %q (%s)",
+				backend.ErrInvalidArgument, pool, req.Name, v.BackingName, v.BackingFormat, req.BackingPath, req.BackingFormat))
+			return
+		}
+	} else {
+		v, err = w.vols.CreateOverlay(ctx, backend.Caller{UID: 0}, req)
+		if err != nil {
+			if errors.Is(err, backend.ErrFailed) || errors.Is(err, backend.ErrBusy) || errors.Is(err, backend.ErrCancelled) {
+				log.Error("materializing a request failed; retried at the next scan", "err", err)
+				return
+			}
+			w.refuse(pool, name, path, err)
+			return
+		}
+	}
+	if err := w.link(pool, name, v); err != nil {
+		log.Error("overlay made, but the request could not be replaced by a link; retried at the next scan", "volume", v.ID, "err", err)
+		return
+	}
+	log.Info("request materialized", "volume", v.ID, "device", v.DevicePath, "backing", v.BackingName, "backing_format", v.BackingFormat)
+	w.refreshPool(pool)
+}
+
+// link atomically replaces the entry name by a symlink to the volume's
+// device, so libvirt lists the real volume.
+func (w *RequestWatcher) link(pool, name string, v backend.VolumeInfo) error {
+	if v.DevicePath == "" {
+		return fmt.Errorf("volume %q has no device", v.ID)
+	}
+	path := filepath.Join(w.Dir(pool), name)
+	tmp := filepath.Join(w.Dir(pool), tempPrefix+"link-"+name)
+	_ = os.Remove(tmp)
+	if err := os.Symlink(v.DevicePath, tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		_ = os.Remove(tmp)
+		return err
+	}
+	w.links[pool][name] = v.ID
+	return nil
+}
+
+// adoptLink learns a link found in the directory, and re-points it when
+// its volume's device changed (loop devices are renumbered at boot).
+func (w *RequestWatcher) adoptLink(pool, name, path string) {
+	target, err := os.Readlink(path)
+	if err != nil {
+		return
+	}
+	v, ok := w.vols.VolumeByDevice(target)
+	if !ok || v.Pool != pool {
+		v, err = w.vols.Volume(backend.VolumeID(pool, volumeName(name)))
+		if err != nil {
+			if _, known := w.links[pool][name]; !known {
+				w.log.Debug("link in a request pool names no volume of the pool; left alone", "pool", pool, "link", path, "target", target)
+			}
+			delete(w.links[pool], name)
+			return
+		}
+	}
+	if target != v.DevicePath {
+		if err := w.link(pool, name, v); err != nil {
+			w.log.Error("cannot re-point a link to its volume's device", "pool", pool, "link", path, "device", v.DevicePath, "err", err)
+			return
+		}
+		w.log.Info("link re-pointed to its volume's device", "pool", pool, "link", path, "device", v.DevicePath)
+		w.refreshPool(pool)
+		return
+	}
+	w.links[pool][name] = v.ID
+}
+
+// refuse renames a request to NAME.refused with the reason beside it,
+// logs and signals it.
+func (w *RequestWatcher) refuse(pool, name, path string, cause error) {
+	refused := path + RefusedSuffix
+	reason := fmt.Sprintf("volagent refused the request %s at %s:\n%v\n", name, time.Now().UTC().Format(time.RFC3339), cause)
+	tmp := filepath.Join(w.Dir(pool), tempPrefix+"reason-"+name)
+	if err := os.WriteFile(tmp, []byte(reason), 0o644); err == nil {
+		if err := os.Rename(tmp, path+ReasonSuffix); err != nil {
+			_ = os.Remove(tmp)
+		}
+	}
+	if err := os.Rename(path, refused); err != nil {
+		w.log.Error("cannot rename a refused request", "pool", pool, "request", path, "err", err)
+	}
+	code := "request-refused"
+	switch {
+	case errors.Is(cause, backend.ErrPolicyViolation):
+		code = "request-policy-violation"
+	case errors.Is(cause, backend.ErrNotFound):
+		code = "request-not-found"
+	case errors.Is(cause, backend.ErrNoSpace):
+		code = "request-no-space"
+	case errors.Is(cause, backend.ErrInvalidArgument):
+		code = "request-invalid"
+	}
+	w.vols.SignalPolicyViolation(fmt.Sprintf("request %s/%s", pool, name), code, cause.Error())
+	w.log.Warn("request refused", "pool", pool, "request", path, "renamed_to", refused, "code", code, "reason", cause)
+	w.refreshPool(pool)
+}
+
+// linkRemoved handles `virsh vol-delete` (libvirt unlinked the link):
+// the volume is deleted, unless a domain uses it or the backend refuses,
+// in which case the link comes back and the refusal is signalled.
+func (w *RequestWatcher) linkRemoved(ctx context.Context, pool, name, id string) {
+	path := filepath.Join(w.Dir(pool), name)
+	v, err := w.vols.Volume(id)
+	if err != nil {
+		delete(w.links[pool], name)
+		return
+	}
+	refuse := func(why string) {
+		if err := w.link(pool, name, v); err != nil {
+			w.log.Error("cannot restore the link of a volume whose deletion was refused", "pool", pool, "link", path, "err", err)
+		}
+		w.vols.SignalPolicyViolation(fmt.Sprintf("volume %s/%s", pool, v.Name), "delete-refused", why)
+		w.log.Warn("vol-delete refused; link restored", "pool", pool, "volume", id, "reason", why)
+		w.refreshPool(pool)
+	}
+	users, err := w.domainsUsing(pool, name, path, v)
+	switch {
+	case err != nil:
+		refuse(fmt.Sprintf("volume %q cannot be deleted now: which domains use it cannot be told: %v", v.Name, err))
+		return
+	case len(users) > 0:
+		refuse(fmt.Sprintf("volume %q is used by domain(s) %s", v.Name, strings.Join(users, ", ")))
+		return
+	}
+	if err := w.vols.Delete(ctx, backend.Caller{UID: 0}, id); err != nil {
+		refuse(err.Error())
+		return
+	}
+	delete(w.links[pool], name)
+	w.log.Info("volume deleted by vol-delete", "pool", pool, "volume", id, "device", v.DevicePath)
+	w.refreshPool(pool)
+}
+
+// domainsUsing lists the domains (running or only defined) with a disk on
+// the volume: by its device, its link, or libvirt's pool and volume name.
+func (w *RequestWatcher) domainsUsing(pool, name, link string, v backend.VolumeInfo) ([]string, error) {
+	c := w.currentConn()
+	if c == nil {
+		return nil, ErrDisconnected
+	}
+	var users []string
+	err := c.Do(func(conn *libvirt.Connect) error {
+		doms, err := conn.ListAllDomains(0)
+		if err != nil {
+			return err
+		}
+		for i := range doms {
+			defer doms[i].Free()
+			xml, err := doms[i].GetXMLDesc(0)
+			if err != nil {
+				return err
+			}
+			domName, disks, err := parseDisks(xml)
+			if err != nil {
+				return err
+			}
+			for _, d := range disks {
+				if (d.Pool == pool && d.Volume == name) || d.Path == link || samePath(d.Path, v.DevicePath) {
+					users = append(users, domName)
+					break
+				}
+			}
+		}
+		return nil
+	})
+	return users, err
+}
+
+func (w *RequestWatcher) currentConn() *Conn {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.conn
+}
+
+// refreshPool makes libvirt re-read a request pool, so vol-list shows
+// what changed; while disconnected the next connection's scan does it.
+func (w *RequestWatcher) refreshPool(pool string) {
+	c := w.currentConn()
+	if c == nil {
+		return
+	}
+	err := c.Do(func(conn *libvirt.Connect) error {
+		p, err := conn.LookupStoragePoolByName(pool)
+		if err != nil {
+			return err
+		}
+		defer p.Free()
+		return p.Refresh(0)
+	})
+	if err != nil && !errors.Is(err, ErrDisconnected) {
+		w.log.Warn("refreshing a libvirt request pool failed", "pool", pool, "err", err)
+	}
+}

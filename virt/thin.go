@@ -1,0 +1,274 @@
+package virt
+
+// Thin provisioning of overlays used by running domains. An overlay's
+// device starts at its pool's initial size; qemu allocates clusters past
+// the end of what it has written, so the device must grow before qemu
+// writes past its end. For every disk of a running domain on a volagent
+// qcow2 volume, a block threshold (virDomainSetBlockThreshold, qemu's
+// write threshold on the host device node) is set half a chunk below the
+// device's end; when qemu's writes cross it, the BLOCK_THRESHOLD event
+// grows the device by the pool's chunk and the threshold is set again.
+//
+// qemu needs nothing more: a host_device node has a variable length, so
+// qemu re-reads the device size, and qcow2 allocates past the end it knew
+// without asking (no block_resize, which would change the guest size).
+//
+// If qemu outruns the growth, its write fails with ENOSPC; with the disk's
+// error policy (qemu's default werror=enospc, libvirt's error_policy
+// 'stop' or 'enospace') a guest write pauses the domain and qemu keeps the
+// request, so IO_ERROR_REASON "enospc" grows the device and resumes the
+// domain, and the request is retried: no guest write is lost. (Writes
+// made through the HMP qemu-io command bypass the guest device's error
+// policy: they fail instead of pausing.)
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+
+	"libvirt.org/go/libvirt"
+
+	"github.com/volagent/volagent/backend"
+	"github.com/volagent/volagent/hostblk"
+)
+
+// ThinController keeps the devices of volagent volumes ahead of the
+// writes of the domains that use them.
+type ThinController struct {
+	vols Volumes
+	log  *slog.Logger
+
+	mu   sync.Mutex
+	conn *Conn
+}
+
+// NewThinController makes a ThinController; log (optional) gets what it
+// does.
+func NewThinController(vols Volumes, log *slog.Logger) *ThinController {
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	return &ThinController{vols: vols, log: log}
+}
+
+// Bind tells the controller which connection domains are looked up on.
+func (t *ThinController) Bind(c *Conn) {
+	t.mu.Lock()
+	t.conn = c
+	t.mu.Unlock()
+}
+
+// Handlers returns h with the controller's handlers added (chained after
+// h's): thresholds are set on every running domain at each (re)connection
+// (qemu keeps them across a libvirtd restart, but one may have fired
+// unseen), when a domain starts or resumes and when a disk is hot-plugged.
+func (t *ThinController) Handlers(h Handlers) Handlers {
+	connected, lifecycle, added, crossed, ioerr := h.Connected, h.DomainLifecycle, h.DeviceAdded, h.BlockThreshold, h.IOError
+	h.Connected = func(conn *libvirt.Connect, gen uint64) {
+		if connected != nil {
+			connected(conn, gen)
+		}
+		doms, err := conn.ListAllDomains(libvirt.CONNECT_LIST_DOMAINS_ACTIVE)
+		if err != nil {
+			t.log.Warn("thin provisioning: listing running domains failed", "err", err)
+			return
+		}
+		for i := range doms {
+			t.arm(conn, &doms[i], "")
+			doms[i].Free()
+		}
+	}
+	h.DomainLifecycle = func(domain string, event libvirt.DomainEventType, detail int) {
+		if lifecycle != nil {
+			lifecycle(domain, event, detail)
+		}
+		if event == libvirt.DOMAIN_EVENT_STARTED || event == libvirt.DOMAIN_EVENT_RESUMED {
+			t.withDomain(domain, func(conn *libvirt.Connect, dom *libvirt.Domain) { t.arm(conn, dom, "") })
+		}
+	}
+	h.DeviceAdded = func(domain, alias string) {
+		if added != nil {
+			added(domain, alias)
+		}
+		t.withDomain(domain, func(conn *libvirt.Connect, dom *libvirt.Domain) { t.arm(conn, dom, "") })
+	}
+	h.BlockThreshold = func(domain, dev, path string, threshold, excess uint64) {
+		if crossed != nil {
+			crossed(domain, dev, path, threshold, excess)
+		}
+		t.onThreshold(domain, dev, path, threshold+excess)
+	}
+	h.IOError = func(domain, srcPath, devAlias string, action libvirt.DomainEventIOErrorAction, reason string) {
+		if ioerr != nil {
+			ioerr(domain, srcPath, devAlias, action, reason)
+		}
+		if reason == "enospc" {
+			t.onENOSPC(domain, srcPath)
+		}
+	}
+	return h
+}
+
+// ThresholdFor is where the threshold goes on a device of deviceSize
+// bytes growing by chunk: half a chunk below the end (so the growth has
+// the time qemu takes to write half a chunk), but never below half the
+// device.
+func ThresholdFor(deviceSize, chunk int64) int64 {
+	return max(deviceSize-chunk/2, deviceSize/2)
+}
+
+func (t *ThinController) withDomain(name string, fn func(*libvirt.Connect, *libvirt.Domain)) {
+	t.mu.Lock()
+	c := t.conn
+	t.mu.Unlock()
+	if c == nil {
+		return
+	}
+	err := c.Do(func(conn *libvirt.Connect) error {
+		dom, err := conn.LookupDomainByName(name)
+		if err != nil {
+			return err
+		}
+		defer dom.Free()
+		fn(conn, dom)
+		return nil
+	})
+	if err != nil {
+		t.log.Warn("thin provisioning: domain not reachable", "domain", name, "err", err)
+	}
+}
+
+// thinDisk is a disk of a running domain on a volagent volume.
+type thinDisk struct {
+	target string
+	volume backend.VolumeInfo
+	chunk  int64
+}
+
+// thinDisks lists the domain's disks on volagent qcow2 volumes.
+func (t *ThinController) thinDisks(conn *libvirt.Connect, dom *libvirt.Domain) (string, []thinDisk) {
+	xml, err := dom.GetXMLDesc(0)
+	if err != nil {
+		t.log.Warn("thin provisioning: domain XML", "err", err)
+		return "", nil
+	}
+	name, disks, err := parseDisks(xml)
+	if err != nil {
+		t.log.Warn("thin provisioning: domain XML", "err", err)
+		return "", nil
+	}
+	var out []thinDisk
+	for _, d := range disks {
+		if d.Target == "" || d.Format != "qcow2" {
+			continue
+		}
+		v, ok := t.vols.VolumeByDevice(diskPath(conn, d))
+		if !ok || v.Format != "qcow2" {
+			continue
+		}
+		settings, err := t.vols.PoolSettings(v.Pool)
+		if err != nil {
+			continue
+		}
+		out = append(out, thinDisk{target: d.Target, volume: v, chunk: settings.ChunkSize})
+	}
+	return name, out
+}
+
+// arm sets the threshold on the domain's volagent disks (only target,
+// when given).
+func (t *ThinController) arm(conn *libvirt.Connect, dom *libvirt.Domain, target string) {
+	name, disks := t.thinDisks(conn, dom)
+	for _, d := range disks {
+		if target != "" && d.target != target {
+			continue
+		}
+		size := deviceSize(d.volume)
+		threshold := ThresholdFor(size, d.chunk)
+		if err := dom.SetBlockThreshold(d.target, uint64(threshold), 0); err != nil {
+			t.log.Warn("thin provisioning: setting the block threshold failed", "domain", name, "disk", d.target, "volume", d.volume.ID, "threshold", threshold, "err", err)
+			continue
+		}
+		t.log.Debug("block threshold set", "domain", name, "disk", d.target, "volume", d.volume.ID, "device_size", size, "threshold", threshold)
+	}
+}
+
+// deviceSize is the device's size now (the backend's figure if the device
+// cannot be asked).
+func deviceSize(v backend.VolumeInfo) int64 {
+	if info, err := hostblk.Inspect(v.DevicePath); err == nil {
+		return info.Size
+	}
+	return v.DeviceSize
+}
+
+// grow grows the volume's device by whole chunks until the threshold it
+// gets is past written, and returns the new size.
+func (t *ThinController) grow(v backend.VolumeInfo, written int64) (int64, error) {
+	settings, err := t.vols.PoolSettings(v.Pool)
+	if err != nil {
+		return 0, err
+	}
+	chunk := settings.ChunkSize
+	size := deviceSize(v) + chunk
+	for ThresholdFor(size, chunk) <= written {
+		size += chunk
+	}
+	grown, err := t.vols.GrowVolume(context.Background(), backend.Caller{UID: 0}, v.ID, size)
+	if err != nil {
+		return 0, err
+	}
+	return grown.DeviceSize, nil
+}
+
+func (t *ThinController) onThreshold(domain, dev, path string, written uint64) {
+	v, ok := t.vols.VolumeByDevice(path)
+	if !ok {
+		return
+	}
+	size, err := t.grow(v, int64(written))
+	if err != nil {
+		// qemu will hit the end: the ENOSPC pause retries the growth.
+		t.log.Error("thin provisioning: growing a volume failed", "domain", domain, "disk", dev, "volume", v.ID, "err", err)
+		t.vols.SignalPolicyViolation("volume "+v.Pool+"/"+v.Name, "grow-failed", err.Error())
+		return
+	}
+	t.log.Info("volume grown at its block threshold", "domain", domain, "disk", dev, "volume", v.ID, "written", written, "device_size", size)
+	// The event names the disk ("vda") or an image of its chain
+	// ("vda[1]"); the threshold goes back on the disk.
+	target, _, _ := strings.Cut(dev, "[")
+	t.withDomain(domain, func(conn *libvirt.Connect, dom *libvirt.Domain) { t.arm(conn, dom, target) })
+}
+
+// onENOSPC grows a volume a paused domain ran out of, then resumes the
+// domain (qemu retries the failed request).
+func (t *ThinController) onENOSPC(domain, path string) {
+	v, ok := t.vols.VolumeByDevice(path)
+	if !ok {
+		return
+	}
+	t.withDomain(domain, func(conn *libvirt.Connect, dom *libvirt.Domain) {
+		state, reason, err := dom.GetState()
+		if err != nil {
+			t.log.Warn("thin provisioning: domain state", "domain", domain, "err", err)
+			return
+		}
+		if state != libvirt.DOMAIN_PAUSED || libvirt.DomainPausedReason(reason) != libvirt.DOMAIN_PAUSED_IOERROR {
+			return // resumed already (one pause sends an event per failed request)
+		}
+		size, err := t.grow(v, deviceSize(v))
+		if err != nil {
+			t.log.Error("thin provisioning: domain paused out of space, and growing its volume failed", "domain", domain, "volume", v.ID, "err", err)
+			t.vols.SignalPolicyViolation("volume "+v.Pool+"/"+v.Name, "grow-failed", err.Error())
+			return
+		}
+		if err := dom.Resume(); err != nil {
+			t.log.Error("thin provisioning: resuming a domain after growing its volume failed", "domain", domain, "err", err)
+			return
+		}
+		t.log.Info("domain resumed after its volume grew", "domain", domain, "volume", v.ID, "device_size", size)
+		t.arm(conn, dom, "")
+	})
+}
