@@ -6,7 +6,8 @@
 # Usage: scripts/bench.sh bin/volagent   (make bench; needs root for loop devices)
 # BENCH_RUNS sets the runs per command (default 30); times are the median
 # wall time of whole processes, taken with bash's $EPOCHREALTIME so that no
-# timer process is forked inside the measured interval.
+# timer process is forked inside the measured interval. BENCH_ONLY="a b"
+# runs only the named benchmarks (names as in BENCHMARKS at the bottom).
 #
 # To add a benchmark: write a bench_NAME function that prepares its inputs
 # under $work (loop devices through new_loop_device, so the trap detaches
@@ -31,12 +32,62 @@ done
 # /var/tmp rather than /tmp: loop devices with direct I/O need a filesystem
 # that supports O_DIRECT, which tmpfs does not.
 work=$(mktemp -d /var/tmp/volagent-bench.XXXXXX)
+
+# stop_daemons: SIGTERM to every process start_daemon started (volagent
+# first, so it can release its name), SIGKILL after 10 s.
+stop_daemons() {
+	local pid i
+	for pid in "${daemon_pids[@]}"; do
+		kill -TERM "$pid" 2>/dev/null || continue
+		for ((i = 0; i < 100; i++)); do
+			kill -0 "$pid" 2>/dev/null || break
+			sleep 0.1
+		done
+		kill -KILL "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+	done
+	daemon_pids=()
+}
+
+# detach_loops_under DIR: detaches every loop device over a file under DIR
+# (the daemon's pool volumes stay attached when it stops, as for VMs).
+detach_loops_under() {
+	local dev file
+	while read -r dev file; do
+		case "$file" in
+		"$1"/*) losetup --detach "$dev" || echo "bench: could not detach $dev ($file)" >&2 ;;
+		esac
+	done < <(losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null)
+}
+
+# remove_new_loop_devices: removes the unattached loop devices that did not
+# exist when the bench started. The pools make the kernel create a device
+# per volume (idle-rss: 1,000), and the kernel keeps them after detaching;
+# each one would slow every later scan of /sys/block. Attached ones (and
+# devices anyone has open) are refused by the kernel and stay.
+loops_at_start=" $(cd /sys/block && echo loop*) "
+remove_new_loop_devices() {
+	local d n new=()
+	for d in /sys/block/loop*; do
+		n=${d#/sys/block/loop}
+		case "$loops_at_start" in *" loop$n "*) continue ;; esac
+		[ -e "$d/loop/backing_file" ] || new+=("$n")
+	done
+	if [ "${#new[@]}" -gt 0 ] && [ -x "$work/benchtool" ]; then
+		"$work/benchtool" loop-remove "${new[@]}" >/dev/null || echo "bench: could not remove new loop devices" >&2
+	fi
+}
+
 loop_devices=()
+daemon_pids=() # volagent serve and dbus-daemon processes, stopped by cleanup
 cleanup() {
 	local dev
+	stop_daemons
 	for dev in "${loop_devices[@]}"; do
 		losetup --detach "$dev" || echo "bench: could not detach $dev" >&2
 	done
+	detach_loops_under "$work" # what the daemon's pools left attached
+	remove_new_loop_devices
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -177,7 +228,143 @@ bench_cow_latency() {
 	}'
 }
 
-BENCHMARKS=(inspect create import cow_latency)
+# --- The daemon over D-Bus -------------------------------------------------
+# These start a private system-type dbus-daemon (the system bus's default
+# policy plus packaging/dbus/org.volagent.VolAgent1.conf) and `volagent
+# serve` with a loop pool under $work; internal/benchtool is the one client.
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# benchtool: builds internal/benchtool once into $work.
+benchtool() {
+	if [ ! -x "$work/benchtool" ]; then
+		(cd "$root" && go build -o "$work/benchtool" ./internal/benchtool) || return 1
+	fi
+	"$work/benchtool" "$@"
+}
+
+# start_daemon NAME INITIAL_SIZE: starts the bus and the daemon with loop
+# pool "bench" (directory $work/NAME/pool, backing root $work/NAME/images,
+# initial_size INITIAL_SIZE) and waits until it serves. Sets $bus (the
+# address), $images and $serve_pid.
+start_daemon() {
+	local dir="$work/$1" policy="$root/packaging/dbus/org.volagent.VolAgent1.conf"
+	mkdir -p "$dir/pool" "$dir/images" "$dir/system.d"
+	images="$dir/images"
+	bus="unix:path=$dir/bus"
+	cp "$policy" "$dir/system.d/"
+	cat >"$dir/bus.conf" <<-EOF
+		<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+		 "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+		<busconfig>
+		  <type>system</type>
+		  <listen>$bus</listen>
+		  <auth>EXTERNAL</auth>
+		  <policy context="default">
+		    <allow user="*"/>
+		    <deny own="*"/>
+		    <deny send_type="method_call"/>
+		    <allow send_type="signal"/>
+		    <allow send_requested_reply="true" send_type="method_return"/>
+		    <allow send_requested_reply="true" send_type="error"/>
+		    <allow receive_type="method_call"/>
+		    <allow receive_type="method_return"/>
+		    <allow receive_type="error"/>
+		    <allow receive_type="signal"/>
+		    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+		    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+		    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+		  </policy>
+		  <includedir>$dir/system.d</includedir>
+		</busconfig>
+	EOF
+	cat >"$dir/volagent.toml" <<-EOF
+		[[pool]]
+		name = "bench"
+		type = "loop"
+		directory = "$dir/pool"
+		backing_roots = ["$dir/images"]
+		initial_size = "$2"
+		chunk_size = "$2"
+	EOF
+	command -v dbus-daemon >/dev/null || { echo "bench: dbus-daemon missing; run scripts/install-deps.sh" >&2; return 1; }
+	dbus-daemon --config-file="$dir/bus.conf" --nofork --nopidfile --nosyslog 2>"$dir/bus.log" &
+	daemon_pids=($! "${daemon_pids[@]}")
+	local i
+	for ((i = 0; i < 100; i++)); do
+		[ -S "$dir/bus" ] && break
+		sleep 0.05
+	done
+	"$volagent" serve --config "$dir/volagent.toml" --bus-address "$bus" 2>"$dir/serve.log" &
+	serve_pid=$!
+	daemon_pids=("$serve_pid" "${daemon_pids[@]}") # stopped before the bus
+	benchtool wait -bus "$bus" -timeout 60s ||
+		{ echo "bench: volagent serve: $(tail -c 1000 "$dir/serve.log")" >&2; return 1; }
+}
+
+# dbus-create: CreateOverlay over D-Bus from call to reply (the daemon
+# replies once the overlay is flushed and marked complete on its device),
+# median of $runs calls, against one `qemu-img create -b -F` process onto
+# a loop device of the pool's initial size (1 GiB). Goal: ratio <= 0.3.
+bench_dbus_create() {
+	start_daemon dbus-create 1G || return 1
+	local base="$images/base.raw" ours theirs
+	truncate -s 10G "$base"
+	ours=$(benchtool create -bus "$bus" -pool bench -backing "$base" -n "$runs" -prefix create-) || return 1
+	stop_daemons
+	new_loop_device 1G dbus-create-target
+	theirs=$(median_ms qemu-img create -q -f qcow2 -b "$base" -F raw "$loop_device") || return 1
+	awk -v o="$ours" -v t="$theirs" 'BEGIN {
+		r = o / t
+		printf "dbus-create: volagent %.1fms, qemu-img create %.1fms, ratio %.2f (goal <= 0.3)%s\n",
+			o, t, r, (r > 0.3 ? " MISSED" : "")
+	}'
+}
+
+# dbus-inspect: Inspect calls per second from one client connection, one
+# call at a time, each passing the descriptor of a qcow2 overlay (raw
+# backing), for BENCH_INSPECT_SECONDS (default 5). Goal: >= 2000 calls/s.
+bench_dbus_inspect() {
+	start_daemon dbus-inspect 4M || return 1
+	local image="$images/inspect.qcow2" rate
+	truncate -s 10G "$images/inspect-base.raw"
+	qemu-img create -q -f qcow2 -b "$images/inspect-base.raw" -F raw "$image"
+	rate=$(benchtool inspect -bus "$bus" -image "$image" -duration "${BENCH_INSPECT_SECONDS:-5}s") || return 1
+	stop_daemons
+	awk -v r="$rate" 'BEGIN {
+		printf "dbus-inspect: %.0f calls/s (goal >= 2000)%s\n", r, (r < 2000 ? " MISSED" : "")
+	}'
+}
+
+# idle-rss: the daemon's resident memory (VmRSS) after it has idled
+# BENCH_IDLE_SECONDS (default 10) with BENCH_VOLUMES (default 1000) small
+# overlays in a loop pool (initial size 4M), each attached to a loop device
+# of its own. Loop devices are made on demand through /dev/loop-control
+# (max_loop only sizes the set made at boot); if fewer can be attached,
+# the line says how many volumes there were. Goal: <= 40 MiB.
+bench_idle_rss() {
+	local want=${BENCH_VOLUMES:-1000} made rss_kib note=""
+	start_daemon idle-rss 4M || return 1
+	truncate -s 64M "$images/base.raw"
+	made=$(benchtool populate -bus "$bus" -pool bench -backing "$images/base.raw" -n "$want" -prefix v 2>"$work/populate.err") || return 1
+	if [ "$made" -lt "$want" ]; then
+		note=" (only $made of $want could be made: $(head -c 300 "$work/populate.err"))"
+	fi
+	sleep "${BENCH_IDLE_SECONDS:-10}"
+	rss_kib=$(awk '/^VmRSS:/ { print $2 }' "/proc/$serve_pid/status")
+	benchtool delete -bus "$bus" -pool bench >/dev/null || echo "bench: idle-rss: deleting the volumes failed" >&2
+	stop_daemons
+	awk -v k="$rss_kib" -v n="$made" -v note="$note" 'BEGIN {
+		m = k / 1024
+		printf "idle-rss: %.1f MiB with %d volumes (goal <= 40)%s%s\n", m, n, (m > 40 ? " MISSED" : ""), note
+	}'
+}
+
+BENCHMARKS=(inspect create import cow_latency dbus_create dbus_inspect idle_rss)
+# BENCH_ONLY="dbus_create idle_rss" runs just those.
+if [ -n "${BENCH_ONLY:-}" ]; then
+	read -ra BENCHMARKS <<<"$BENCH_ONLY"
+fi
 
 status=0
 for name in "${BENCHMARKS[@]}"; do

@@ -353,6 +353,32 @@ func (e *serveEnv) writeImage(name string, size, dataBytes int64) string {
 	return p
 }
 
+// writeSlowImage writes a sparse raw image of size bytes with one non-zero
+// byte in every 64 KiB (the cluster size of an imported volume): an import
+// must copy every cluster, so at ~2 GB/s a 16 GiB source takes seconds,
+// yet the file allocates only one 4 KiB block per cluster. Tests that
+// interrupt an import use it, so the import cannot finish first.
+func (e *serveEnv) writeSlowImage(name string, size int64) string {
+	e.t.Helper()
+	p := filepath.Join(e.images, name)
+	f, err := os.Create(p)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		e.t.Fatal(err)
+	}
+	for off := int64(0); off < size; off += 64 << 10 {
+		// At byte 511 of each cluster: the source then starts with
+		// zeros, which no image header does (import would refuse it).
+		if _, err := f.WriteAt([]byte{0xa5}, off+511); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	return p
+}
+
 // poolFiles lists the loop pool's volume files.
 func (e *serveEnv) poolFiles() []string {
 	entries, _ := os.ReadDir(e.pool)
@@ -695,7 +721,7 @@ func (e *serveEnv) assertWhole(vols []volumeJSON) {
 func TestServeRestartAfterKill(t *testing.T) {
 	e := newServeEnv(t, true, false)
 	base := e.writeImage("base.raw", 64<<20, 4<<20)
-	big := e.writeImage("big.raw", 300<<20, 300<<20)
+	big := e.writeSlowImage("big.raw", 16<<30)
 	d := e.startDaemon()
 	d.waitReady(t)
 	conn := e.client()
@@ -739,16 +765,35 @@ func TestServeRestartAfterKill(t *testing.T) {
 	// client sees it end), the daemon exits 0, nothing half-made remains.
 	job := startImport(t, conn, "fast", "cancelled", big)
 	watch := exec.Command(binaryUnderTest(t), "jobs", "--watch", "--json", "--bus-address", e.bus.Address, lastElement(string(job)))
-	var watchOut bytes.Buffer
+	var watchOut syncBuffer
 	watch.Stdout, watch.Stderr = &watchOut, &watchOut
 	if err := watch.Start(); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(300 * time.Millisecond)
+	watchDone := make(chan struct{})
+	go func() { watch.Wait(); close(watchDone) }()
+	// The watcher prints the job's state once it has subscribed and read
+	// it: only then can it see the cancellation.
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(watchOut.String(), `"state":"running"`) {
+		select {
+		case <-watchDone:
+			t.Fatalf("jobs --watch exited before it watched the running job: exit %d\n%s", watch.ProcessState.ExitCode(), watchOut.String())
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("jobs --watch printed no running state in 30s:\n%s", watchOut.String())
+		}
+	}
+	j := jobProps(t, conn, job)
+	if j.State != "running" {
+		t.Fatalf("the import ended (%s: %s) before SIGTERM; make the source larger", j.State, j.Message)
+	}
+	t.Logf("SIGTERM with the import at %d of %d bytes", j.Bytes, j.TotalBytes)
 	if code := d.stop(t); code != 0 {
 		t.Errorf("exit status after SIGTERM with a running job: %d", code)
 	}
-	watch.Wait()
+	<-watchDone
 	if watch.ProcessState.ExitCode() != exitFailure || !strings.Contains(watchOut.String(), `"state":"cancelled"`) {
 		t.Errorf("jobs --watch of a job cancelled by SIGTERM: exit %d\n%s", watch.ProcessState.ExitCode(), watchOut.String())
 	}
