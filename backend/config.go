@@ -4,16 +4,15 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"math"
 	"os"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/internal/bytesize"
 )
 
 // Config is the daemon configuration: one [[pool]] table per pool.
@@ -213,7 +212,7 @@ func configSize(key string, v any, def int64) (int64, error) {
 		n = v
 	case string:
 		var err error
-		if n, err = ParseSize(v); err != nil {
+		if n, err = bytesize.Parse(v); err != nil {
 			return 0, fmt.Errorf("%s: %q is not a size (bytes, or a number with K, M, G, T or P, binary)", key, v)
 		}
 	default:
@@ -223,30 +222,4 @@ func configSize(key string, v any, def int64) (int64, error) {
 		return 0, fmt.Errorf("%s: %d: want a positive multiple of %d bytes", key, n, sizeAlignment)
 	}
 	return n, nil
-}
-
-var sizeSuffixes = map[string]uint{
-	"": 0, "B": 0,
-	"K": 10, "KB": 10, "KIB": 10,
-	"M": 20, "MB": 20, "MIB": 20,
-	"G": 30, "GB": 30, "GIB": 30,
-	"T": 40, "TB": 40, "TIB": 40,
-	"P": 50, "PB": 50, "PIB": 50,
-}
-
-// ParseSize parses a byte count with an optional binary suffix: "512",
-// "64K", "64KiB", "20G". (The same rules as the CLI's --size.)
-func ParseSize(s string) (int64, error) {
-	s = strings.TrimSpace(s)
-	digits := strings.TrimLeft(s, "0123456789")
-	num, suffix := s[:len(s)-len(digits)], strings.ToUpper(strings.TrimSpace(digits))
-	shift, ok := sizeSuffixes[suffix]
-	if !ok || num == "" {
-		return 0, fmt.Errorf("size %q: want bytes, or a number with K, M, G, T or P", s)
-	}
-	n, err := strconv.ParseInt(num, 10, 64)
-	if err != nil || n > math.MaxInt64>>shift {
-		return 0, fmt.Errorf("size %q: too large", s)
-	}
-	return n << shift, nil
 }

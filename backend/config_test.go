@@ -122,19 +122,6 @@ func TestParseConfigBad(t *testing.T) {
 	}
 }
 
-func TestParseSize(t *testing.T) {
-	for s, want := range map[string]int64{"512": 512, "64K": 64 << 10, "64KiB": 64 << 10, "1G": 1 << 30, "2t": 2 << 40, "1 M": 1 << 20} {
-		if got, err := ParseSize(s); err != nil || got != want {
-			t.Errorf("ParseSize(%q) = %d, %v; want %d", s, got, err, want)
-		}
-	}
-	for _, s := range []string{"", "G", "12Q", "1.5G", "-1", "99999999999P"} {
-		if _, err := ParseSize(s); err == nil {
-			t.Errorf("ParseSize(%q) accepted", s)
-		}
-	}
-}
-
 func TestVolumeNames(t *testing.T) {
 	for _, ok := range []string{"a", "vm1-disk0", "base.raw", "A_b+c", strings.Repeat("x", 64)} {
 		if err := validateVolumeName(ok); err != nil {

@@ -20,6 +20,7 @@ import (
 
 	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/internal/testutil"
+	"github.com/volagent/volagent/qcow2"
 )
 
 // testDirMarker names every directory the tests create, with the test
@@ -175,12 +176,30 @@ func newTestVG(t *testing.T, pvSize int64) (*hostblk.LVM, string, string) {
 	ctx := context.Background()
 	// Registered after testDir's cleanup, so it runs first.
 	t.Cleanup(func() {
-		detachLoopsUnder(t, dir) // loop-activated LVs, then the PV
-		if _, err := lvm.Run(context.Background(), "vgremove", "-ff", "-y", name); err != nil && !errors.Is(err, hostblk.ErrVGNotFound) {
-			t.Errorf("cleanup: %v", err)
+		// Loop devices are found by what they map, never by the number
+		// attached here: once detached, another test package may be
+		// given the same /dev/loopN.
+		stillOurs := false
+		if loops, err := hostblk.FindLoops(file); err == nil {
+			for _, l := range loops {
+				stillOurs = stillOurs || l.Path == pv.Path
+			}
 		}
-		_, _ = lvm.Run(context.Background(), "pvremove", "-ff", "-y", pv.Path)
-		_ = hostblk.DetachLoop(pv.Path)
+		if stillOurs {
+			// The loop-activated LVs sit on the PV: detach them first.
+			if uppers, err := hostblk.FindLoops(pv.Path); err == nil {
+				for _, u := range uppers {
+					if err := hostblk.DetachLoop(u.Path); err != nil {
+						t.Errorf("cleanup: %v", err)
+					}
+				}
+			}
+			if _, err := lvm.Run(context.Background(), "vgremove", "-ff", "-y", name); err != nil && !errors.Is(err, hostblk.ErrVGNotFound) {
+				t.Errorf("cleanup: %v", err)
+			}
+			_, _ = lvm.Run(context.Background(), "pvremove", "-ff", "-y", pv.Path)
+		}
+		detachLoopsUnder(t, dir) // the PV's loop, by its backing file
 	})
 	if _, err := lvm.Run(ctx, "pvcreate", "-y", pv.Path); err != nil {
 		t.Fatalf("pvcreate: %v", err)
@@ -203,6 +222,10 @@ type env struct {
 	outside  string // a directory outside every root
 	poolDir  string // loop pools
 }
+
+// importChunkSize is what an import copies at once (qcow2.CopyGuest's
+// chunk, with the default cluster size).
+const importChunkSize = qcow2.CopyChunkSize
 
 const (
 	testInitialSize = 4 << 20

@@ -10,9 +10,6 @@ import (
 	"github.com/volagent/volagent/qcow2"
 )
 
-// importChunkSize is how much an import reads from its source at once.
-const importChunkSize = 8 << 20
-
 // importSource is the guest view of an import's source.
 type importSource interface {
 	io.ReaderAt
@@ -57,6 +54,11 @@ func (m *Manager) Import(ctx context.Context, c Caller, req ImportRequest) (JobI
 			req.Source.Close()
 		}
 	}()
+	done, err := m.beginOp("Import")
+	if err != nil {
+		return JobInfo{}, err
+	}
+	defer done()
 	p, err := m.openedPool(req.Pool)
 	if err != nil {
 		return JobInfo{}, err
@@ -94,7 +96,7 @@ func (m *Manager) Import(ctx context.Context, c Caller, req ImportRequest) (JobI
 	if m.closed {
 		m.mu.Unlock()
 		m.release(id)
-		return JobInfo{}, fmt.Errorf("%w: the manager is closed", ErrFailed)
+		return JobInfo{}, errShuttingDown("Import")
 	}
 	m.jobWG.Add(1)
 	m.mu.Unlock()
@@ -164,6 +166,9 @@ func (m *Manager) runImport(ctx context.Context, j *job, p *pool, name, id strin
 			err = fmt.Errorf("%w: import of %q cancelled; the volume was removed", ErrCancelled, name)
 		}
 		m.log.Warn("import failed", "pool", p.cfg.Name, "volume", name, "id", id, "state", state, "err", err)
+		j.mu.Lock()
+		j.err = err
+		j.mu.Unlock()
 		m.finishJob(j, state, err.Error())
 	}
 	meta := hostblk.VolumeMeta{Role: string(RoleBase), State: stateImporting}
@@ -200,52 +205,36 @@ func (m *Manager) runImport(ctx context.Context, j *job, p *pool, name, id strin
 	m.log.Info("import finished", "pool", p.cfg.Name, "volume", name, "id", id, "bytes", src.Size())
 }
 
-// copyImport copies the source's guest view into the new volume's image,
-// chunk by chunk, growing the device as the writer needs. Runs of zero
-// clusters are skipped: the new image has no backing and reads zeros.
+// copyImport copies the source's guest view into the new volume's image
+// with qcow2.CopyGuest, growing the device as the writer needs. Runs of
+// zero clusters are skipped: the new image has no backing and reads zeros.
 func (m *Manager) copyImport(ctx context.Context, j *job, p *pool, v *volume, src importSource) error {
 	s, err := m.openWriteSession(p, v)
 	if err != nil {
 		return err
 	}
 	defer s.close()
-	c := s.w.Header().ClusterSize()
-	chunk := max(importChunkSize/c, 1) * c
-	buf := qcow2.AlignedBuffer(int(chunk), headerBlockSize)
-	total := src.Size()
-	for off := int64(0); off < total; off += chunk {
-		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("%w: %v", ErrCancelled, err)
-		}
-		if m.hooks.importChunk != nil {
-			m.hooks.importChunk(ctx, off)
-		}
-		n := min(chunk, total-off)
-		got, err := src.ReadAt(buf[:n], off)
-		if got < int(n) {
-			if err == nil || err == io.EOF {
-				err = io.ErrUnexpectedEOF
+	if m.hooks.importChunk != nil {
+		m.hooks.importChunk(ctx, 0)
+	}
+	_, err = qcow2.CopyGuest(ctx, growingWriter{ctx: ctx, s: s}, src, qcow2.CopyOptions{
+		SkipZeros:   true,
+		BufferAlign: headerBlockSize,
+		Progress: func(done, total int64) {
+			m.progress(j, done)
+			if m.hooks.importChunk != nil && done < total {
+				m.hooks.importChunk(ctx, done) // before the next chunk
 			}
-			return fmt.Errorf("%w: reading the source at offset %d: %v", ErrFailed, off, err)
-		}
-		for pos := int64(0); pos < n; {
-			end := min(pos+c, n)
-			zero := isZero(buf[pos:end])
-			for end < n && isZero(buf[end:min(end+c, n)]) == zero {
-				end = min(end+c, n)
-			}
-			if !zero {
-				data, at := buf[pos:end], off+pos
-				if err := s.do(ctx, int64(len(data)), func(w *qcow2.Writer) error {
-					_, err := w.WriteAt(data, at)
-					return err
-				}); err != nil {
-					return err
-				}
-			}
-			pos = end
-		}
-		m.progress(j, off+n)
+		},
+	})
+	switch {
+	case err == nil:
+	case ctx.Err() != nil && !hasKind(err):
+		return fmt.Errorf("%w: %v", ErrCancelled, err)
+	case hasKind(err):
+		return err // the write session's, already of a kind
+	default:
+		return fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
 	}
 	if err := s.close(); err != nil {
 		return fmt.Errorf("%w: volume %q: flushing: %v", ErrFailed, v.info.Name, err)
@@ -253,11 +242,41 @@ func (m *Manager) copyImport(ctx context.Context, j *job, p *pool, v *volume, sr
 	return nil
 }
 
-func isZero(b []byte) bool {
-	for _, x := range b {
-		if x != 0 {
-			return false
+// growingWriter is a write session as qcow2.CopyGuest sees it: a write
+// that finds the device full grows it and is retried (writeSession.do).
+type growingWriter struct {
+	ctx context.Context
+	s   *writeSession
+}
+
+func (g growingWriter) Header() *qcow2.Header { return g.s.w.Header() }
+
+func (g growingWriter) WriteAt(p []byte, off int64) (int, error) {
+	err := g.s.do(g.ctx, int64(len(p)), func(w *qcow2.Writer) error {
+		_, err := w.WriteAt(p, off)
+		return err
+	})
+	if err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (g growingWriter) WriteZeroes(off, n int64) error {
+	return g.s.do(g.ctx, 0, func(w *qcow2.Writer) error { return w.WriteZeroes(off, n) })
+}
+
+func (g growingWriter) Flush() error {
+	return g.s.do(g.ctx, 0, func(w *qcow2.Writer) error { return w.Flush() })
+}
+
+// hasKind reports whether err already wraps one of the package's error
+// kinds.
+func hasKind(err error) bool {
+	for _, k := range []error{ErrFailed, ErrNotAuthorized, ErrInvalidArgument, ErrNotFound, ErrBusy, ErrNoSpace, ErrPolicyViolation, ErrCancelled} {
+		if errors.Is(err, k) {
+			return true
 		}
 	}
-	return true
+	return false
 }

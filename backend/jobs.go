@@ -21,6 +21,7 @@ const (
 type job struct {
 	mu     sync.Mutex
 	info   JobInfo
+	err    error // why it failed, with its kind (info.Message is its text)
 	cancel context.CancelFunc
 	done   chan struct{}
 

@@ -26,7 +26,9 @@ type ManagerOptions struct {
 }
 
 // Manager is the daemon's state: pools, volumes and jobs. All methods are
-// safe for concurrent use. State lives on the devices only (see the
+// safe for concurrent use. Once Close has begun, the mutating ones
+// (CreateOverlay, Import, Delete, Resize, Write, Rescan) refuse with
+// ErrBusy ("volagent is shutting down"); CancelJob and the readers work. State lives on the devices only (see the
 // package comment); the Manager's maps are a cache rebuilt by Load and
 // Rescan.
 type Manager struct {
@@ -58,6 +60,9 @@ type Manager struct {
 	jobCtx    context.Context
 	jobCancel context.CancelFunc
 	jobWG     sync.WaitGroup
+	// opWG counts the mutating calls in flight (beginOp), so Close
+	// waits for them as it waits for jobs.
+	opWG sync.WaitGroup
 
 	// hooks are fault-injection points for tests; zero in production.
 	hooks testHooks
@@ -200,8 +205,13 @@ func (m *Manager) Load(ctx context.Context) error {
 }
 
 // Rescan rebuilds the state from the devices again, as Load does, and
-// sends events for what changed.
+// sends events for what changed. ErrBusy once Close has begun.
 func (m *Manager) Rescan(ctx context.Context) error {
+	done, err := m.beginOp("Rescan")
+	if err != nil {
+		return err
+	}
+	defer done()
 	return m.Load(ctx)
 }
 
@@ -298,9 +308,10 @@ func (m *Manager) checkBackingsLocked(vols map[string]*volume) {
 	}
 }
 
-// Close cancels the running jobs and waits for them; a cancelled import
-// removes its half-made volume, so the devices hold only complete volumes
-// afterwards. Subscriber channels are closed. Close is idempotent.
+// Close refuses new mutating calls (ErrBusy), cancels the running jobs
+// and waits for them and for the calls already in progress; a cancelled
+// import removes its half-made volume, so the devices hold only complete
+// volumes afterwards. Subscriber channels are closed. Close is idempotent.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	if m.closed {
@@ -311,8 +322,43 @@ func (m *Manager) Close() error {
 	m.mu.Unlock()
 	m.jobCancel()
 	m.jobWG.Wait()
+	m.opWG.Wait()
 	m.subs.closeAll()
 	return nil
+}
+
+// beginOp admits a mutating call (op names it in the error) unless Close
+// has begun; the caller runs done when it returns. Admission and the
+// closed flag share m.mu, so a call is either refused or waited for by
+// Close, never started behind its back.
+func (m *Manager) beginOp(op string) (done func(), err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, errShuttingDown(op)
+	}
+	m.opWG.Add(1)
+	return m.opWG.Done, nil
+}
+
+// beginVolumeOp admits a mutating call on volume id (beginOp) and returns
+// a copy of the volume and its pool.
+func (m *Manager) beginVolumeOp(op, id string) (volume, *pool, func(), error) {
+	done, err := m.beginOp(op)
+	if err != nil {
+		return volume{}, nil, nil, err
+	}
+	v, p, err := m.lookup(id)
+	if err != nil {
+		done()
+		return volume{}, nil, nil, err
+	}
+	return v, p, done, nil
+}
+
+// errShuttingDown is what a mutating call gets once Close has begun.
+func errShuttingDown(op string) error {
+	return fmt.Errorf("%w: %s refused: volagent is shutting down", ErrBusy, op)
 }
 
 func (m *Manager) isClosed() bool {

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -590,4 +591,132 @@ func TestInspect(t *testing.T) {
 	}
 	_, err = m.Inspect(context.Background(), f, st.Size(), "x.qcow2", "")
 	mustErrIs(t, err, ErrInvalidArgument)
+}
+
+// TestImportPoolFull: an import larger than an LVM pool (loop activation,
+// a 512 MiB PV) fails with ErrNoSpace naming the pool and the sizes, and
+// leaves no volume behind and the pool's free space as it was. Before the
+// fix a grow asked for a whole ChunkSize or nothing, so an import that
+// fits failed too; that one must now succeed.
+func TestImportPoolFull(t *testing.T) {
+	e := newEnv(t, PoolLVM, PolicyEnforce)
+	// A chunk bigger than what is left once the import is under way.
+	e.cfg.Pools[0].ChunkSize = 256 << 20
+	m := e.manager()
+	ctx := context.Background()
+	before, err := m.Pool("p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Non-zero everywhere, so every byte needs space.
+	src := filepath.Join(e.outside, "big.raw")
+	const tooBig = 600 << 20
+	chunks := map[int64][]byte{}
+	for off := int64(0); off < tooBig; off += 8 << 20 {
+		chunks[off] = pattern(0x5a, 8<<20)
+	}
+	writeFile(t, src, tooBig, chunks)
+	job, err := m.Import(ctx, Caller{}, ImportRequest{Pool: "p", Name: "big", Source: openSource(t, src), SourceFormat: "raw"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := waitJob(t, m, job.ID)
+	if done.State != JobFailed {
+		t.Fatalf("job = %+v", done)
+	}
+	j, err := m.job(job.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustErrIs(t, j.err, ErrNoSpace)
+	for _, want := range []string{`pool "p"`, e.vg, `volume "big"`, "MiB free of", "needs its device grown from"} {
+		if !strings.Contains(done.Message, want) {
+			t.Errorf("message %q does not say %q", done.Message, want)
+		}
+	}
+	if vols, loops := e.leftovers(); len(vols) != 0 || len(loops) != 0 {
+		t.Fatalf("a failed import left volumes %v, loop devices %v", vols, loops)
+	}
+	if len(m.Volumes()) != 0 {
+		t.Fatalf("volumes listed: %+v", m.Volumes())
+	}
+	if after, _ := m.Pool("p"); after.Free != before.Free {
+		t.Fatalf("pool free space %d after the failed import, %d before", after.Free, before.Free)
+	}
+
+	// 400 MiB fit in the 508 MiB pool, though not with whole 256 MiB chunks.
+	const fits = 400 << 20
+	if err := os.Truncate(src, fits); err != nil {
+		t.Fatal(err)
+	}
+	job, err = m.Import(ctx, Caller{}, ImportRequest{Pool: "p", Name: "fits", Source: openSource(t, src), SourceFormat: "raw"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done := waitJob(t, m, job.ID); done.State != JobSucceeded {
+		t.Fatalf("job = %+v", done)
+	}
+	v, err := m.Volume(job.Volume)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qemuCheck(t, v.DevicePath)
+	testutil.QemuImg(t, "compare", "-f", "raw", "-F", "qcow2", src, v.DevicePath)
+}
+
+// TestCloseRefusesNewWork: once Close has begun, every mutating call is
+// refused with ErrBusy ("shutting down"), also when racing with Close
+// (run with -race); the calls admitted before Close finish first.
+func TestCloseRefusesNewWork(t *testing.T) {
+	e := newEnv(t, PoolLoop, PolicyEnforce)
+	m := e.manager()
+	ctx := context.Background()
+	base := filepath.Join(e.roots, "base.raw")
+	writeFile(t, base, 8<<20, map[int64][]byte{0: randomBytes(t, 4096)})
+	v, err := m.CreateOverlay(ctx, Caller{}, OverlayRequest{Pool: "p", Name: "vm", BackingPath: base, BackingFormat: "raw"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	calls := map[string]func(i int) error{
+		"CreateOverlay": func(i int) error {
+			_, err := m.CreateOverlay(ctx, Caller{}, OverlayRequest{Pool: "p", Name: fmt.Sprintf("o%d", i), BackingPath: base, BackingFormat: "raw"})
+			return err
+		},
+		"Import": func(i int) error {
+			_, err := m.Import(ctx, Caller{}, ImportRequest{Pool: "p", Name: fmt.Sprintf("i%d", i), Source: openSource(t, base), SourceFormat: "raw"})
+			return err
+		},
+		"Write":  func(i int) error { return m.Write(ctx, Caller{}, v.ID, int64(i)*4096, pattern(byte(i), 4096)) },
+		"Resize": func(i int) error { return m.Resize(ctx, Caller{}, v.ID, 16<<20+int64(i)*512) },
+		"Delete": func(i int) error { return m.Delete(ctx, Caller{}, VolumeID("p", fmt.Sprintf("o%d", i))) },
+		"Rescan": func(int) error { return m.Rescan(ctx) },
+	}
+	// Racing: each call either completes as usual or is refused.
+	var wg sync.WaitGroup
+	for _, call := range calls {
+		for i := range 3 {
+			wg.Go(func() {
+				if err := call(i); err != nil && strings.Contains(err.Error(), "shutting down") {
+					mustErrIs(t, err, ErrBusy)
+				}
+			})
+		}
+	}
+	closed := make(chan error)
+	go func() { closed <- m.Close() }()
+	wg.Wait()
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+	// After Close: every one refused, with the kind and the reason.
+	for name, call := range calls {
+		err := call(9)
+		mustErrIs(t, err, ErrBusy)
+		if !strings.Contains(err.Error(), "volagent is shutting down") || !strings.Contains(err.Error(), name) {
+			t.Errorf("%s after Close: %v", name, err)
+		}
+	}
+	if err := m.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
 }

@@ -311,24 +311,40 @@ func stateTag(meta hostblk.VolumeMeta, state string) (string, error) {
 // growDevice grows a volume's device to at least size bytes and returns
 // its new size.
 func (m *Manager) growDevice(ctx context.Context, p *pool, v *volume, size int64) (int64, error) {
-	size = roundUp(size, sizeAlignment)
-	switch p.cfg.Type {
-	case PoolLVM:
-		if _, err := m.lvm.ExtendLV(ctx, p.cfg.VolumeGroup, v.info.Name, uint64(size)); err != nil {
-			if errors.Is(err, hostblk.ErrNoSpace) {
-				return 0, fmt.Errorf("%w: pool %q: volume group %q cannot grow volume %q to %s: %v", ErrNoSpace, p.cfg.Name, p.cfg.VolumeGroup, v.info.Name, humanBytes(size), err)
-			}
-			return 0, fmt.Errorf("%w: growing volume %q: %v", ErrFailed, v.info.Name, err)
+	return m.growDeviceWithin(ctx, p, v, size, size)
+}
+
+// growDeviceWithin grows a volume's device to preferred bytes, or, when
+// the pool cannot give that much, to minimum (what the caller cannot do
+// without), and returns its new size. So a pool's last extents are used
+// rather than refused because a whole ChunkSize no longer fits. When not
+// even minimum fits, the error wraps ErrNoSpace and names the pool, the
+// volume, the sizes and the pool's free space; the device is unchanged.
+func (m *Manager) growDeviceWithin(ctx context.Context, p *pool, v *volume, minimum, preferred int64) (int64, error) {
+	minimum = roundUp(minimum, sizeAlignment)
+	preferred = roundUp(max(preferred, minimum), sizeAlignment)
+	grow := func(size int64) error {
+		if p.cfg.Type == PoolLVM {
+			_, err := m.lvm.ExtendLV(ctx, p.cfg.VolumeGroup, v.info.Name, uint64(size))
+			return err
 		}
+		_, err := p.loop.Grow(v.info.Name, size)
+		return err
+	}
+	noSpace := func(err error) bool { return errors.Is(err, hostblk.ErrNoSpace) || errors.Is(err, unix.ENOSPC) }
+	err := grow(preferred)
+	if noSpace(err) && minimum < preferred {
+		err = grow(minimum)
+	}
+	if noSpace(err) {
+		return 0, m.poolFull(ctx, p, v, minimum, err)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("%w: growing volume %q: %v", ErrFailed, v.info.Name, err)
+	}
+	if p.cfg.Type == PoolLVM {
 		if err := p.act.Refresh(ctx, p.cfg.VolumeGroup, v.info.Name); err != nil {
 			return 0, fmt.Errorf("%w: refreshing volume %q after growing it: %v", ErrFailed, v.info.Name, err)
-		}
-	default:
-		if _, err := p.loop.Grow(v.info.Name, size); err != nil {
-			if errors.Is(err, unix.ENOSPC) {
-				return 0, fmt.Errorf("%w: pool %q: %v", ErrNoSpace, p.cfg.Name, err)
-			}
-			return 0, fmt.Errorf("%w: growing volume %q: %v", ErrFailed, v.info.Name, err)
 		}
 	}
 	info, err := hostblk.Inspect(v.info.DevicePath)
@@ -336,6 +352,25 @@ func (m *Manager) growDevice(ctx context.Context, p *pool, v *volume, size int64
 		return 0, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
 	}
 	return info.Size, nil
+}
+
+// poolFull is the ErrNoSpace error of a device that cannot grow to size:
+// it names the pool, the volume, the sizes and what the pool has left.
+func (m *Manager) poolFull(ctx context.Context, p *pool, v *volume, size int64, cause error) error {
+	where := fmt.Sprintf("pool %q", p.cfg.Name)
+	if p.cfg.Type == PoolLVM {
+		where += fmt.Sprintf(" (volume group %q)", p.cfg.VolumeGroup)
+	}
+	left := "unknown free space"
+	if capacity, free, err := m.poolSpace(context.WithoutCancel(ctx), p); err == nil {
+		left = fmt.Sprintf("%s free of %s", humanBytes(free), humanBytes(capacity))
+	}
+	if p.cfg.Type == PoolLVM && p.act.Mode() == hostblk.ActivationLoop {
+		// Free extents elsewhere in the volume group do not help.
+		left += "; loop activation can only grow a volume into the extents right after it"
+	}
+	return fmt.Errorf("%w: %s is full: volume %q needs its device grown from %s to %s, and the pool has %s (%v)",
+		ErrNoSpace, where, v.info.Name, humanBytes(v.info.DeviceSize), humanBytes(size), left, cause)
 }
 
 func roundUp(x, a int64) int64 { return (x + a - 1) / a * a }

@@ -58,6 +58,11 @@ type resolvedBacking struct {
 // EventPolicyViolation and goes on); ErrBusy if the backing volume is
 // being deleted; ErrNoSpace; ErrFailed. On any error no volume is left.
 func (m *Manager) CreateOverlay(ctx context.Context, c Caller, req OverlayRequest) (VolumeInfo, error) {
+	done, err := m.beginOp("CreateOverlay")
+	if err != nil {
+		return VolumeInfo{}, err
+	}
+	defer done()
 	p, err := m.openedPool(req.Pool)
 	if err != nil {
 		return VolumeInfo{}, err
@@ -109,7 +114,7 @@ func (m *Manager) reserve(id, op, poolName, name string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
-		return fmt.Errorf("%w: the manager is closed", ErrFailed)
+		return errShuttingDown(op)
 	}
 	if _, ok := m.volumes[id]; ok {
 		return fmt.Errorf("%w: pool %q already has a volume named %q", ErrInvalidArgument, poolName, name)
@@ -346,10 +351,11 @@ func (m *Manager) policyRefusal(p *pool, subject string, refusal error) error {
 // kernel); ErrFailed. A crash during Delete leaves the volume marked
 // "deleting", and the next Load finishes removing it.
 func (m *Manager) Delete(ctx context.Context, c Caller, id string) error {
-	v, p, err := m.lookup(id)
+	v, p, done, err := m.beginVolumeOp("Delete", id)
 	if err != nil {
 		return err
 	}
+	defer done()
 	lock := m.opLock(id)
 	if !lock.TryLock() {
 		return fmt.Errorf("%w: volume %q (%s): another operation on it is running", ErrBusy, v.info.Name, id)
@@ -425,10 +431,11 @@ func (m *Manager) dependentLocked(v *volume) string {
 // it). Shrinking is refused (ErrInvalidArgument); the same size is a
 // no-op. ErrBusy if the device is open exclusively elsewhere.
 func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize int64) error {
-	v, p, err := m.lookup(id)
+	v, p, done, err := m.beginVolumeOp("Resize", id)
 	if err != nil {
 		return err
 	}
+	defer done()
 	if v.problem != "" {
 		return fmt.Errorf("%w: volume %q (%s) cannot be resized: %s", ErrFailed, v.info.Name, id, v.problem)
 	}
@@ -543,10 +550,11 @@ func (m *Manager) refresh(p *pool, v *volume) {
 // open exclusively elsewhere); ErrNoSpace (the pool cannot grow the
 // device); ErrPolicyViolation (the image's chain is refused); ErrFailed.
 func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, data []byte) error {
-	v, p, err := m.lookup(id)
+	v, p, done, err := m.beginVolumeOp("Write", id)
 	if err != nil {
 		return err
 	}
+	defer done()
 	if v.problem != "" {
 		return fmt.Errorf("%w: volume %q (%s) cannot be written: %s", ErrFailed, v.info.Name, id, v.problem)
 	}
@@ -618,21 +626,14 @@ func (m *Manager) Check(ctx context.Context, id string) (*qcow2.CheckResult, err
 	return res, nil
 }
 
-// backingView lends a chain's backing disk to the writer; the chain
-// closes it. (cmd/volagent/import.go has the same helper.)
-type backingView struct{ qcow2.Disk }
-
-func (backingView) Close() error { return nil }
-
-// writeSession is a qcow2 writer open on a volume's device, reopened
-// after the device grows.
+// writeSession is a qcow2 writer open on a volume's device (with its
+// backing chain, through the pool's gate), reopened after the device
+// grows.
 type writeSession struct {
-	m     *Manager
-	p     *pool
-	v     *volume
-	tgt   *qcow2.Target
-	chain qcow2.Disk
-	w     *qcow2.Writer
+	m *Manager
+	p *pool
+	v *volume
+	w *qcow2.ChainWriter
 }
 
 func (m *Manager) openWriteSession(p *pool, v *volume) (*writeSession, error) {
@@ -643,47 +644,21 @@ func (m *Manager) openWriteSession(p *pool, v *volume) (*writeSession, error) {
 	return s, nil
 }
 
-// open opens the device as import.go does: the exclusive open first, so
-// nobody else writes while the chain is opened and checked.
+// open opens the device as the CLI's import does (qcow2.OpenWriterWithChain).
 func (s *writeSession) open() error {
 	name := s.v.info.Name
-	tgt, err := qcow2.OpenTarget(s.v.info.DevicePath, false)
-	if err != nil {
-		if errors.Is(err, qcow2.ErrTargetBusy) {
-			return fmt.Errorf("%w: volume %q: %v", ErrBusy, name, err)
-		}
+	w, err := qcow2.OpenWriterWithChain(s.v.info.DevicePath, s.m.gateFor(s.p), false)
+	switch {
+	case err == nil:
+	case errors.Is(err, qcow2.ErrTargetBusy):
+		return fmt.Errorf("%w: volume %q: %v", ErrBusy, name, err)
+	case qcow2.IsRefusal(err):
+		return fmt.Errorf("%w: volume %q: its image or chain is refused: %v", ErrPolicyViolation, name, err)
+	default:
 		return fmt.Errorf("%w: volume %q: %v", ErrFailed, name, err)
 	}
-	chain, err := qcow2.OpenChain(s.v.info.DevicePath, "qcow2", s.m.gateFor(s.p))
-	if err != nil {
-		tgt.Close()
-		if qcow2.IsRefusal(err) {
-			return fmt.Errorf("%w: volume %q: its chain is refused: %v", ErrPolicyViolation, name, err)
-		}
-		return fmt.Errorf("%w: volume %q: %v", ErrFailed, name, err)
-	}
-	top := chain.(*qcow2.Image)
-	var backing qcow2.Disk
-	if top.Backing() != nil {
-		backing = backingView{top.Backing()}
-	}
-	w, err := qcow2.OpenWriter(tgt, tgt.Size, qcow2.WriterOptions{BlockSize: tgt.BlockSize, Backing: backing, ContainerSize: tgt.ContainerSize()})
-	if err != nil {
-		chain.Close()
-		tgt.Close()
-		if qcow2.IsRefusal(err) {
-			return fmt.Errorf("%w: volume %q: %v", ErrPolicyViolation, name, err)
-		}
-		return fmt.Errorf("%w: volume %q: %v", ErrFailed, name, err)
-	}
-	if h, seen := w.Header(), top.Header(); h.BackingFile != seen.BackingFile || h.BackingFormat != seen.BackingFormat || h.Size != seen.Size {
-		w.Close()
-		chain.Close()
-		tgt.Close()
-		return fmt.Errorf("%w: volume %q changed while it was being opened", ErrBusy, name)
-	}
-	s.tgt, s.chain, s.w = tgt, chain, w
-	s.v.info.DeviceSize = tgt.Size
+	s.w = w
+	s.v.info.DeviceSize = w.Target.Size
 	return nil
 }
 
@@ -693,19 +668,22 @@ func (s *writeSession) close() error {
 		return nil
 	}
 	err := s.w.Close()
-	s.chain.Close()
-	s.tgt.Close()
-	s.w, s.chain, s.tgt = nil, nil, nil
+	s.w = nil
 	return err
 }
 
 // do runs fn; when the writer reports no space, it grows the device by
-// at least ChunkSize (and by need plus a few clusters of metadata),
-// reopens and runs fn again. fn must be safe to repeat.
+// ChunkSize (more if the write needs it; less, down to what the write
+// needs, when the pool has no whole chunk left), reopens and runs fn
+// again. fn must be safe to repeat. After an error the session may be
+// closed; callers only close it then.
 func (s *writeSession) do(ctx context.Context, need int64, fn func(w *qcow2.Writer) error) error {
 	chunk := s.p.cfg.ChunkSize
 	for attempt := 0; ; attempt++ {
-		err := fn(s.w)
+		if s.w == nil {
+			return fmt.Errorf("%w: volume %q: its writer was closed by an earlier error", ErrFailed, s.v.info.Name)
+		}
+		err := fn(s.w.Writer)
 		if err == nil {
 			return nil
 		}
@@ -718,16 +696,17 @@ func (s *writeSession) do(ctx context.Context, need int64, fn func(w *qcow2.Writ
 		if attempt == maxGrowAttempts {
 			return fmt.Errorf("%w: volume %q: still out of space after growing the device %d times: %v", ErrNoSpace, s.v.info.Name, attempt, err)
 		}
-		cluster := s.w.Header().ClusterSize()
-		target := max(s.v.info.DeviceSize, s.w.HighestAllocated()) + roundUp(max(need+4*cluster, chunk), chunk)
+		// need plus a few clusters for the tables the write may allocate.
+		used := max(s.v.info.DeviceSize, s.w.HighestAllocated())
+		minimum := used + need + 4*s.w.Header().ClusterSize()
+		preferred := used + roundUp(minimum-used, chunk)
 		if cerr := s.close(); cerr != nil {
 			return fmt.Errorf("%w: volume %q: %v", ErrFailed, s.v.info.Name, cerr)
 		}
-		size, gerr := s.m.growDevice(ctx, s.p, s.v, target)
+		// A failed grow leaves the session closed: the device is as it
+		// was, and nothing is left to write.
+		size, gerr := s.m.growDeviceWithin(ctx, s.p, s.v, minimum, preferred)
 		if gerr != nil {
-			if oerr := s.open(); oerr != nil {
-				s.m.log.Error("could not reopen a volume after a failed grow", "volume", s.v.info.Name, "err", oerr)
-			}
 			return gerr
 		}
 		s.m.poolChanged(s.p)

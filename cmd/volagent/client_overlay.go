@@ -77,7 +77,7 @@ func runOverlayCreate(out io.Writer, fl overlayCreateFlags) error {
 	}
 	var size uint64
 	if fl.size != "" {
-		n, err := parseSize("--size", fl.size)
+		n, err := parseSizeFlag("--size", fl.size)
 		if err != nil {
 			return err
 		}
@@ -85,7 +85,7 @@ func runOverlayCreate(out io.Writer, fl overlayCreateFlags) error {
 	}
 	opts := map[string]dbus.Variant{}
 	if fl.clusterSize != "" {
-		n, err := parseSize("--cluster-size", fl.clusterSize)
+		n, err := parseSizeFlag("--cluster-size", fl.clusterSize)
 		if err != nil {
 			return err
 		}

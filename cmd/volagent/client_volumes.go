@@ -77,14 +77,14 @@ type volumesImportFlags struct {
 	noWait       bool
 }
 
-// newVolumesImportCmd is the daemon's import. (The top-level `volagent
-// import` copies into an image directly, without the daemon.)
+// newVolumesImportCmd is the daemon's import, kept as an alias of
+// `volagent import --pool`; both run runVolumesImport.
 func newVolumesImportCmd() *cobra.Command {
 	var fl volumesImportFlags
 	cmd := &cobra.Command{
 		Use:   "import --pool POOL --name NAME [--source-format raw|qcow2] [--size N] [--no-wait] [--json] SOURCE",
-		Short: "Import an image into a new base volume, through the daemon",
-		Long: `volumes import asks the volagent daemon to copy SOURCE into a new base
+		Short: "Import an image into a new base volume, through the daemon (alias of import --pool)",
+		Long: `volumes import (the same as "volagent import --pool POOL --name NAME SOURCE") asks the volagent daemon to copy SOURCE into a new base
 volume NAME in POOL. SOURCE is opened here, with your rights, and passed to
 the daemon as a file descriptor; it is read as --source-format (default
 raw), never probed.
@@ -116,7 +116,7 @@ Exit status: 0 success, 2 error or failed job, 3 refused by the policy.`,
 func runVolumesImport(out, errOut io.Writer, source string, fl volumesImportFlags) error {
 	opts := map[string]dbus.Variant{}
 	if fl.size != "" {
-		n, err := parseSize("--size", fl.size)
+		n, err := parseSizeFlag("--size", fl.size)
 		if err != nil {
 			return err
 		}

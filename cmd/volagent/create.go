@@ -7,13 +7,13 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
 	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/internal/bytesize"
 	"github.com/volagent/volagent/qcow2"
 )
 
@@ -184,7 +184,7 @@ func createOptionsFromFlags(fl createFlags) (qcow2.CreateOptions, error) {
 		return opts, fmt.Errorf("%w: --backing-format %q: only raw and qcow2 are accepted", qcow2.ErrBackingFormat, fl.backingFormat)
 	}
 	opts.BackingFormat = fl.backingFormat
-	cs, err := parseSize("--cluster-size", fl.clusterSize)
+	cs, err := parseSizeFlag("--cluster-size", fl.clusterSize)
 	if err != nil {
 		return opts, err
 	}
@@ -193,7 +193,7 @@ func createOptionsFromFlags(fl createFlags) (qcow2.CreateOptions, error) {
 	}
 	opts.ClusterSize = int(cs)
 	if fl.size != "" {
-		if opts.VirtualSize, err = parseSize("--size", fl.size); err != nil {
+		if opts.VirtualSize, err = parseSizeFlag("--size", fl.size); err != nil {
 			return opts, err
 		}
 		if opts.VirtualSize <= 0 || opts.VirtualSize%512 != 0 {
@@ -203,32 +203,14 @@ func createOptionsFromFlags(fl createFlags) (qcow2.CreateOptions, error) {
 	return opts, nil
 }
 
-// parseSize parses bytes with an optional binary suffix: 512, 64K, 64KiB,
-// 20G, 2T.
-func parseSize(flag, s string) (int64, error) {
-	digits := strings.TrimLeft(s, "0123456789")
-	num, suffix := s[:len(s)-len(digits)], strings.ToUpper(digits)
-	shift, ok := sizeSuffixes[suffix]
-	if !ok {
-		return 0, fmt.Errorf("%s %q: unknown suffix %q (use K, M, G, T or P, binary)", flag, s, digits)
-	}
-	n, err := strconv.ParseInt(num, 10, 64)
+// parseSizeFlag parses a size flag's value (bytesize.Parse), naming the
+// flag in the error.
+func parseSizeFlag(flag, value string) (int64, error) {
+	n, err := bytesize.Parse(value)
 	if err != nil {
-		return 0, fmt.Errorf("%s %q: not a size (bytes, or a number with K, M, G, T or P)", flag, s)
+		return 0, fmt.Errorf("%s %w", flag, err)
 	}
-	if n > (1<<63-1)>>shift {
-		return 0, fmt.Errorf("%s %q: too large", flag, s)
-	}
-	return n << shift, nil
-}
-
-var sizeSuffixes = map[string]uint{
-	"": 0, "B": 0,
-	"K": 10, "KB": 10, "KIB": 10,
-	"M": 20, "MB": 20, "MIB": 20,
-	"G": 30, "GB": 30, "GIB": 30,
-	"T": 40, "TB": 40, "TIB": 40,
-	"P": 50, "PB": 50, "PIB": 50,
+	return n, nil
 }
 
 // resolveBacking records the backing's absolute path in opts, checks the

@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/volagent/volagent/internal/bytesize"
 	"github.com/volagent/volagent/internal/testutil"
 )
 
@@ -131,7 +132,7 @@ func TestCreateCLIOnFiles(t *testing.T) {
 				}
 				target := filepath.Join(t.TempDir(), "overlay.qcow2")
 				facts := runCreateJSON(t, "--backing", base, "--backing-format", format, "--cluster-size", cs, target)
-				csBytes, _ := parseSize("", cs)
+				csBytes, _ := bytesize.Parse(cs)
 				if facts.TargetType != "file" || facts.VirtualSize != 64<<20 || facts.ClusterSize != csBytes ||
 					facts.BackingFile != base || facts.BackingFormat != format {
 					t.Errorf("facts %+v: want a file, 64 MiB (the backing's size), cluster %d, backing %s (%s)", facts, csBytes, base, format)
@@ -259,7 +260,7 @@ func TestCreateCLIOnLoopDevice(t *testing.T) {
 					args = append(args, "--size", fmt.Sprint(size))
 				}
 				facts := runCreateJSON(t, append(args, dev)...)
-				csBytes, _ := parseSize("", tc.clusterSize)
+				csBytes, _ := bytesize.Parse(tc.clusterSize)
 				if facts.TargetType != "block-device" || facts.LogicalBlockSize != sector || !facts.DirectIO ||
 					facts.MetadataBytes%int64(sector) != 0 || facts.VirtualSize != size {
 					t.Errorf("facts %+v: want a block device with %d-byte sectors, direct I/O, aligned metadata, virtual size %d",
@@ -338,13 +339,13 @@ func fillCreateTargetForCLI(t *testing.T, dev string, b byte) {
 
 func TestCreateParseSize(t *testing.T) {
 	for in, want := range map[string]int64{"512": 512, "64K": 64 << 10, "64k": 64 << 10, "64KiB": 64 << 10, "2M": 2 << 20, "20G": 20 << 30, "4T": 4 << 40, "1P": 1 << 50, "7B": 7} {
-		if got, err := parseSize("--size", in); err != nil || got != want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		if got, err := parseSizeFlag("--size", in); err != nil || got != want {
+			t.Errorf("parseSizeFlag(%q) = %d, %v; want %d", in, got, err, want)
 		}
 	}
 	for _, in := range []string{"", "K", "-1", "1.5G", "1X", "1KK", "8E", "99999999999T"} {
-		if got, err := parseSize("--size", in); err == nil {
-			t.Errorf("parseSize(%q) = %d, want an error", in, got)
+		if got, err := parseSizeFlag("--size", in); err == nil {
+			t.Errorf("parseSizeFlag(%q) = %d, want an error", in, got)
 		}
 	}
 }

@@ -1,7 +1,7 @@
 package main
 
 import (
-	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -12,10 +12,6 @@ import (
 
 	"github.com/volagent/volagent/qcow2"
 )
-
-// importChunkSize is how much import reads from SOURCE at once; data runs
-// of a chunk go to the writer as one request.
-const importChunkSize = 8 << 20
 
 // importFlushBytes is how often import makes what it copied durable (and
 // says so in --json progress as durable-bytes), so a crash costs at most
@@ -31,15 +27,23 @@ type importOptions struct {
 
 func init() { rootCmd.AddCommand(newImportCmd()) }
 
+// importUsage names both forms, for usage errors.
+const importUsage = `give either the local form, "volagent import [--source-format raw|qcow2] SOURCE TARGET", ` +
+	`or the daemon form, "volagent import --pool POOL --name NAME [--source-format raw|qcow2] SOURCE"`
+
 func newImportCmd() *cobra.Command {
-	var opts importOptions
+	var local importOptions
+	var daemon volumesImportFlags
 	cmd := &cobra.Command{
-		Use:   "import [--source-format raw|qcow2] [--allow-backing DIR]... [--json] [--buffered] SOURCE TARGET",
-		Short: "Copy the guest-visible content of an image into an existing qcow2 image",
-		Long: `import copies what a virtual machine would see on SOURCE into TARGET, an
-existing qcow2 image on a block device or in a file, so that afterwards
-TARGET's guest view equals SOURCE byte for byte (and reads zeros past the
-end of SOURCE, when TARGET is larger).
+		Use: `import [--source-format raw|qcow2] [--allow-backing DIR]... [--json] [--buffered] SOURCE TARGET
+  volagent import --pool POOL --name NAME [--source-format raw|qcow2] [--size N] [--no-wait] [--json] SOURCE`,
+		Short: "Copy an image's guest view into an existing qcow2 image, or into a new volume through the daemon",
+		Long: `import has two forms.
+
+Local (two arguments, no --pool): import copies what a virtual machine
+would see on SOURCE into TARGET, an existing qcow2 image on a block device
+or in a file, so that afterwards TARGET's guest view equals SOURCE byte for
+byte (and reads zeros past the end of SOURCE, when TARGET is larger).
 
 SOURCE is read as --source-format (default raw); it is never probed. Backing
 files of SOURCE and of TARGET are opened with the format their headers
@@ -56,16 +60,36 @@ Progress: a bar on a terminal; with --json, one JSON object per line on
 standard output ({"event":"progress",...}, then {"event":"done",...});
 "durable-bytes" says how much of SOURCE is flushed to TARGET for good.
 
-Exit status: 0 success, 2 usage or I/O error (including a full device),
-3 image refused (malformed, hostile, or against the policy).`,
-		Example: `  # A raw disk into a fresh overlay on a logical volume:
+Through the daemon (--pool and --name, one argument): the volagent daemon
+copies SOURCE into a new base volume NAME in POOL, as "volagent volumes
+import" does. SOURCE is opened here, with your rights, and passed to the
+daemon as a file descriptor. The copy is a daemon job: its progress is
+shown until it ends; with --no-wait the job's object path is printed and
+import returns. --allow-backing and --buffered are for the local form;
+--size, --no-wait and --bus-address for the daemon form.
+
+Exit status: 0 success, 2 usage or I/O error (including a full device, or
+a failed job), 3 image refused (malformed, hostile, or against the policy).`,
+		Example: `  # Local: a raw disk into a fresh overlay on a logical volume:
   volagent import --allow-backing /var/lib/images disk.raw /dev/vg0/vm1-overlay
 
-  # A qcow2 image, with machine-readable progress:
-  volagent import --source-format qcow2 --json vm.qcow2 /dev/vg0/vm1-overlay`,
-		Args: cobra.ExactArgs(2),
+  # Local: a qcow2 image, with machine-readable progress:
+  volagent import --source-format qcow2 --json vm.qcow2 /dev/vg0/vm1-overlay
+
+  # Through the daemon: a new base volume "debian12" in pool "fast":
+  volagent import --pool fast --name debian12 --source-format qcow2 debian-12.qcow2`,
+		DisableFlagsInUseLine: true, // the Use lines list the flags of each form
+		Args:                  cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			err := runImport(opts, args[0], args[1], cmd.OutOrStdout(), cmd.ErrOrStderr())
+			viaDaemon, err := importForm(cmd, args)
+			if err != nil {
+				return err
+			}
+			if viaDaemon {
+				daemon.sourceFormat, daemon.json = local.sourceFormat, local.json
+				return runVolumesImport(cmd.OutOrStdout(), cmd.ErrOrStderr(), args[0], daemon)
+			}
+			err = runImport(local, args[0], args[1], cmd.OutOrStdout(), cmd.ErrOrStderr())
 			if err != nil && qcow2.IsRefusal(err) {
 				return refused(err)
 			}
@@ -73,18 +97,50 @@ Exit status: 0 success, 2 usage or I/O error (including a full device),
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&opts.sourceFormat, "source-format", "raw", "format of SOURCE: raw or qcow2 (never probed)")
-	f.StringArrayVar(&opts.allowBacking, "allow-backing", nil, "directory under which backing files may be opened (repeatable)")
-	f.BoolVar(&opts.json, "json", false, "report progress as JSON lines on standard output")
-	f.BoolVar(&opts.buffered, "buffered", false, "use the page cache when TARGET cannot do O_DIRECT")
+	f.StringVar(&local.sourceFormat, "source-format", "raw", "format of SOURCE: raw or qcow2 (never probed)")
+	f.BoolVar(&local.json, "json", false, "report progress as JSON lines on standard output")
+	f.StringArrayVar(&local.allowBacking, "allow-backing", nil, "local form: directory under which backing files may be opened (repeatable)")
+	f.BoolVar(&local.buffered, "buffered", false, "local form: use the page cache when TARGET cannot do O_DIRECT")
+	f.StringVar(&daemon.pool, "pool", "", "daemon form: pool to import into")
+	f.StringVar(&daemon.name, "name", "", "daemon form: name of the new volume")
+	f.StringVar(&daemon.size, "size", "", "daemon form: virtual size of the volume (default: the source's)")
+	f.BoolVar(&daemon.noWait, "no-wait", false, "daemon form: print the job and return at once")
+	f.StringVar(&daemon.busAddress, "bus-address", "", "daemon form: D-Bus address of the daemon's bus (default: $DBUS_SYSTEM_BUS_ADDRESS, else the system bus)")
 	return cmd
 }
 
-// backingView lends the target's backing disk to the writer; the chain
-// that opened it closes it.
-type backingView struct{ qcow2.Disk }
-
-func (backingView) Close() error { return nil }
+// importForm tells the daemon form (--pool) from the local one, and
+// refuses a mix of the two with the flag or argument that is wrong.
+func importForm(cmd *cobra.Command, args []string) (viaDaemon bool, err error) {
+	set := func(names ...string) []string {
+		var out []string
+		for _, n := range names {
+			if cmd.Flags().Changed(n) {
+				out = append(out, "--"+n)
+			}
+		}
+		return out
+	}
+	if cmd.Flags().Changed("pool") {
+		switch {
+		case !cmd.Flags().Changed("name"):
+			return false, fmt.Errorf("import --pool needs --name NAME for the new volume; %s", importUsage)
+		case len(args) != 1:
+			return false, fmt.Errorf("import --pool takes one argument, SOURCE, not %d (%q); %s", len(args), args, importUsage)
+		}
+		if local := set("allow-backing", "buffered"); len(local) > 0 {
+			return false, fmt.Errorf("import --pool: %v are for the local form only; %s", local, importUsage)
+		}
+		return true, nil
+	}
+	if daemon := set("name", "size", "no-wait", "bus-address"); len(daemon) > 0 {
+		return false, fmt.Errorf("import: %v are for the daemon form, which needs --pool; %s", daemon, importUsage)
+	}
+	if len(args) != 2 {
+		return false, fmt.Errorf("import without --pool copies into an existing image and takes SOURCE and TARGET, not %d arguments (%q); %s", len(args), args, importUsage)
+	}
+	return false, nil
+}
 
 func runImport(opts importOptions, source, target string, stdout, stderr io.Writer) (err error) {
 	if opts.sourceFormat != "raw" && opts.sourceFormat != "qcow2" {
@@ -113,41 +169,28 @@ func runImport(opts importOptions, source, target string, stdout, stderr io.Writ
 		warnIfImageHeader(src, source, stderr)
 	}
 
-	// The writer's exclusive open comes first, so nobody else writes
-	// TARGET while its chain is opened and checked.
-	tgt, err := qcow2.OpenTarget(target, opts.buffered)
+	// The exclusive open comes first, so nobody else writes TARGET while
+	// its chain is opened and checked.
+	w, err := qcow2.OpenWriterWithChain(target, gate, opts.buffered)
 	if err != nil {
 		return err
-	}
-	defer tgt.Close()
-	chain, err := qcow2.OpenChain(target, "qcow2", gate)
-	if err != nil {
-		return err
-	}
-	defer chain.Close()
-	top := chain.(*qcow2.Image)
-	var backing qcow2.Disk
-	if top.Backing() != nil {
-		backing = backingView{top.Backing()}
-	}
-	w, err := qcow2.OpenWriter(tgt, tgt.Size, qcow2.WriterOptions{BlockSize: tgt.BlockSize, Backing: backing, ContainerSize: tgt.ContainerSize()})
-	if err != nil {
-		return fmt.Errorf("%s: %w", target, err)
 	}
 	defer func() {
 		if cerr := w.Close(); cerr != nil && err == nil {
 			err = fmt.Errorf("%s: %w", target, cerr)
 		}
 	}()
-	if h, seen := w.Header(), top.Header(); h.BackingFile != seen.BackingFile || h.BackingFormat != seen.BackingFormat || h.Size != seen.Size {
-		return fmt.Errorf("%s changed while it was being opened", target)
-	}
 	if src.Size() > w.Size() {
 		return fmt.Errorf("%s is %d bytes, larger than the virtual size of %s (%d bytes)", source, src.Size(), target, w.Size())
 	}
 
 	prog := newProgress(stdout, stderr, opts.json, w.Size())
-	st, err := copyInto(w, src, tgt.BlockSize, prog)
+	st, err := qcow2.CopyGuest(context.Background(), w, src, qcow2.CopyOptions{
+		FlushEvery:  importFlushBytes,
+		Durable:     prog.durable,
+		Progress:    func(done, _ int64) { prog.update(done) },
+		BufferAlign: w.Target.BlockSize,
+	})
 	if err != nil {
 		prog.abandon()
 		if errors.Is(err, qcow2.ErrNoSpace) {
@@ -160,108 +203,14 @@ func runImport(opts importOptions, source, target string, stdout, stderr io.Writ
 		if err := w.WriteZeroes(src.Size(), tail); err != nil {
 			return err
 		}
-		st.zero += tail
+		st.Zero += tail
 	}
 	if err := w.Flush(); err != nil {
 		return err
 	}
-	prog.finish(w.Size(), st.data, st.zero)
+	prog.finish(w.Size(), st.Data, st.Zero)
 	if !opts.json {
-		fmt.Fprintf(stdout, "imported %s into %s: %d bytes of data, %d bytes of zeros\n", source, target, st.data, st.zero)
+		fmt.Fprintf(stdout, "imported %s into %s: %d bytes of data, %d bytes of zeros\n", source, target, st.Data, st.Zero)
 	}
 	return nil
-}
-
-type copyStats struct{ data, zero int64 }
-
-type chunk struct {
-	buf []byte
-	off int64
-	err error
-}
-
-// copyInto copies src into w chunk by chunk; a reader goroutine fills the
-// next chunk while the current one is written.
-func copyInto(w *qcow2.Writer, src qcow2.Disk, blockSize int, prog *progress) (copyStats, error) {
-	c := w.Header().ClusterSize()
-	size := max(importChunkSize/c, 1) * c
-	free := make(chan []byte, 2)
-	for range 2 {
-		free <- qcow2.AlignedBuffer(int(size), max(blockSize, 4096))
-	}
-	filled := make(chan chunk, 1)
-	done := make(chan struct{})
-	defer close(done)
-	go func() {
-		defer close(filled)
-		for off := int64(0); off < src.Size(); off += size {
-			var buf []byte
-			select {
-			case buf = <-free:
-			case <-done:
-				return
-			}
-			n := min(size, src.Size()-off)
-			got, err := src.ReadAt(buf[:n], off)
-			if got == int(n) {
-				err = nil
-			} else if err == nil || err == io.EOF {
-				err = io.ErrUnexpectedEOF
-			}
-			if err != nil {
-				err = fmt.Errorf("reading source at offset %d: %w", off, err)
-			}
-			select {
-			case filled <- chunk{buf: buf[:n], off: off, err: err}:
-			case <-done:
-				return
-			}
-			if err != nil {
-				return
-			}
-		}
-	}()
-
-	zeros := make([]byte, c)
-	var st copyStats
-	for ch := range filled {
-		if ch.err != nil {
-			return st, ch.err
-		}
-		// Runs of whole clusters that are all zero, or not.
-		for pos := int64(0); pos < int64(len(ch.buf)); {
-			isZero := func(p int64) bool {
-				end := min(p+c, int64(len(ch.buf)))
-				return bytes.Equal(ch.buf[p:end], zeros[:end-p])
-			}
-			zero := isZero(pos)
-			end := pos + c
-			for end < int64(len(ch.buf)) && isZero(end) == zero {
-				end += c
-			}
-			end = min(end, int64(len(ch.buf)))
-			if zero {
-				if err := w.WriteZeroes(ch.off+pos, end-pos); err != nil {
-					return st, err
-				}
-				st.zero += end - pos
-			} else {
-				if _, err := w.WriteAt(ch.buf[pos:end], ch.off+pos); err != nil {
-					return st, err
-				}
-				st.data += end - pos
-			}
-			pos = end
-		}
-		copied := ch.off + int64(len(ch.buf))
-		if copied/importFlushBytes > ch.off/importFlushBytes {
-			if err := w.Flush(); err != nil {
-				return st, err
-			}
-			prog.durable(copied)
-		}
-		prog.update(copied)
-		free <- ch.buf[:cap(ch.buf)]
-	}
-	return st, nil
 }

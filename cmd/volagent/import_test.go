@@ -305,3 +305,49 @@ func TestImportKilled(t *testing.T) {
 		t.Log("no kill came after a durable point this time")
 	}
 }
+
+// TestImportForms: with --pool and --name, import goes to the daemon (as
+// volumes import does); with two arguments it copies locally; any mix is
+// a usage error (exit 2) that names both forms.
+func TestImportForms(t *testing.T) {
+	dir := t.TempDir()
+	source := filepath.Join(dir, "source.raw")
+	importSource(t, source, 8<<20, 5)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"import", source}, "takes SOURCE and TARGET, not 1 arguments"},
+		{[]string{"import", source, source, source}, "not 3 arguments"},
+		{[]string{"import", "--pool", "p", source}, "--pool needs --name"},
+		{[]string{"import", "--pool", "p", "--name", "n", source, "target"}, "takes one argument, SOURCE, not 2"},
+		{[]string{"import", "--pool", "p", "--name", "n", "--allow-backing", dir, source}, "[--allow-backing] are for the local form only"},
+		{[]string{"import", "--pool", "p", "--name", "n", "--buffered", source}, "[--buffered] are for the local form only"},
+		{[]string{"import", "--name", "n", "--size", "1G", source, "target"}, "[--name --size] are for the daemon form, which needs --pool"},
+		{[]string{"import", "--no-wait", source, "target"}, "[--no-wait] are for the daemon form"},
+	} {
+		_, stderr, code := runVolagent(t, tc.args...)
+		if code != exitFailure || !strings.Contains(stderr, tc.want) || !strings.Contains(stderr, "volagent import --pool POOL --name NAME") ||
+			!strings.Contains(stderr, "volagent import [--source-format raw|qcow2] SOURCE TARGET") {
+			t.Errorf("%q: exit %d, %s; want a usage error saying %q and both forms", tc.args, code, stderr, tc.want)
+		}
+	}
+	// The daemon form dials the bus given (here none answers); the alias
+	// volumes import takes the same path and fails the same way.
+	bus := "unix:path=" + filepath.Join(dir, "no-bus")
+	for _, args := range [][]string{
+		{"import", "--pool", "p", "--name", "n", "--bus-address", bus, source},
+		{"volumes", "import", "--pool", "p", "--name", "n", "--bus-address", bus, source},
+	} {
+		if _, stderr, code := runVolagent(t, args...); code != exitFailure || !strings.Contains(stderr, "connecting to the bus") {
+			t.Errorf("%q: exit %d, %s; want it to dial the daemon", args, code, stderr)
+		}
+	}
+	// --help shows both forms with examples.
+	stdout, _, code := runVolagent(t, "import", "--help")
+	for _, want := range []string{"SOURCE TARGET", "--pool POOL --name NAME", "volagent import --pool fast --name debian12"} {
+		if code != exitOK || !strings.Contains(stdout, want) {
+			t.Errorf("import --help (exit %d) does not show %q:\n%s", code, want, stdout)
+		}
+	}
+}
