@@ -690,6 +690,10 @@ func TestCloseRefusesNewWork(t *testing.T) {
 		"Resize": func(i int) error { return m.Resize(ctx, Caller{}, v.ID, 16<<20+int64(i)*512) },
 		"Delete": func(i int) error { return m.Delete(ctx, Caller{}, VolumeID("p", fmt.Sprintf("o%d", i))) },
 		"Rescan": func(int) error { return m.Rescan(ctx) },
+		"GrowVolume": func(i int) error {
+			_, err := m.GrowVolume(ctx, Caller{}, v.ID, v.DeviceSize+int64(i+1)<<20)
+			return err
+		},
 	}
 	// Racing: each call either completes as usual or is refused.
 	var wg sync.WaitGroup

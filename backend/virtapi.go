@@ -60,6 +60,11 @@ func (m *Manager) GrowVolume(ctx context.Context, c Caller, id string, newDevice
 	if newDeviceSize <= 0 {
 		return VolumeInfo{}, fmt.Errorf("%w: new device size %d: want a positive byte count", ErrInvalidArgument, newDeviceSize)
 	}
+	done, err := m.beginOp("GrowVolume")
+	if err != nil {
+		return VolumeInfo{}, err
+	}
+	defer done()
 	lock := m.opLock(id)
 	lock.Lock()
 	defer lock.Unlock()
