@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"time"
 
 	"github.com/pelletier/go-toml/v2"
 
@@ -15,9 +16,25 @@ import (
 	"github.com/volagent/volagent/internal/bytesize"
 )
 
-// Config is the daemon configuration: one [[pool]] table per pool.
+// Config is the daemon configuration: one [[pool]] table per pool, and an
+// optional [libvirt] table.
 type Config struct {
-	Pools []PoolConfig `toml:"pool"`
+	Pools   []PoolConfig  `toml:"pool"`
+	Libvirt LibvirtConfig `toml:"libvirt"`
+}
+
+// LibvirtConfig is the [libvirt] table. Without it (URI "") volagent does
+// not connect to libvirt.
+type LibvirtConfig struct {
+	// URI is the libvirt connection, e.g. "qemu:///system". Required in
+	// the table.
+	URI string `toml:"uri"`
+	// RequestDir holds the request pools, one directory per volagent pool.
+	// Default DefaultRequestDir.
+	RequestDir string `toml:"request_dir"`
+	// ReconcileInterval is how often request pools are rescanned, as a Go
+	// duration ("30s"). Default DefaultReconcileInterval.
+	ReconcileInterval time.Duration `toml:"reconcile_interval"`
 }
 
 // PoolConfig is one [[pool]] table. ParseConfig fills in the defaults, so
@@ -47,6 +64,9 @@ type PoolConfig struct {
 
 // Defaults of ParseConfig.
 const (
+	DefaultRequestDir        = "/var/lib/volagent/requests"
+	DefaultReconcileInterval = 30 * time.Second
+
 	DefaultInitialSize = 1 << 30
 	DefaultChunkSize   = 1 << 30
 	// sizeAlignment: device sizes must be whole loop sectors (4096) so
@@ -57,7 +77,14 @@ const (
 // rawConfig mirrors Config for decoding: sizes may be strings or integers,
 // which only an untyped field can take.
 type rawConfig struct {
-	Pools []rawPool `toml:"pool"`
+	Pools   []rawPool   `toml:"pool"`
+	Libvirt *rawLibvirt `toml:"libvirt"`
+}
+
+type rawLibvirt struct {
+	URI               string `toml:"uri"`
+	RequestDir        string `toml:"request_dir"`
+	ReconcileInterval string `toml:"reconcile_interval"`
 }
 
 type rawPool struct {
@@ -112,7 +139,36 @@ func ParseConfig(data []byte, source string) (*Config, error) {
 		seen[pc.Name] = i
 		cfg.Pools = append(cfg.Pools, pc)
 	}
+	if raw.Libvirt != nil {
+		lc, err := raw.Libvirt.build()
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s: libvirt.%v", ErrInvalidArgument, source, err)
+		}
+		cfg.Libvirt = lc
+	}
 	return cfg, nil
+}
+
+// build checks the [libvirt] table and applies the defaults. Errors start
+// with the key name.
+func (rl rawLibvirt) build() (LibvirtConfig, error) {
+	lc := LibvirtConfig{URI: rl.URI, RequestDir: rl.RequestDir, ReconcileInterval: DefaultReconcileInterval}
+	if lc.URI == "" {
+		return lc, fmt.Errorf(`uri: required in the [libvirt] table, e.g. "qemu:///system" (leave the table out for no libvirt)`)
+	}
+	if lc.RequestDir == "" {
+		lc.RequestDir = DefaultRequestDir
+	} else if !filepath.IsAbs(lc.RequestDir) || filepath.Clean(lc.RequestDir) != lc.RequestDir {
+		return lc, fmt.Errorf("request_dir: %q: want a clean absolute path", lc.RequestDir)
+	}
+	if rl.ReconcileInterval != "" {
+		d, err := time.ParseDuration(rl.ReconcileInterval)
+		if err != nil || d < time.Second {
+			return lc, fmt.Errorf("reconcile_interval: %q: want a duration of at least 1s, e.g. \"30s\"", rl.ReconcileInterval)
+		}
+		lc.ReconcileInterval = d
+	}
+	return lc, nil
 }
 
 // describeTOMLError turns go-toml's errors into "source: line N: ..."

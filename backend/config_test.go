@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseConfigGood(t *testing.T) {
@@ -74,6 +75,29 @@ func equalPool(a, b PoolConfig) bool {
 		a.Directory == b.Directory && a.InitialSize == b.InitialSize && a.ChunkSize == b.ChunkSize && a.Policy == b.Policy
 }
 
+func TestParseConfigLibvirt(t *testing.T) {
+	cfg, err := ParseConfig([]byte("[libvirt]\nuri = \"qemu:///system\"\n"), "volagent.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := LibvirtConfig{URI: "qemu:///system", RequestDir: DefaultRequestDir, ReconcileInterval: DefaultReconcileInterval}
+	if cfg.Libvirt != want {
+		t.Errorf("defaults: %+v; want %+v", cfg.Libvirt, want)
+	}
+	cfg, err = ParseConfig([]byte("[libvirt]\nuri = \"qemu:///session\"\nrequest_dir = \"/srv/requests\"\nreconcile_interval = \"2m\"\n"), "volagent.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want = LibvirtConfig{URI: "qemu:///session", RequestDir: "/srv/requests", ReconcileInterval: 2 * time.Minute}
+	if cfg.Libvirt != want {
+		t.Errorf("explicit: %+v; want %+v", cfg.Libvirt, want)
+	}
+	cfg, err = ParseConfig(nil, "volagent.toml")
+	if err != nil || cfg.Libvirt != (LibvirtConfig{}) {
+		t.Errorf("no table: %+v, %v; want no libvirt", cfg, err)
+	}
+}
+
 func TestParseConfigBad(t *testing.T) {
 	const lvmPool = "[[pool]]\nname = \"ok\"\ntype = \"lvm\"\nvolume_group = \"vg0\"\nactivation = \"loop\"\n"
 	cases := []struct {
@@ -103,6 +127,11 @@ func TestParseConfigBad(t *testing.T) {
 		{"policy", lvmPool + "policy = \"warn\"\n", []string{`("ok").policy: "warn"`}},
 		{"unknown key", lvmPool + "chunksize = 5\n", []string{`volagent.toml: line 6: unknown key pool.chunksize`}},
 		{"unknown table", "[daemon]\nfoo = 1\n", []string{`unknown key daemon`}},
+		{"libvirt uri missing", "[libvirt]\nrequest_dir = \"/r\"\n", []string{`volagent.toml: libvirt.uri: required`}},
+		{"libvirt request dir relative", "[libvirt]\nuri = \"qemu:///system\"\nrequest_dir = \"requests\"\n", []string{`libvirt.request_dir: "requests"`}},
+		{"libvirt interval", "[libvirt]\nuri = \"qemu:///system\"\nreconcile_interval = \"soon\"\n", []string{`libvirt.reconcile_interval: "soon"`}},
+		{"libvirt interval too short", "[libvirt]\nuri = \"qemu:///system\"\nreconcile_interval = \"10ms\"\n", []string{`libvirt.reconcile_interval: "10ms"`}},
+		{"libvirt unknown key", "[libvirt]\nuri = \"qemu:///system\"\nurl = \"x\"\n", []string{`unknown key libvirt.url`}},
 		{"syntax", "[[pool]\n", []string{`volagent.toml: line 1`}},
 		{"wrong type", "[[pool]]\nname = 5\n", []string{`volagent.toml: line 2`, `name`}},
 	}

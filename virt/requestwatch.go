@@ -31,7 +31,7 @@ import (
 )
 
 // DefaultRequestDir is where request pools live, one directory per pool.
-const DefaultRequestDir = "/var/lib/volagent/requests"
+const DefaultRequestDir = backend.DefaultRequestDir
 
 // Suffixes of what a refused request leaves behind.
 const (

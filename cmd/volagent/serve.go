@@ -28,12 +28,28 @@ type serveOptions struct {
 	config     string
 	busAddress string
 	debug      bool
-	// libvirtURI enables the libvirt integration ("" leaves it off).
-	// TODO: move to a [libvirt] table of the configuration file (uri,
-	// request_dir, reconcile_interval) once backend.Config has one.
+	// libvirtURI enables the libvirt integration ("" leaves it off). The
+	// flags override the configuration's [libvirt] table.
 	libvirtURI        string
 	requestDir        string
 	reconcileInterval time.Duration
+	// flagSet reports whether a flag was given on the command line.
+	flagSet func(name string) bool
+}
+
+// applyLibvirtConfig takes the [libvirt] table's values for every libvirt
+// flag not given on the command line.
+func (o *serveOptions) applyLibvirtConfig(lc backend.LibvirtConfig) {
+	given := func(name string) bool { return o.flagSet != nil && o.flagSet(name) }
+	if !given("libvirt-uri") {
+		o.libvirtURI = lc.URI
+	}
+	if !given("request-dir") && lc.RequestDir != "" {
+		o.requestDir = lc.RequestDir
+	}
+	if !given("reconcile-interval") && lc.ReconcileInterval != 0 {
+		o.reconcileInterval = lc.ReconcileInterval
+	}
 }
 
 func init() { rootCmd.AddCommand(newServeCmd()) }
@@ -66,6 +82,7 @@ Exit status: 0 after a clean stop, 2 when it cannot start (the message
 names the configuration key at fault) or loses the bus.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			opts.flagSet = cmd.Flags().Changed
 			return runServe(opts)
 		},
 	}
@@ -73,9 +90,9 @@ names the configuration key at fault) or loses the bus.`,
 	f.StringVar(&opts.config, "config", defaultConfigPath, "configuration file")
 	f.StringVar(&opts.busAddress, "bus-address", "", "D-Bus address to serve on (default: the system bus)")
 	f.BoolVar(&opts.debug, "debug", false, "log debug messages")
-	f.StringVar(&opts.libvirtURI, "libvirt-uri", "", "libvirt connection URI, e.g. qemu:///system (default: no libvirt integration)")
-	f.StringVar(&opts.requestDir, "request-dir", virt.DefaultRequestDir, "directory of the libvirt request pools, one subdirectory per pool (with --libvirt-uri)")
-	f.DurationVar(&opts.reconcileInterval, "reconcile-interval", 30*time.Second, "how often the request pools are rescanned (with --libvirt-uri)")
+	f.StringVar(&opts.libvirtURI, "libvirt-uri", "", "libvirt connection URI, e.g. qemu:///system (default: the configuration's [libvirt] uri, else no libvirt integration)")
+	f.StringVar(&opts.requestDir, "request-dir", backend.DefaultRequestDir, "directory of the libvirt request pools, one subdirectory per pool (default: the configuration's [libvirt] request_dir)")
+	f.DurationVar(&opts.reconcileInterval, "reconcile-interval", backend.DefaultReconcileInterval, "how often the request pools are rescanned (default: the configuration's [libvirt] reconcile_interval)")
 	return cmd
 }
 
@@ -117,6 +134,7 @@ func runServe(opts serveOptions) error {
 	if err != nil {
 		return fmt.Errorf("bad configuration: %w", err)
 	}
+	opts.applyLibvirtConfig(cfg.Libvirt)
 	mgr, err := backend.NewManager(cfg, backend.ManagerOptions{Logger: log})
 	if err != nil {
 		return fmt.Errorf("bad configuration %s: %w", opts.config, err)
