@@ -311,7 +311,7 @@ func (r *DomainReport) checkDisk(index int, disk diskXML, gate *qcow2.Gate, mana
 func (r *DomainReport) walkChain(disk, path, format string, gate *qcow2.Gate, allowHeaderInRaw bool) (chain []ChainLink, complete bool) {
 	type fileID struct{ dev, ino uint64 }
 	seen := map[fileID]bool{}
-	f, err := openTopImage(path)
+	f, err := qcow2.OpenImageFile(path) // the domain's own disk: its path is configuration, not image content
 	if err != nil {
 		r.violation(disk, path, CodeSourceUnreadable, "disk %s: %v", disk, err)
 		return nil, false
@@ -399,26 +399,6 @@ func (r *DomainReport) judgeImage(disk string, f *os.File, link *ChainLink, gate
 		nextPath = filepath.Join(filepath.Dir(link.Path), nextPath)
 	}
 	return false, bf, ChainLink{Path: nextPath, Resolved: resolved, Format: h.BackingFormat}
-}
-
-// openTopImage opens a disk's own image read-only: a regular file or a
-// block device, never a FIFO (O_NONBLOCK keeps one from hanging the open).
-func openTopImage(path string) (*os.File, error) {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
-	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: path, Err: err}
-	}
-	f := os.NewFile(uintptr(fd), path)
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		f.Close()
-		return nil, &os.PathError{Op: "stat", Path: path, Err: err}
-	}
-	if t := st.Mode & unix.S_IFMT; t != unix.S_IFREG && t != unix.S_IFBLK {
-		f.Close()
-		return nil, fmt.Errorf("%s: only regular files and block devices can be disk images", path)
-	}
-	return f, nil
 }
 
 // compareBackingStore checks the XML's explicit chain against the one the

@@ -47,7 +47,7 @@ func OpenChain(path, format string, gate *Gate) (Disk, error) {
 	if gate == nil {
 		gate = &Gate{}
 	}
-	top, err := openImageFile(path)
+	top, err := OpenImageFile(path)
 	if err != nil {
 		return nil, err
 	}
@@ -61,9 +61,10 @@ func OpenChain(path, format string, gate *Gate) (Disk, error) {
 	return assembleChain(layers)
 }
 
-// openImageFile opens the top image read-only. O_NONBLOCK keeps a FIFO from
+// OpenImageFile opens an image the caller chose (never one an image names:
+// those go through the Gate) read-only. O_NONBLOCK keeps a FIFO from
 // hanging the open; only regular files and block devices are accepted.
-func openImageFile(path string) (*os.File, error) {
+func OpenImageFile(path string) (*os.File, error) {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: path, Err: err}

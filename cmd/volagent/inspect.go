@@ -8,7 +8,6 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
 	"github.com/volagent/volagent/qcow2"
 )
@@ -94,19 +93,9 @@ func runInspect(out io.Writer, path string, fl inspectFlags) error {
 // openImageReadOnly opens a regular file or block device that the user named
 // (never one an image names) and returns it with its size.
 func openImageReadOnly(path string) (*os.File, int64, error) {
-	// O_NONBLOCK: a FIFO given by mistake must not hang us.
-	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
+	f, err := qcow2.OpenImageFile(path)
 	if err != nil {
 		return nil, 0, err
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, 0, err
-	}
-	if !st.Mode().IsRegular() && st.Mode()&os.ModeDevice == 0 || st.Mode()&os.ModeCharDevice != 0 {
-		f.Close()
-		return nil, 0, fmt.Errorf("%s: not a regular file or block device", path)
 	}
 	size, err := f.Seek(0, io.SeekEnd)
 	if err != nil {
