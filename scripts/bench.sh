@@ -14,6 +14,7 @@
 # them), times both commands with median_ms, prints with report, and add
 # NAME to BENCHMARKS at the bottom.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib/private-bus.sh"
 
 if [ $# -ne 1 ]; then
 	echo "usage: $0 path/to/volagent" >&2
@@ -253,31 +254,6 @@ start_daemon() {
 	images="$dir/images"
 	bus="unix:path=$dir/bus"
 	cp "$policy" "$dir/system.d/"
-	cat >"$dir/bus.conf" <<-EOF
-		<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
-		 "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-		<busconfig>
-		  <type>system</type>
-		  <listen>$bus</listen>
-		  <auth>EXTERNAL</auth>
-		  <policy context="default">
-		    <allow user="*"/>
-		    <deny own="*"/>
-		    <deny send_type="method_call"/>
-		    <allow send_type="signal"/>
-		    <allow send_requested_reply="true" send_type="method_return"/>
-		    <allow send_requested_reply="true" send_type="error"/>
-		    <allow receive_type="method_call"/>
-		    <allow receive_type="method_return"/>
-		    <allow receive_type="error"/>
-		    <allow receive_type="signal"/>
-		    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-		    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-		    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-		  </policy>
-		  <includedir>$dir/system.d</includedir>
-		</busconfig>
-	EOF
 	cat >"$dir/volagent.toml" <<-EOF
 		[[pool]]
 		name = "bench"
@@ -287,14 +263,8 @@ start_daemon() {
 		initial_size = "$2"
 		chunk_size = "$2"
 	EOF
-	command -v dbus-daemon >/dev/null || { echo "bench: dbus-daemon missing; run scripts/install-deps.sh" >&2; return 1; }
-	dbus-daemon --config-file="$dir/bus.conf" --nofork --nopidfile --nosyslog 2>"$dir/bus.log" &
-	daemon_pids=($! "${daemon_pids[@]}")
-	local i
-	for ((i = 0; i < 100; i++)); do
-		[ -S "$dir/bus" ] && break
-		sleep 0.05
-	done
+	start_private_bus "$dir" "$dir/system.d" || return 1
+	daemon_pids=("$bus_pid" "${daemon_pids[@]}")
 	"$volagent" serve --config "$dir/volagent.toml" --bus-address "$bus" 2>"$dir/serve.log" &
 	serve_pid=$!
 	daemon_pids=("$serve_pid" "${daemon_pids[@]}") # stopped before the bus

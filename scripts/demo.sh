@@ -12,6 +12,7 @@
 # stops it and cleans up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/private-bus.sh
 bin=$PWD/${1:-bin/volagent}
 work=$(mktemp -d /var/tmp/volagent-demo.XXXXXX)
 daemon_pid= bus_pid=
@@ -36,35 +37,8 @@ if [ -S /run/dbus/system_bus_socket ] && [ -f /usr/share/dbus-1/system.d/org.vol
 else
 	mkdir -p "$work/system.d"
 	cp packaging/dbus/org.volagent.VolAgent1.conf "$work/system.d/"
-	cat >"$work/bus.conf" <<EOF
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path=$work/bus</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
-  <includedir>$work/system.d</includedir>
-</busconfig>
-EOF
-	dbus-daemon --config-file="$work/bus.conf" --nofork --nopidfile --nosyslog 2>/dev/null &
-	bus_pid=$!
-	for _ in $(seq 100); do [ -S "$work/bus" ] && break; sleep 0.05; done
-	address=unix:path=$work/bus
+	start_private_bus "$work" "$work/system.d"
+	address=$bus_address
 	echo "demo: no system bus with volagent's policy here; using a private system-type bus at $work/bus"
 fi
 export DBUS_SYSTEM_BUS_ADDRESS=$address
@@ -88,11 +62,7 @@ EOF
 step volagent serve --config "$work/volagent.toml" '&'
 "$bin" serve --config "$work/volagent.toml" 2>"$work/daemon.log" &
 daemon_pid=$!
-for _ in $(seq 200); do
-	busctl --address="$address" status org.volagent.VolAgent1 >/dev/null 2>&1 && break
-	kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/daemon.log" >&2; exit 1; }
-	sleep 0.05
-done
+wait_for_volagent "$address" "$daemon_pid" "$work/daemon.log"
 bc() { busctl --address="$address" "$@"; }
 
 step busctl tree org.volagent.VolAgent1

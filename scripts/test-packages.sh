@@ -7,6 +7,7 @@
 # what Debian policy keeps (the volagent system group).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/private-bus.sh
 
 fail() { echo "test-packages: FAIL: $*" >&2; exit 1; }
 step() { echo "test-packages: $*" >&2; }
@@ -102,35 +103,9 @@ systemd-analyze security --offline=yes /lib/systemd/system/volagent.service | ta
 
 step "installed daemon on a private bus with the installed policy"
 mkdir -p "$work/pool" "$work/images"
-cat >"$work/bus.conf" <<EOF
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path=$work/bus</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
-  <include>/usr/share/dbus-1/system.d/org.volagent.VolAgent1.conf</include>
-</busconfig>
-EOF
-dbus-daemon --config-file="$work/bus.conf" --nofork --nopidfile --nosyslog &
-bus_pid=$!
-address="unix:path=$work/bus"
-for _ in $(seq 100); do [ -S "$work/bus" ] && break; sleep 0.05; done
+# The installed policy, read from where the system bus reads it.
+start_private_bus "$work" /usr/share/dbus-1/system.d
+address=$bus_address
 cat >"$work/volagent.toml" <<EOF
 [[pool]]
 name = "pkgtest"
@@ -143,11 +118,7 @@ policy = "enforce"
 EOF
 DBUS_SYSTEM_BUS_ADDRESS=$address /usr/bin/volagent serve --config "$work/volagent.toml" 2>"$work/daemon.log" &
 daemon_pid=$!
-for _ in $(seq 200); do
-	busctl --address="$address" status org.volagent.VolAgent1 >/dev/null 2>&1 && break
-	kill -0 "$daemon_pid" 2>/dev/null || fail "the installed daemon exited: $(cat "$work/daemon.log")"
-	sleep 0.05
-done
+wait_for_volagent "$address" "$daemon_pid" "$work/daemon.log" || fail "the installed daemon did not start"
 truncate -s 256M "$work/images/base.raw"
 reply=$(busctl --address="$address" call org.volagent.VolAgent1 /org/volagent/VolAgent1 \
 	org.volagent.VolAgent1.Manager CreateOverlay ssssta{sv} pkgtest vm1 "$work/images/base.raw" raw 0 0) ||

@@ -6,6 +6,7 @@ package dbustest
 import (
 	"bufio"
 	"bytes"
+	_ "embed"
 	"fmt"
 	"os"
 	"os/exec"
@@ -33,37 +34,11 @@ type Bus struct {
 	Dir     string // world-readable, holds the socket and configuration
 }
 
-// busConfig is the system bus's own default policy (from Debian's
-// /usr/share/dbus-1/system.conf), without the parts that need a real host
-// (a service helper, a pid file, syslog).
-const busConfig = `<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path=%s</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus" send_member="UpdateActivationEnvironment"/>
-  </policy>
-  <policy user="root">
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
-  </policy>
-  <includedir>%s</includedir>
-</busconfig>
-`
+// busConfigTemplate is the private bus's configuration, shared with the
+// shell scripts; @SOCKET@ and @POLICY_DIR@ are filled in by Start.
+//
+//go:embed system-bus.conf.in
+var busConfigTemplate string
 
 const allowAllPolicy = `<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -111,7 +86,8 @@ func Start(t testing.TB, opts Options) *Bus {
 	}
 	socket := filepath.Join(dir, "bus")
 	config := filepath.Join(dir, "bus.conf")
-	if err := os.WriteFile(config, []byte(fmt.Sprintf(busConfig, socket, policyDir)), 0o644); err != nil {
+	busConfig := strings.NewReplacer("@SOCKET@", socket, "@POLICY_DIR@", policyDir).Replace(busConfigTemplate)
+	if err := os.WriteFile(config, []byte(busConfig), 0o644); err != nil {
 		t.Fatal(err)
 	}
 
