@@ -272,16 +272,26 @@ func (o object) rescan(c *call, args []any) ([]any, *dbus.Error) {
 	return nil, nil
 }
 
-func (o object) deleteVolume(c *call, args []any) ([]any, *dbus.Error) {
-	opts, derr := parseOptions("Delete", args[0].(map[string]dbus.Variant))
+// volumeMethod is what every Volume method does first: check the
+// options argument, authorize the caller, and find the volume's ID.
+func (c *call) volumeMethod(method string, options any) (backend.Caller, string, *dbus.Error) {
+	opts, derr := parseOptions(method, options.(map[string]dbus.Variant))
 	if derr != nil {
-		return nil, derr
+		return backend.Caller{}, "", derr
 	}
 	caller, derr := c.authorize(opts)
 	if derr != nil {
-		return nil, derr
+		return backend.Caller{}, "", derr
 	}
 	id, derr := c.volumeID()
+	if derr != nil {
+		return backend.Caller{}, "", derr
+	}
+	return caller, id, nil
+}
+
+func (o object) deleteVolume(c *call, args []any) ([]any, *dbus.Error) {
+	caller, id, derr := c.volumeMethod("Delete", args[0])
 	if derr != nil {
 		return nil, derr
 	}
@@ -294,15 +304,7 @@ func (o object) deleteVolume(c *call, args []any) ([]any, *dbus.Error) {
 }
 
 func (o object) resizeVolume(c *call, args []any) ([]any, *dbus.Error) {
-	opts, derr := parseOptions("Resize", args[1].(map[string]dbus.Variant))
-	if derr != nil {
-		return nil, derr
-	}
-	caller, derr := c.authorize(opts)
-	if derr != nil {
-		return nil, derr
-	}
-	id, derr := c.volumeID()
+	caller, id, derr := c.volumeMethod("Resize", args[1])
 	if derr != nil {
 		return nil, derr
 	}
@@ -318,15 +320,7 @@ func (o object) resizeVolume(c *call, args []any) ([]any, *dbus.Error) {
 }
 
 func (o object) writeVolume(c *call, args []any) ([]any, *dbus.Error) {
-	opts, derr := parseOptions("Write", args[2].(map[string]dbus.Variant))
-	if derr != nil {
-		return nil, derr
-	}
-	caller, derr := c.authorize(opts)
-	if derr != nil {
-		return nil, derr
-	}
-	id, derr := c.volumeID()
+	caller, id, derr := c.volumeMethod("Write", args[2])
 	if derr != nil {
 		return nil, derr
 	}
@@ -342,15 +336,8 @@ func (o object) writeVolume(c *call, args []any) ([]any, *dbus.Error) {
 }
 
 func (o object) checkVolume(c *call, args []any) ([]any, *dbus.Error) {
-	opts, derr := parseOptions("Check", args[0].(map[string]dbus.Variant))
-	if derr != nil {
-		return nil, derr
-	}
 	// Check only reads, but it reads a whole device: not for everyone.
-	if _, derr := c.authorize(opts); derr != nil {
-		return nil, derr
-	}
-	id, derr := c.volumeID()
+	_, id, derr := c.volumeMethod("Check", args[0])
 	if derr != nil {
 		return nil, derr
 	}
