@@ -93,7 +93,7 @@ func testPIDOf(path string) (int, bool) {
 // testDir returns a fresh directory on a filesystem that supports
 // O_DIRECT (loop direct I/O needs it). At cleanup every loop device over
 // a file in it is detached (stacked ones first), then it is removed.
-func testDir(t *testing.T) string {
+func testDir(t testing.TB) string {
 	t.Helper()
 	for _, base := range []string{os.TempDir(), "/var/tmp"} {
 		dir, err := os.MkdirTemp(base, testDirPrefix)
@@ -120,7 +120,7 @@ func testDir(t *testing.T) string {
 
 // detachLoopsUnder detaches every loop device whose backing file is under
 // dir, and first the loop devices stacked on those.
-func detachLoopsUnder(t *testing.T, dir string) {
+func detachLoopsUnder(t testing.TB, dir string) {
 	loops, err := hostblk.LoopDevices()
 	if err != nil {
 		t.Errorf("cleanup: %v", err)
@@ -143,7 +143,7 @@ func detachLoopsUnder(t *testing.T, dir string) {
 	}
 }
 
-func requireRootAndTools(t *testing.T) {
+func requireRootAndTools(t testing.TB) {
 	t.Helper()
 	testutil.RequireRoot(t)
 	testutil.RequireTool(t, "lvm", "qemu-img", "qemu-io")
@@ -157,7 +157,7 @@ var vgCounter atomic.Int32
 // newTestVG creates a volume group on a loop device over a sparse file of
 // pvSize bytes, with 4 MiB extents, and an LVM that sees only it. The VG,
 // the PV label and every loop device are removed at cleanup.
-func newTestVG(t *testing.T, pvSize int64) (*hostblk.LVM, string, string) {
+func newTestVG(t testing.TB, pvSize int64) (*hostblk.LVM, string, string) {
 	t.Helper()
 	dir := testDir(t)
 	file := filepath.Join(dir, "pv.img")
@@ -212,7 +212,7 @@ func newTestVG(t *testing.T, pvSize int64) (*hostblk.LVM, string, string) {
 
 // env is one pool of a given type plus a backing root with files.
 type env struct {
-	t        *testing.T
+	t        testing.TB
 	poolType PoolType
 	cfg      *Config
 	lvm      *hostblk.LVM
@@ -234,7 +234,7 @@ const (
 
 // newEnv makes a pool named "p" of the given type (and policy) with
 // backing root e.roots.
-func newEnv(t *testing.T, typ PoolType, policy PolicyMode) *env {
+func newEnv(t testing.TB, typ PoolType, policy PolicyMode) *env {
 	t.Helper()
 	requireRootAndTools(t)
 	dir := testDir(t)
@@ -272,7 +272,7 @@ func (e *env) manager() *Manager {
 	return m
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Logf("%s", strings.TrimRight(string(p), "\n"))
@@ -280,7 +280,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 }
 
 // file writes a file of size bytes with data at the given offsets.
-func writeFile(t *testing.T, path string, size int64, chunks map[int64][]byte) {
+func writeFile(t testing.TB, path string, size int64, chunks map[int64][]byte) {
 	t.Helper()
 	f, err := os.Create(path)
 	if err != nil {
@@ -297,7 +297,7 @@ func writeFile(t *testing.T, path string, size int64, chunks map[int64][]byte) {
 	}
 }
 
-func randomBytes(t *testing.T, n int) []byte {
+func randomBytes(t testing.TB, n int) []byte {
 	t.Helper()
 	b := make([]byte, n)
 	if _, err := rand.Read(b); err != nil {

@@ -172,7 +172,7 @@ func (m *Manager) runImport(ctx context.Context, j *job, p *pool, name, id strin
 		m.finishJob(j, state, err.Error())
 	}
 	meta := hostblk.VolumeMeta{Role: string(RoleBase), State: stateImporting}
-	dev, file, err := m.makeVolume(ctx, p, "import", name, opts, meta)
+	dev, file, _, err := m.makeVolume(ctx, p, "import", name, opts, meta)
 	if err != nil {
 		fail(err)
 		return
@@ -192,7 +192,7 @@ func (m *Manager) runImport(ctx context.Context, j *job, p *pool, name, id strin
 		return
 	}
 	// The data is flushed: finish even if cancelled now.
-	if err := m.commit(context.WithoutCancel(ctx), p, "import", name, meta); err != nil {
+	if err := m.commit(context.WithoutCancel(ctx), p, "import", name, dev, meta); err != nil {
 		fail(err)
 		return
 	}

@@ -119,6 +119,30 @@ func (m *Manager) isPending(id string) bool {
 	return ok
 }
 
+// createdVolume builds the volume CreateOverlay just made from what it
+// wrote, as readVolume would read it back: the header Create wrote says
+// the format, virtual size and backing, and its metadata clusters are
+// all the image has allocated (consecutive from 0, each with refcount 1),
+// so a check would find it clean, ending where the metadata ends.
+func (m *Manager) createdVolume(p *pool, name, dev, file string, meta hostblk.VolumeMeta, opts qcow2.CreateOptions, img newImage) *volume {
+	v := &volume{
+		info: VolumeInfo{
+			ID: VolumeID(p.cfg.Name, name), Name: name, Pool: p.cfg.Name, DevicePath: dev, Role: Role(meta.Role),
+			Format:           "qcow2",
+			VirtualSize:      img.layout.VirtualSize,
+			DeviceSize:       img.deviceSize,
+			HighestAllocated: img.layout.MetadataClusters * img.layout.ClusterSize,
+			BackingName:      opts.BackingFile,
+			BackingFormat:    opts.BackingFormat,
+		},
+		meta: meta, file: file, backingPath: dev,
+	}
+	if file != "" {
+		v.backingPath = file
+	}
+	return v
+}
+
 // readVolume builds a volume from its device: the qcow2 header says the
 // format, virtual size and backing; a check says how far the image
 // reaches. A header that is refused becomes the volume's problem.
@@ -256,7 +280,10 @@ func (m *Manager) removeDevice(ctx context.Context, p *pool, name string) error 
 }
 
 // setState records a volume's state ("" when finished) on its device's
-// metadata, in one atomic step (one lvchange, one setxattr).
+// metadata, in one atomic step (one lvchange, one setxattr). On a loop
+// pool the finished mark ("") is also made durable (fsync of the file);
+// a lost in-progress mark needs no such care (a lost "deleting" leaves a
+// complete volume whose Delete never returned). For LVM see commit.
 func (m *Manager) setState(ctx context.Context, p *pool, name string, meta hostblk.VolumeMeta, from, to string) error {
 	switch p.cfg.Type {
 	case PoolLVM:
@@ -279,6 +306,9 @@ func (m *Manager) setState(ctx context.Context, p *pool, name string, meta hostb
 		return nil
 	default:
 		meta.State = to
+		if to == "" {
+			return p.loop.SetMetaDurable(name, meta)
+		}
 		return p.loop.SetMeta(name, meta)
 	}
 }

@@ -94,15 +94,17 @@ func (m *Manager) CreateOverlay(ctx context.Context, c Caller, req OverlayReques
 		opts.VirtualSize = roundUp(b.virtualSize, 512)
 	}
 	meta := hostblk.VolumeMeta{Role: string(RoleOverlay), BackingName: b.metaName, BackingFormat: b.format, State: stateCreating}
-	dev, file, err := m.makeVolume(ctx, p, "create", req.Name, opts, meta)
+	dev, file, img, err := m.makeVolume(ctx, p, "create", req.Name, opts, meta)
 	if err != nil {
 		return VolumeInfo{}, err
 	}
-	if err := m.commit(ctx, p, "create", req.Name, meta); err != nil {
+	if err := m.commit(ctx, p, "create", req.Name, dev, meta); err != nil {
 		return VolumeInfo{}, err
 	}
 	meta.State = ""
-	v := m.readVolume(p, req.Name, dev, file, meta)
+	// Not read back and checked: the image is what Create just wrote (Load
+	// reads and checks every volume at start).
+	v := m.createdVolume(p, req.Name, dev, file, meta, opts, img)
 	m.register(v)
 	m.poolChanged(p)
 	m.log.Info("overlay created", "pool", p.cfg.Name, "volume", req.Name, "id", id, "backing", b.name, "backing_format", b.format, "uid", c.UID)
@@ -149,30 +151,38 @@ func (m *Manager) register(v *volume) {
 	m.emit(Event{Kind: EventVolumeAdded, Volume: &info})
 }
 
+// newImage is what makeVolume wrote: the layout of the new image and the
+// size of the device it is on.
+type newImage struct {
+	layout     *qcow2.CreateLayout
+	deviceSize int64
+}
+
 // makeVolume creates a volume's device marked with meta.State and writes
-// a new qcow2 image onto it. On an error nothing is left behind (except
-// after a simulated crash, which skips cleanup as a real one would).
-func (m *Manager) makeVolume(ctx context.Context, p *pool, op, name string, opts qcow2.CreateOptions, meta hostblk.VolumeMeta) (dev, file string, err error) {
+// a new qcow2 image onto it, flushed. On an error nothing is left behind
+// (except after a simulated crash, which skips cleanup as a real one
+// would).
+func (m *Manager) makeVolume(ctx context.Context, p *pool, op, name string, opts qcow2.CreateOptions, meta hostblk.VolumeMeta) (dev, file string, img newImage, err error) {
 	// The refcount table covers what the image can grow to, so neither
 	// volagent nor qemu has to move it when the device grows.
 	capacity, err := qcow2.MaxImageSize(opts)
 	if err != nil {
-		return "", "", fmt.Errorf("%w: %v", ErrInvalidArgument, err)
+		return "", "", img, fmt.Errorf("%w: %v", ErrInvalidArgument, err)
 	}
 	planned := opts
 	planned.BlockSize = headerBlockSize
 	layout, err := qcow2.PlanCreate(capacity, planned)
 	if err != nil {
 		if qcow2.IsRefusal(err) {
-			return "", "", fmt.Errorf("%w: %v", ErrPolicyViolation, err)
+			return "", "", img, fmt.Errorf("%w: %v", ErrPolicyViolation, err)
 		}
-		return "", "", fmt.Errorf("%w: %v", ErrInvalidArgument, err)
+		return "", "", img, fmt.Errorf("%w: %v", ErrInvalidArgument, err)
 	}
 	size := roundUp(max(p.cfg.InitialSize, layout.WriteSize), sizeAlignment)
 
 	dev, file, err = m.createDevice(ctx, p, op, name, size, meta)
 	if err != nil {
-		return "", "", err
+		return "", "", img, err
 	}
 	cleanup := func(cause error) error {
 		if errors.Is(cause, errSimulatedCrash) {
@@ -183,18 +193,39 @@ func (m *Manager) makeVolume(ctx context.Context, p *pool, op, name string, opts
 		}
 		return cause
 	}
-	if err := writeNewImage(dev, capacity, opts); err != nil {
-		return "", "", cleanup(fmt.Errorf("%w: pool %q: volume %q: %v", ErrFailed, p.cfg.Name, name, err))
+	// A loop pool's device is over a file Create just made sparse: it
+	// reads zeros, so only the metadata's non-zero blocks are written. An
+	// LV may hold an earlier tenant's data: every block is written.
+	opts.TargetZeroed = p.cfg.Type == PoolLoop
+	img, err = writeNewImage(dev, capacity, opts)
+	if err != nil {
+		return "", "", img, cleanup(fmt.Errorf("%w: pool %q: volume %q: %v", ErrFailed, p.cfg.Name, name, err))
 	}
 	if err := m.crashPoint(op + ":header"); err != nil {
-		return "", "", err
+		return "", "", img, err
 	}
-	return dev, file, nil
+	return dev, file, img, nil
 }
 
 // commit clears a volume's in-progress mark: from now on it is complete.
-func (m *Manager) commit(ctx context.Context, p *pool, op, name string, meta hostblk.VolumeMeta) error {
-	if err := m.setState(ctx, p, name, meta, meta.State, ""); err != nil {
+// When it returns the mark is durable, so a volume reported created
+// survives a power loss (without that the next Load would find it still
+// in progress and delete it): on a loop pool setState fsyncs the file; on
+// LVM, lvchange writes the VG metadata with O_DIRECT and never flushes the
+// PV (its only fsyncs are of /etc/lvm/backup), so the write may sit in a
+// volatile write cache, or in unjournalled extents of a PV that is a loop
+// over a sparse file. A flush of the LV's device reaches the PVs under it
+// (device-mapper and loop pass flushes down) and so the new metadata; LVM
+// takes the copy with the highest sequence number at the next scan.
+// makeVolume flushed the image before, so a durable mark never stands for
+// an image that is not (see hostblk.LoopPool.Create for the whole
+// argument).
+func (m *Manager) commit(ctx context.Context, p *pool, op, name, dev string, meta hostblk.VolumeMeta) error {
+	err := m.setState(ctx, p, name, meta, meta.State, "")
+	if err == nil && p.cfg.Type == PoolLVM {
+		err = hostblk.FlushDevice(dev)
+	}
+	if err != nil {
 		if rerr := m.removeDevice(context.WithoutCancel(ctx), p, name); rerr != nil {
 			m.log.Error("could not remove a half-made volume; the next Load removes it", "pool", p.cfg.Name, "volume", name, "err", rerr)
 		}
@@ -205,26 +236,30 @@ func (m *Manager) commit(ctx context.Context, p *pool, op, name string, meta hos
 
 // writeNewImage writes a qcow2 image onto the device at path as the CLI's
 // create does: an exclusive open, direct I/O where the device allows it,
-// one write of the metadata, a flush.
-func writeNewImage(path string, capacity int64, opts qcow2.CreateOptions) error {
+// one write of the metadata (opts.TargetZeroed: of its non-zero blocks),
+// a flush.
+func writeNewImage(path string, capacity int64, opts qcow2.CreateOptions) (newImage, error) {
 	dev, err := hostblk.OpenDevice(path, hostblk.OpenOptions{Write: true, Exclusive: true, Direct: true})
 	if errors.Is(err, unix.EINVAL) {
 		dev, err = hostblk.OpenDevice(path, hostblk.OpenOptions{Write: true, Exclusive: true})
 	}
 	if err != nil {
-		return err
+		return newImage{}, err
 	}
 	defer dev.Close()
 	info, err := dev.Info()
 	if err != nil {
-		return err
+		return newImage{}, err
 	}
 	if info.ReadOnly {
-		return fmt.Errorf("%s: the device is read-only", path)
+		return newImage{}, fmt.Errorf("%s: the device is read-only", path)
 	}
 	opts.BlockSize = info.LogicalBlockSize
-	_, err = qcow2.Create(dev.File(), capacity, opts)
-	return err
+	layout, err := qcow2.Create(dev.File(), capacity, opts)
+	if err != nil {
+		return newImage{}, err
+	}
+	return newImage{layout: layout, deviceSize: info.Size}, nil
 }
 
 // resolveBacking applies the policy to an overlay's backing and reads its

@@ -219,6 +219,25 @@ type DeviceInfo struct {
 	ReadOnly          bool
 }
 
+// FlushDevice makes what was written to the block device at path durable
+// (fsync: the kernel sends a cache flush down through device-mapper and
+// loop devices to the disks), including writes other processes made with
+// O_DIRECT, which bypass the page cache but not a volatile write cache.
+func FlushDevice(path string) error {
+	d, err := OpenDevice(path, OpenOptions{})
+	if err != nil {
+		return err
+	}
+	err = d.file.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("flush %s: %w", path, err)
+	}
+	return nil
+}
+
 // Inspect opens path read-only (not exclusively) and returns its facts.
 func Inspect(path string) (DeviceInfo, error) {
 	d, err := OpenDevice(path, OpenOptions{})

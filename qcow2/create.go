@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -44,6 +45,14 @@ type CreateOptions struct {
 	// BlockSize is the target's logical block size: every write's offset and
 	// length is a multiple of it (O_DIRECT needs that). 0 means 512.
 	BlockSize int
+	// TargetZeroed says the target already reads zeros where the metadata
+	// goes (a new sparse file, or a device over one): only the blocks of
+	// the metadata that hold a non-zero byte are written, the all-zero
+	// ones (most of the refcount table and blocks, the L1 table) are
+	// skipped. The result reads the same as a full write. Never set it
+	// for a target that may hold old data (an LV, a reused device): the
+	// skipped blocks would keep it.
+	TargetZeroed bool
 }
 
 // CreateLayout is where Create puts the metadata. All offsets are in bytes
@@ -173,8 +182,11 @@ func MaxImageSize(opts CreateOptions) (int64, error) {
 // (a block device, or a file; see PlanCreate for files). It writes every
 // metadata cluster in full, zeros included, with one WriteAt at offset 0
 // whose length is a multiple of opts.BlockSize, then calls Sync once if w
-// has it. Bytes past the metadata are not touched: qemu only reaches them
-// through tables Create leaves empty.
+// has it. With opts.TargetZeroed it writes only the blocks that hold
+// non-zero bytes (for a new image the header, the start of the refcount
+// table and the start of the refcount block), one WriteAt per run of
+// them (short gaps of zeros included, see zeroGapWrite), then syncs once. Bytes past the metadata are not touched: qemu only
+// reaches them through tables Create leaves empty.
 //
 // Errors: options out of range wrap ErrCreateOption, ErrBackingFormatMissing
 // or ErrBackingFormat; a small target wraps ErrTargetTooSmall; an unsafe
@@ -187,8 +199,16 @@ func Create(w io.WriterAt, targetSize int64, opts CreateOptions) (*CreateLayout,
 	opts, _ = checkCreateOptions(opts)
 	buf := alignedBuffer(int(l.WriteSize), opts.BlockSize)
 	l.encode(buf, opts)
-	if _, err := w.WriteAt(buf, 0); err != nil {
-		return nil, fmt.Errorf("writing %d bytes of qcow2 metadata: %w", len(buf), err)
+	if !opts.TargetZeroed {
+		if _, err := w.WriteAt(buf, 0); err != nil {
+			return nil, fmt.Errorf("writing %d bytes of qcow2 metadata: %w", len(buf), err)
+		}
+	} else {
+		for _, r := range nonZeroRuns(buf, opts.BlockSize) {
+			if _, err := w.WriteAt(buf[r[0]:r[1]], int64(r[0])); err != nil {
+				return nil, fmt.Errorf("writing %d bytes of qcow2 metadata at offset %d: %w", r[1]-r[0], r[0], err)
+			}
+		}
 	}
 	if s, ok := w.(interface{ Sync() error }); ok {
 		if err := s.Sync(); err != nil {
@@ -197,6 +217,39 @@ func Create(w io.WriterAt, targetSize int64, opts CreateOptions) (*CreateLayout,
 	}
 	return l, nil
 }
+
+// zeroGapWrite is the longest run of zero blocks between non-zero ones
+// that TargetZeroed writes anyway rather than splitting the write: one
+// more request costs more than writing that many zeros with it (measured
+// on a loop device with direct I/O over ext4: a request ~100 us, 128 KiB
+// ~90 us). With 64 KiB clusters the header, refcount table and refcount
+// block become one 132 KiB write instead of 256 KiB.
+const zeroGapWrite = 128 << 10
+
+// nonZeroRuns returns the [start, end) byte ranges of buf to write when
+// the target reads zeros: every bs-byte block that holds a non-zero byte,
+// joined into runs across gaps of at most zeroGapWrite zero bytes.
+// Starts and ends are multiples of bs, and buf's start is aligned, so
+// every range is a valid O_DIRECT write.
+func nonZeroRuns(buf []byte, bs int) [][2]int {
+	var runs [][2]int
+	for off := 0; off < len(buf); off += bs {
+		if allZero(buf[off : off+bs]) {
+			continue
+		}
+		if n := len(runs); n > 0 && off-runs[n-1][1] <= zeroGapWrite {
+			runs[n-1][1] = off + bs
+		} else {
+			runs = append(runs, [2]int{off, off + bs})
+		}
+	}
+	return runs
+}
+
+// zeroBlock is compared against: bytes.Equal is vectorised.
+var zeroBlock [maxBlockSize]byte
+
+func allZero(b []byte) bool { return bytes.Equal(b, zeroBlock[:len(b)]) }
 
 // checkCreateOptions validates opts and fills in the defaults.
 func checkCreateOptions(opts CreateOptions) (CreateOptions, error) {
