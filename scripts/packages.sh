@@ -38,10 +38,12 @@ needed=$(objdump -p "$staging/volagent" | awk '$1 == "NEEDED" { print $2 }')
 deb_depends=(lvm2 dbus)
 rpm_depends=(lvm2 dbus)
 for lib in $needed; do
-	path=$(ldconfig -p | awk -v lib="$lib" '$1 == lib && /x86-64/ { print $NF; exit }')
+	path=$(ldconfig -p | awk -v lib="$lib" '$1 == lib && /x86-64/ && !found { print $NF; found = 1 }')
 	[ -n "$path" ] || { echo "packages: cannot find $lib" >&2; exit 1; }
-	pkg=$(dpkg -S "$(readlink -f "$path")" 2>/dev/null | head -1 | cut -d: -f1) ||
-		pkg=$(dpkg -S "$path" | head -1 | cut -d: -f1)
+	# awk reads all its input: head would make dpkg -S die of SIGPIPE under pipefail.
+	# dpkg knows a library by the path its package ships (with usrmerge,
+	# /lib/... or /usr/lib/...), so ask for both.
+	pkg=$( (dpkg -S "$(readlink -f "$path")" 2>/dev/null || dpkg -S "$path") | awk -F: 'NR == 1 { print $1 }')
 	if [ "$pkg" = libc6 ]; then
 		glibc=$(objdump -T "$staging/volagent" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
 		pkg="libc6 (>= $glibc)"
@@ -49,6 +51,8 @@ for lib in $needed; do
 	deb_depends+=("$pkg")
 	rpm_depends+=("$lib()(64bit)")
 done
+# One Debian package can ship several of the libraries (libvirt0).
+mapfile -t deb_depends < <(printf '%s\n' "${deb_depends[@]}" | awk '!seen[$0]++')
 
 join() { local IFS=,; echo "$*"; }
 quote() { local out=() d; for d in "$@"; do out+=("\"$d\""); done; join "${out[@]}"; }

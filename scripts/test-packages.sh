@@ -31,6 +31,8 @@ lintian_status=0
 lintian --fail-on error --tag-display-limit 0 "$deb" >dist/lintian.log 2>&1 || lintian_status=$?
 grep -v 'running with root privileges' dist/lintian.log >&2 || true
 [ "$lintian_status" -eq 0 ] || fail "lintian reports errors (exit $lintian_status)"
+# Debian's maintainer scripts go through deb-systemd-helper/-invoke.
+! grep -q maintainer-script-calls-systemctl dist/lintian.log || fail "Debian maintainer scripts call systemctl"
 
 step "rpm contents, requirements and scripts"
 expected_rpm_files="/etc/libvirt/hooks/qemu.d/volagent
@@ -67,7 +69,7 @@ for want in "postinstall scriptlet" "preuninstall scriptlet" "postuninstall scri
 done
 
 step "deb metadata"
-dpkg-deb -f "$deb" Version | grep -qx "$version-1" || fail "deb version is not $version-1"
+[ "$(dpkg-deb -f "$deb" Version)" = "$version-1" ] || fail "deb version is not $version-1"
 depends=$(dpkg-deb -f "$deb" Depends)
 for need in lvm2 dbus libc6; do
 	grep -q "\b$need\b" <<<"$depends" || fail "deb does not depend on $need ($depends)"
