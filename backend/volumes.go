@@ -498,9 +498,9 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 func resizeImage(path string, virtualSize int64) error {
 	// Buffered: ReadHeader reads unaligned; the header write is followed
 	// by a flush, which makes it as durable as a direct write.
-	tgt, err := qcow2.OpenTarget(path, true)
+	tgt, err := hostblk.OpenTarget(path, true)
 	if err != nil {
-		if errors.Is(err, qcow2.ErrTargetBusy) {
+		if errors.Is(err, hostblk.ErrTargetBusy) {
 			return fmt.Errorf("%w: %v", ErrBusy, err)
 		}
 		return fmt.Errorf("%w: %v", ErrFailed, err)
@@ -668,7 +668,7 @@ type writeSession struct {
 	m *Manager
 	p *pool
 	v *volume
-	w *qcow2.ChainWriter
+	w *ChainWriter
 }
 
 func (m *Manager) openWriteSession(p *pool, v *volume) (*writeSession, error) {
@@ -679,13 +679,13 @@ func (m *Manager) openWriteSession(p *pool, v *volume) (*writeSession, error) {
 	return s, nil
 }
 
-// open opens the device as the CLI's import does (qcow2.OpenWriterWithChain).
+// open opens the device as the CLI's import does (OpenWriterWithChain).
 func (s *writeSession) open() error {
 	name := s.v.info.Name
-	w, err := qcow2.OpenWriterWithChain(s.v.info.DevicePath, s.m.gateFor(s.p), false)
+	w, err := OpenWriterWithChain(s.v.info.DevicePath, s.m.gateFor(s.p), false)
 	switch {
 	case err == nil:
-	case errors.Is(err, qcow2.ErrTargetBusy):
+	case errors.Is(err, hostblk.ErrTargetBusy):
 		return fmt.Errorf("%w: volume %q: %v", ErrBusy, name, err)
 	case qcow2.IsRefusal(err):
 		return fmt.Errorf("%w: volume %q: its image or chain is refused: %v", ErrPolicyViolation, name, err)

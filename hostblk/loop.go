@@ -454,3 +454,19 @@ func truncateSync(path string, size int64) error {
 	}
 	return f.Close()
 }
+
+// RemoveLoopDevice removes the unattached loop device /dev/loopN
+// (LOOP_CTL_REMOVE), which the kernel otherwise keeps after a detach. It
+// fails with EBUSY for a device that is attached or open.
+func RemoveLoopDevice(n int) error {
+	ctl, err := unix.Open(loopControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: loopControlPath, Err: err}
+	}
+	defer unix.Close(ctl)
+	// The device number is the ioctl's argument itself, not a pointer.
+	if err := unix.IoctlSetInt(ctl, unix.LOOP_CTL_REMOVE, n); err != nil {
+		return fmt.Errorf("LOOP_CTL_REMOVE /dev/loop%d: %w", n, err)
+	}
+	return nil
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -231,5 +232,33 @@ func TestAttachLoopConcurrent(t *testing.T) {
 				t.Fatalf("round %d: %s should be the only loop over %s, found %+v (%v)", round, devs[i].Path, files[i], found, err)
 			}
 		}
+	}
+}
+
+// TestRemoveLoopDevice: a detached loop device can be removed; an attached
+// one cannot.
+func TestRemoveLoopDevice(t *testing.T) {
+	testRoot(t)
+	backing := sparseFile(t, testDir(t), "remove.img", 16<<20)
+	dev, err := AttachLoop(backing, LoopOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { DetachLoop(dev.Path) })
+	n, err := strconv.Atoi(strings.TrimPrefix(dev.Path, "/dev/loop"))
+	if err != nil {
+		t.Fatalf("loop device path %q: %v", dev.Path, err)
+	}
+	if err := RemoveLoopDevice(n); err == nil {
+		t.Fatalf("RemoveLoopDevice(%d) removed an attached device", n)
+	}
+	if err := DetachLoop(dev.Path); err != nil {
+		t.Fatal(err)
+	}
+	if err := RemoveLoopDevice(n); err != nil {
+		t.Fatalf("RemoveLoopDevice(%d) after detach: %v", n, err)
+	}
+	if _, err := os.Stat(fmt.Sprintf("/sys/block/loop%d", n)); !os.IsNotExist(err) {
+		t.Errorf("/sys/block/loop%d still exists after removal (%v)", n, err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/internal/testutil"
 )
 
@@ -26,7 +27,7 @@ func BenchmarkCowWriteLatency(b *testing.B) {
 	base := filepath.Join(dir, "base.raw")
 	writeRandomFile(b, base, imageSpan, 42)
 	dev := testutil.LoopDevice(b, 2*imageSpan+(64<<20), 512)
-	tgt, err := OpenTarget(dev, false)
+	tgt, err := hostblk.OpenTarget(dev, false)
 	if err != nil {
 		b.Fatal(err)
 	}

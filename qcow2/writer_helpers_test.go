@@ -14,6 +14,7 @@ import (
 	"testing"
 	"unsafe"
 
+	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/internal/testutil"
 )
 
@@ -182,9 +183,9 @@ func writeRandomFile(t testing.TB, path string, size int64, seed uint64) []byte 
 
 // openFileWriter opens image (a qcow2 file) for writing with O_DIRECT and
 // its backing file (raw or qcow2 as recorded), closing both at cleanup.
-func openFileWriter(t testing.TB, image string) (*Writer, *Target) {
+func openFileWriter(t testing.TB, image string) (*Writer, *hostblk.Target) {
 	t.Helper()
-	tgt, err := OpenTarget(image, false)
+	tgt, err := hostblk.OpenTarget(image, false)
 	if err != nil {
 		t.Fatal(err)
 	}

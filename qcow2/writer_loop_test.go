@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/internal/testutil"
 )
 
@@ -16,7 +17,7 @@ import (
 func loopOverlay(t *testing.T, devSize, sectorSize int, opts CreateOptions) (string, *Writer) {
 	t.Helper()
 	dev := testutil.LoopDevice(t, devSize, sectorSize)
-	tgt, err := OpenTarget(dev, false)
+	tgt, err := hostblk.OpenTarget(dev, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,7 +128,7 @@ func TestWriterNeverShowsStaleData(t *testing.T) {
 		t.Run(fmt.Sprint("sector-", sector), func(t *testing.T) {
 			dev := testutil.LoopDevice(t, 32<<20, sector)
 			fillDevice(t, dev, stale)
-			tgt, err := OpenTarget(dev, false)
+			tgt, err := hostblk.OpenTarget(dev, false)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -214,15 +215,15 @@ func TestWriterNoSpace(t *testing.T) {
 func TestSecondWriterOnDeviceRefused(t *testing.T) {
 	testutil.RequireRoot(t)
 	dev := testutil.LoopDevice(t, 1<<20, 512)
-	first, err := OpenTarget(dev, false)
+	first, err := hostblk.OpenTarget(dev, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer first.Close()
-	if second, err := OpenTarget(dev, false); !errors.Is(err, ErrTargetBusy) {
+	if second, err := hostblk.OpenTarget(dev, false); !errors.Is(err, hostblk.ErrTargetBusy) {
 		if second != nil {
 			second.Close()
 		}
-		t.Fatalf("second OpenTarget: %v, want ErrTargetBusy", err)
+		t.Fatalf("second OpenTarget: %v, want hostblk.ErrTargetBusy", err)
 	}
 }

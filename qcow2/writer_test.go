@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/internal/testutil"
 )
 
@@ -347,7 +348,7 @@ func TestWriterRefusals(t *testing.T) {
 			p := filepath.Join(dir, tc.name+".qcow2")
 			tc.setup(p)
 			before, _ := os.ReadFile(p)
-			tgt, err := OpenTarget(p, false)
+			tgt, err := hostblk.OpenTarget(p, false)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -405,16 +406,16 @@ func TestSecondWriterRefused(t *testing.T) {
 	testutil.RequireTool(t, "qemu-img")
 	image := filepath.Join(t.TempDir(), "one.qcow2")
 	testutil.MakeQcow2(t, image, "", "1M", "", "")
-	first, err := OpenTarget(image, false)
+	first, err := hostblk.OpenTarget(image, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer first.Close()
-	if second, err := OpenTarget(image, false); !errors.Is(err, ErrTargetBusy) {
+	if second, err := hostblk.OpenTarget(image, false); !errors.Is(err, hostblk.ErrTargetBusy) {
 		if second != nil {
 			second.Close()
 		}
-		t.Fatalf("second OpenTarget: %v, want ErrTargetBusy", err)
+		t.Fatalf("second OpenTarget: %v, want hostblk.ErrTargetBusy", err)
 	}
 }
 
@@ -436,10 +437,10 @@ func TestOpenTargetNoDirectIO(t *testing.T) {
 	if probeErr == nil {
 		unix.Close(fd)
 	}
-	tgt, err := OpenTarget(p, false)
+	tgt, err := hostblk.OpenTarget(p, false)
 	switch {
-	case errors.Is(probeErr, unix.EINVAL) && !errors.Is(err, ErrNoDirectIO):
-		t.Fatalf("OpenTarget on tmpfs without O_DIRECT: %v, want ErrNoDirectIO", err)
+	case errors.Is(probeErr, unix.EINVAL) && !errors.Is(err, hostblk.ErrNoDirectIO):
+		t.Fatalf("OpenTarget on tmpfs without O_DIRECT: %v, want hostblk.ErrNoDirectIO", err)
 	case probeErr == nil && err != nil:
 		t.Fatalf("OpenTarget on tmpfs with O_DIRECT: %v", err)
 	case err == nil:
@@ -448,7 +449,7 @@ func TestOpenTargetNoDirectIO(t *testing.T) {
 	default:
 		t.Logf("refused as expected: %v", err)
 	}
-	tgt, err = OpenTarget(p, true)
+	tgt, err = hostblk.OpenTarget(p, true)
 	if err != nil {
 		t.Fatalf("buffered OpenTarget: %v", err)
 	}

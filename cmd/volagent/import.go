@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/volagent/volagent/backend"
 	"github.com/volagent/volagent/qcow2"
 )
 
@@ -171,7 +172,7 @@ func runImport(opts importOptions, source, target string, stdout, stderr io.Writ
 
 	// The exclusive open comes first, so nobody else writes TARGET while
 	// its chain is opened and checked.
-	w, err := qcow2.OpenWriterWithChain(target, gate, opts.buffered)
+	w, err := backend.OpenWriterWithChain(target, gate, opts.buffered)
 	if err != nil {
 		return err
 	}

@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/internal/testutil"
-	"github.com/volagent/volagent/qcow2"
 )
 
 // importSource writes a raw source of size bytes: random data with zero
@@ -198,7 +198,7 @@ func TestImportRefusals(t *testing.T) {
 		t.Errorf("--source-format vmdk: exit %d, %s", code, stderr)
 	}
 	// A second writer is refused while the first holds the image.
-	held, err := qcow2.OpenTarget(target, false)
+	held, err := hostblk.OpenTarget(target, false)
 	if err != nil {
 		t.Fatal(err)
 	}

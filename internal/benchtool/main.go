@@ -31,9 +31,9 @@ import (
 	"time"
 
 	"github.com/godbus/dbus/v5"
-	"golang.org/x/sys/unix"
 
 	"github.com/volagent/volagent/dbusapi"
+	"github.com/volagent/volagent/hostblk"
 )
 
 func main() {
@@ -274,18 +274,13 @@ func deleteAll(conn *dbus.Conn, pool string, parallel int) error {
 // loopRemove removes the given loop devices; the kernel refuses (EBUSY)
 // those attached or open, which are left alone.
 func loopRemove(numbers []string) error {
-	ctl, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(ctl)
 	removed := 0
 	for _, a := range numbers {
 		n, err := strconv.Atoi(a)
 		if err != nil {
 			return fmt.Errorf("loop device number %q: %v", a, err)
 		}
-		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(ctl), unix.LOOP_CTL_REMOVE, uintptr(n)); errno == 0 {
+		if hostblk.RemoveLoopDevice(n) == nil {
 			removed++
 		}
 	}
