@@ -20,6 +20,9 @@ package virt
 // domain, and the request is retried: no guest write is lost. (Writes
 // made through the HMP qemu-io command bypass the guest device's error
 // policy: they fail instead of pausing.)
+//
+// DisableThresholds leaves only that second path: no threshold is set, and
+// every growth costs the domain a pause.
 
 import (
 	"context"
@@ -40,8 +43,9 @@ type ThinController struct {
 	vols Volumes
 	log  *slog.Logger
 
-	mu   sync.Mutex
-	conn *Conn
+	mu           sync.Mutex
+	conn         *Conn
+	noThresholds bool
 }
 
 // NewThinController makes a ThinController; log (optional) gets what it
@@ -58,6 +62,24 @@ func (t *ThinController) Bind(c *Conn) {
 	t.mu.Lock()
 	t.conn = c
 	t.mu.Unlock()
+}
+
+// DisableThresholds turns the block thresholds off: volumes grow only when
+// a domain pauses out of space (ENOSPC under a 'stop' or 'enospace' error
+// policy), and then the domain is resumed. Thresholds already set on a
+// domain (by an earlier controller) still grow its volume when crossed,
+// but are not set again. It exists to exercise the ENOSPC path alone;
+// call it before Bind.
+func (t *ThinController) DisableThresholds() {
+	t.mu.Lock()
+	t.noThresholds = true
+	t.mu.Unlock()
+}
+
+func (t *ThinController) thresholdsDisabled() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.noThresholds
 }
 
 // Handlers returns h with the controller's handlers added (chained after
@@ -178,8 +200,11 @@ func (t *ThinController) thinDisks(conn *libvirt.Connect, dom *libvirt.Domain) (
 }
 
 // arm sets the threshold on the domain's volagent disks (only target,
-// when given).
+// when given), unless thresholds are disabled.
 func (t *ThinController) arm(conn *libvirt.Connect, dom *libvirt.Domain, target string) {
+	if t.thresholdsDisabled() {
+		return
+	}
 	name, disks := t.thinDisks(conn, dom)
 	for _, d := range disks {
 		if target != "" && d.target != target {
@@ -205,22 +230,27 @@ func deviceSize(v backend.VolumeInfo) int64 {
 }
 
 // grow grows the volume's device by whole chunks until the threshold it
-// gets is past written, and returns the new size.
-func (t *ThinController) grow(v backend.VolumeInfo, written int64) (int64, error) {
+// gets is past written, and returns the new size; a device whose
+// threshold is past written already is left as it is (grown false).
+func (t *ThinController) grow(v backend.VolumeInfo, written int64) (size int64, grown bool, err error) {
 	settings, err := t.vols.PoolSettings(v.Pool)
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	chunk := settings.ChunkSize
-	size := deviceSize(v) + chunk
+	current := deviceSize(v)
+	size = current
 	for ThresholdFor(size, chunk) <= written {
 		size += chunk
 	}
-	grown, err := t.vols.GrowVolume(context.Background(), backend.Caller{UID: 0}, v.ID, size)
-	if err != nil {
-		return 0, err
+	if size == current {
+		return current, false, nil
 	}
-	return grown.DeviceSize, nil
+	g, err := t.vols.GrowVolume(context.Background(), backend.Caller{UID: 0}, v.ID, size)
+	if err != nil {
+		return 0, false, err
+	}
+	return g.DeviceSize, true, nil
 }
 
 func (t *ThinController) onThreshold(domain, dev, path string, written uint64) {
@@ -228,14 +258,21 @@ func (t *ThinController) onThreshold(domain, dev, path string, written uint64) {
 	if !ok {
 		return
 	}
-	size, err := t.grow(v, int64(written))
+	// libvirt reports one crossing of a disk's top image twice, as "vda"
+	// and "vda[1]": the second finds the device grown past the write
+	// already and must not grow it by another chunk.
+	size, grown, err := t.grow(v, int64(written))
 	if err != nil {
 		// qemu will hit the end: the ENOSPC pause retries the growth.
 		t.log.Error("thin provisioning: growing a volume failed", "domain", domain, "disk", dev, "volume", v.ID, "err", err)
 		t.vols.SignalPolicyViolation("volume "+v.Pool+"/"+v.Name, "grow-failed", err.Error())
 		return
 	}
-	t.log.Info("volume grown at its block threshold", "domain", domain, "disk", dev, "volume", v.ID, "written", written, "device_size", size)
+	if grown {
+		t.log.Info("volume grown at its block threshold", "domain", domain, "disk", dev, "volume", v.ID, "written", written, "device_size", size)
+	} else {
+		t.log.Debug("block threshold crossed; the volume has grown past it already", "domain", domain, "disk", dev, "volume", v.ID, "written", written, "device_size", size)
+	}
 	// The event names the disk ("vda") or an image of its chain
 	// ("vda[1]"); the threshold goes back on the disk.
 	target, _, _ := strings.Cut(dev, "[")
@@ -258,7 +295,8 @@ func (t *ThinController) onENOSPC(domain, path string) {
 		if state != libvirt.DOMAIN_PAUSED || libvirt.DomainPausedReason(reason) != libvirt.DOMAIN_PAUSED_IOERROR {
 			return // resumed already (one pause sends an event per failed request)
 		}
-		size, err := t.grow(v, deviceSize(v))
+		// Every byte of the device may be written: one chunk more at least.
+		size, _, err := t.grow(v, deviceSize(v))
 		if err != nil {
 			t.log.Error("thin provisioning: domain paused out of space, and growing its volume failed", "domain", domain, "volume", v.ID, "err", err)
 			t.vols.SignalPolicyViolation("volume "+v.Pool+"/"+v.Name, "grow-failed", err.Error())

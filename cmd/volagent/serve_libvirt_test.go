@@ -3,7 +3,7 @@ package main
 // `volagent serve --libvirt-uri` against a real libvirtd, on a private bus:
 // the qemu hook asking the daemon, vol-create/vol-delete on request pools of
 // a loop and an LVM pool, thin growth under a running KVM domain, and
-// restarts of either side.
+// restarts of either side; and a guest's own writes growing a thin overlay.
 
 import (
 	"bytes"
@@ -25,6 +25,7 @@ import (
 	"github.com/volagent/volagent/dbusapi"
 	"github.com/volagent/volagent/dbusapi/dbustest"
 	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/internal/testguest"
 	"github.com/volagent/volagent/internal/testutil"
 )
 
@@ -532,4 +533,79 @@ func TestServeLibvirt(t *testing.T) {
 		})
 		e.stopDaemon()
 	})
+}
+
+// TestServeLibvirtThinGuest runs a guest's own writes (a boot sector that
+// writes 200 MiB through int 13h: requests that obey the disk's error
+// policy, unlike qemu-io's) on an overlay made by vol-create, its device
+// starting at 64 MiB: the daemon's block thresholds grow it ahead of the
+// guest, which never pauses, and every sector reads back.
+func TestServeLibvirtThinGuest(t *testing.T) {
+	e := newLibvirtEnv(t)
+	e.startDaemon()
+	guest := testguest.Writer{Sectors: 200 << 20 / testguest.SectorSize, DoneLBA: 201 << 20 / testguest.SectorSize, PerCall: 127}
+	bootDir := filepath.Join(e.images, "guest")
+	if err := os.Mkdir(bootDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	boot := guest.BootDisk(t, bootDir)
+	link := e.volCreate(libvirtLoopPool, "guest", e.base, "268435456")
+	dev := e.waitMaterialized(link)
+
+	// The boot disk gets boot order 1 and the overlay 2, so SeaBIOS makes
+	// them drives 0x80 and 0x81 (under libvirt's -boot strict=on a disk
+	// without a boot index gets no BIOS number). virtio-blk: SeaBIOS writes
+	// IDE a sector per request, too slow for 200 MiB under nested KVM.
+	domain := testutil.TestDomainPrefix + "thin-guest"
+	serial := filepath.Join(t.TempDir(), "serial.log")
+	if stderr, err := startLibvirtDomain(t, domain,
+		fmt.Sprintf("<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='%s'/><target dev='vda' bus='virtio'/><boot order='1'/></disk>", boot),
+		fmt.Sprintf("<disk type='block' device='disk'><driver name='qemu' type='qcow2' error_policy='stop'/><source dev='%s'/><target dev='vdb' bus='virtio'/><boot order='2'/></disk>", link),
+		fmt.Sprintf("<serial type='file'><source path='%s'/><target port='0'/></serial>", serial)); err != nil {
+		t.Fatalf("guest domain refused: %v\n%s", err, stderr)
+	}
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		out, _ := os.ReadFile(serial)
+		if strings.Contains(string(out), testguest.SerialDone) {
+			break
+		}
+		if strings.Contains(string(out), testguest.SerialError) || strings.Contains(string(out), testguest.SerialNoExt) || time.Now().After(deadline) {
+			state, _, _ := testutil.Virsh("domstate", "--reason", domain)
+			t.Fatalf("the guest did not finish: serial %q, domain %s\nvolagent serve stderr:\n%s", out, strings.TrimSpace(state), e.daemon.stderr.String())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// "running (booted)": a pause and resume would make it "(unpaused)".
+	if state := strings.TrimSpace(testutil.MustVirsh(t, "domstate", "--reason", domain)); state != "running (booted)" {
+		t.Fatalf("domain is %q after the guest finished", state)
+	}
+	if log := e.daemon.stderr.String(); !strings.Contains(log, "volume grown at its block threshold") || strings.Contains(log, "domain resumed after its volume grew") {
+		t.Fatalf("want growth at block thresholds and no ENOSPC pause; volagent serve stderr:\n%s", log)
+	}
+	grown, err := hostblk.Inspect(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Past what the guest wrote, by at most the chunk a threshold half a
+	// chunk before the end adds (and 1 MiB of qcow2 metadata).
+	const chunk = 64 << 20
+	if written := int64(guest.DoneLBA+1) * testguest.SectorSize; grown.Size < written || grown.Size > written+chunk+chunk/2+1<<20 {
+		t.Fatalf("device is %d bytes after the guest wrote %d: want more, by at most 1.5 chunks of %d", grown.Size, written, chunk)
+	}
+	// A graceful stop: qemu flushes its qcow2 metadata caches on the way out.
+	testutil.MustVirsh(t, "destroy", "--graceful", domain)
+	image := filepath.Join(t.TempDir(), "guest.raw")
+	testutil.QemuImg(t, "convert", "-f", "qcow2", "-O", "raw", dev, image)
+	f, err := os.Open(image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := guest.Verify(f); err != nil {
+		t.Fatalf("what the guest wrote does not read back: %v", err)
+	}
+	if out, err := exec.Command("qemu-img", "check", "-f", "qcow2", dev).CombinedOutput(); err != nil || !strings.Contains(string(out), "No errors") {
+		t.Fatalf("qemu-img check: %v\n%s", err, out)
+	}
 }

@@ -1,0 +1,262 @@
+package virt
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"libvirt.org/go/libvirt"
+
+	"github.com/volagent/volagent/backend"
+	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/internal/testguest"
+	"github.com/volagent/volagent/internal/testutil"
+)
+
+// thinGuest writes 200 MiB over its thin overlay (a 64 MiB device growing
+// by 64 MiB chunks), then the done marker 1 MiB further.
+const thinChunk = 64 << 20
+
+var thinGuest = testguest.Writer{Sectors: 200 << 20 / testguest.SectorSize, DoneLBA: 201 << 20 / testguest.SectorSize, PerCall: 127}
+
+// TestThinENOSPC runs a guest's own writes (a boot sector writing through
+// int 13h, whose requests obey the disk's error policy) on a thin overlay
+// of a real Manager: with thresholds off, every growth must come from a
+// pause on ENOSPC, grow and resume, and no write may be lost; with
+// thresholds on, the volume grows ahead of the guest, which never pauses.
+func TestThinENOSPC(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireTool(t, "qemu-img")
+	dir := loopTestDir(t)
+	testutil.StartLibvirtd(t, testutil.LibvirtdOptions{})
+	images := filepath.Join(dir, "images")
+	if err := os.Mkdir(images, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	base := filepath.Join(images, "base.raw")
+	testutil.QemuImg(t, "create", "-q", "-f", "raw", base, "256M")
+	bootDisk := thinGuest.BootDisk(t, t.TempDir())
+
+	cfg, err := backend.ParseConfig([]byte(fmt.Sprintf(`[[pool]]
+name = "thin"
+type = "loop"
+directory = %q
+backing_roots = [%q]
+initial_size = "64M"
+chunk_size = "64M"
+`, filepath.Join(dir, "pool"), images)), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mgr, err := backend.NewManager(cfg, backend.ManagerOptions{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = mgr.Close() })
+	if err := mgr.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("thresholds off: pause on ENOSPC, grow, resume", func(t *testing.T) {
+		run := runThinGuest(t, mgr, base, bootDisk, "enospc", false)
+		if run.enospc == 0 || run.ioErrorPauses == 0 {
+			t.Fatalf("no pause on ENOSPC (%d enospc events, %d I/O error pauses): the test did not reach the path it tests", run.enospc, run.ioErrorPauses)
+		}
+		if run.resumedAfterGrowth < run.ioErrorPauses {
+			t.Fatalf("%d pauses on I/O errors, but only %d resumes after a growth", run.ioErrorPauses, run.resumedAfterGrowth)
+		}
+		if run.thresholds != 0 {
+			t.Fatalf("%d block threshold events with thresholds off", run.thresholds)
+		}
+		t.Logf("%d enospc events, %d pauses, %d resumes after growth; device %d MiB", run.enospc, run.ioErrorPauses, run.resumedAfterGrowth, run.deviceSize>>20)
+	})
+
+	t.Run("thresholds on: no pause needed", func(t *testing.T) {
+		run := runThinGuest(t, mgr, base, bootDisk, "ahead", true)
+		if run.enospc != 0 || run.ioErrorPauses != 0 {
+			t.Fatalf("the guest paused with thresholds on: %d enospc events, %d I/O error pauses", run.enospc, run.ioErrorPauses)
+		}
+		if run.thresholds == 0 {
+			t.Fatal("the volume grew without a block threshold event")
+		}
+		t.Logf("%d block threshold events; device %d MiB", run.thresholds, run.deviceSize>>20)
+	})
+}
+
+// thinRun is what happened while the guest wrote.
+type thinRun struct {
+	enospc             int // IO_ERROR_REASON events with reason "enospc"
+	ioErrorPauses      int // SUSPENDED (I/O error) lifecycle events
+	resumedAfterGrowth int // resumes by the controller after a growth
+	thresholds         int // BLOCK_THRESHOLD events
+	deviceSize         int64
+}
+
+// runThinGuest makes an overlay of base in mgr's pool, runs the writer
+// guest on it under a ThinController, waits for the guest to finish, and
+// checks that the domain runs, the device grew past what was written and
+// every sector the guest wrote reads back.
+func runThinGuest(t *testing.T, mgr *backend.Manager, base, bootDisk, name string, thresholds bool) thinRun {
+	vol, err := mgr.CreateOverlay(context.Background(), backend.Caller{UID: 0}, backend.OverlayRequest{Pool: "thin", Name: name, BackingPath: base, BackingFormat: "raw"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if size := deviceSize(vol); size != 64<<20 {
+		t.Fatalf("new overlay's device is %d bytes, want the initial 64 MiB", size)
+	}
+
+	var mu sync.Mutex
+	var run thinRun
+	counted := func(f func()) { mu.Lock(); f(); mu.Unlock() }
+	log := slog.New(&resumeCounter{Handler: testLogger(t).Handler(), count: func() { counted(func() { run.resumedAfterGrowth++ }) }})
+	thin := NewThinController(mgr, log)
+	if !thresholds {
+		thin.DisableThresholds()
+	}
+	domain := testutil.TestDomainPrefix + "thin-" + name
+	c, err := Dial(Options{URI: testutil.LibvirtURI, Logger: log}, thin.Handlers(Handlers{
+		DomainLifecycle: func(d string, event libvirt.DomainEventType, detail int) {
+			if d == domain && event == libvirt.DOMAIN_EVENT_SUSPENDED && libvirt.DomainEventSuspendedDetailType(detail) == libvirt.DOMAIN_EVENT_SUSPENDED_IOERROR {
+				counted(func() { run.ioErrorPauses++ })
+			}
+		},
+		BlockThreshold: func(d, _, _ string, _, _ uint64) {
+			if d == domain {
+				counted(func() { run.thresholds++ })
+			}
+		},
+		IOError: func(d, _, _ string, _ libvirt.DomainEventIOErrorAction, reason string) {
+			if d == domain && reason == "enospc" {
+				counted(func() { run.enospc++ })
+			}
+		},
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	thin.Bind(c)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := c.WaitConnected(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	// The boot disk first, so SeaBIOS makes it drive 0x80 and the overlay
+	// 0x81 (libvirt runs qemu with -boot strict=on: SeaBIOS gives a drive
+	// without a boot index no BIOS number at all). virtio-blk, not IDE: SeaBIOS writes IDE by PIO, a sector per
+	// request, far too slow for 200 MiB under nested KVM. error_policy
+	// 'stop' is qemu's default (werror=enospc) made explicit.
+	serial := filepath.Join(t.TempDir(), "serial.log")
+	startDomain(t, domain,
+		fmt.Sprintf("<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='%s'/><target dev='vda' bus='virtio'/><boot order='1'/></disk>", bootDisk),
+		fmt.Sprintf("<disk type='block' device='disk'><driver name='qemu' type='qcow2' error_policy='stop'/><source dev='%s'/><target dev='vdb' bus='virtio'/><boot order='2'/></disk>", vol.DevicePath),
+		fmt.Sprintf("<serial type='file'><source path='%s'/><target port='0'/></serial>", serial))
+
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		out, _ := os.ReadFile(serial)
+		if strings.Contains(string(out), testguest.SerialDone) {
+			break
+		}
+		state, _, _ := testutil.Virsh("domstate", "--reason", domain)
+		if strings.Contains(string(out), testguest.SerialError) || strings.Contains(string(out), testguest.SerialNoExt) || time.Now().After(deadline) {
+			t.Fatalf("the guest did not finish: serial %q, domain %s, device %d bytes", out, strings.TrimSpace(state), deviceSize(vol))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if state := strings.TrimSpace(testutil.MustVirsh(t, "domstate", domain)); state != "running" {
+		t.Fatalf("domain is %q after the guest finished", state)
+	}
+	run.deviceSize = deviceSize(vol)
+	// Past what the guest wrote, but not by much: a threshold grows the
+	// device at half a chunk before its end, by one chunk (1 MiB more
+	// for the qcow2 metadata).
+	written := int64(thinGuest.DoneLBA+1) * testguest.SectorSize
+	if run.deviceSize < written || run.deviceSize > written+thinChunk+thinChunk/2+1<<20 {
+		t.Fatalf("device is %d bytes after the guest wrote %d: want more, by at most 1.5 chunks of %d", run.deviceSize, written, thinChunk)
+	}
+
+	// A graceful stop: qemu flushes its qcow2 metadata caches on the way out.
+	testutil.MustVirsh(t, "destroy", "--graceful", domain)
+	image := filepath.Join(t.TempDir(), "guest.raw")
+	testutil.QemuImg(t, "convert", "-f", "qcow2", "-O", "raw", vol.DevicePath, image)
+	f, err := os.Open(image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := thinGuest.Verify(f); err != nil {
+		t.Fatalf("what the guest wrote does not read back: %v", err)
+	}
+	if out, err := exec.Command("qemu-img", "check", "-f", "qcow2", vol.DevicePath).CombinedOutput(); err != nil || !strings.Contains(string(out), "No errors") {
+		t.Fatalf("qemu-img check: %v\n%s", err, out)
+	}
+	c.Close()
+	mu.Lock()
+	defer mu.Unlock()
+	return run
+}
+
+// resumeCounter counts the controller's "resumed after growth" records.
+type resumeCounter struct {
+	slog.Handler
+	count func()
+}
+
+func (h *resumeCounter) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message == "domain resumed after its volume grew" {
+		h.count()
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h *resumeCounter) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return &resumeCounter{Handler: h.Handler.WithAttrs(attrs), count: h.count}
+}
+
+func (h *resumeCounter) WithGroup(name string) slog.Handler {
+	return &resumeCounter{Handler: h.Handler.WithGroup(name), count: h.count}
+}
+
+// loopTestDir is a directory on a file system with O_DIRECT (loop devices
+// use direct I/O); loop devices over files in it are detached at cleanup.
+func loopTestDir(t *testing.T) string {
+	t.Helper()
+	for _, base := range []string{os.TempDir(), "/var/tmp"} {
+		dir, err := os.MkdirTemp(base, "volagent-virt-")
+		if err != nil {
+			continue
+		}
+		probe := filepath.Join(dir, "probe")
+		fd, err := unix.Open(probe, unix.O_CREAT|unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0o600)
+		if err != nil {
+			os.RemoveAll(dir)
+			continue
+		}
+		unix.Close(fd)
+		os.Remove(probe)
+		t.Cleanup(func() {
+			loops, _ := hostblk.LoopDevices()
+			for _, l := range loops {
+				if strings.HasPrefix(l.BackingFile, dir+"/") {
+					if err := hostblk.DetachLoop(l.Path); err != nil {
+						t.Errorf("cleanup: %v", err)
+					}
+				}
+			}
+			os.RemoveAll(dir)
+		})
+		return dir
+	}
+	t.Fatal("no temporary directory supports O_DIRECT")
+	return ""
+}
