@@ -243,6 +243,17 @@ func (l *LVM) run(ctx context.Context, subcommand string, args []string, consume
 	return nil
 }
 
+// report runs an lvm reporting command (vgs, lvs) and decodes the JSON
+// report named kind ("vg", "lv", "seg") from its output stream.
+func (l *LVM) report(ctx context.Context, subcommand string, args []string, kind string) ([]reportRow, error) {
+	var rows []reportRow
+	err := l.run(ctx, subcommand, args, func(r io.Reader) (err error) {
+		rows, err = decodeReport(r, kind)
+		return err
+	})
+	return rows, err
+}
+
 // VG is one volume group as reported by vgs. Sizes are in bytes.
 type VG struct {
 	Name        string
@@ -326,11 +337,7 @@ func (l *LVM) listVGs(ctx context.Context, vg string) ([]VG, error) {
 		args = append(args, "--", vg)
 		defer l.lockVG(vg)()
 	}
-	var rows []reportRow
-	err := l.run(ctx, "vgs", args, func(r io.Reader) (err error) {
-		rows, err = decodeReport(r, "vg")
-		return err
-	})
+	rows, err := l.report(ctx, "vgs", args, "vg")
 	if err != nil {
 		return nil, err
 	}
@@ -347,11 +354,7 @@ func (l *LVM) PhysicalVolumes(ctx context.Context, vg string) ([]PV, error) {
 	// (-S vg_name=...) matches nothing instead of failing for a missing VG.
 	args := append(append([]string{}, reportArgs...),
 		"-o", "pv_name,vg_name,pv_size,pe_start", "--", vg)
-	var rows []reportRow
-	err := l.run(ctx, "vgs", args, func(r io.Reader) (err error) {
-		rows, err = decodeReport(r, "vg")
-		return err
-	})
+	rows, err := l.report(ctx, "vgs", args, "vg")
 	if err != nil {
 		return nil, err
 	}
@@ -381,11 +384,7 @@ var lvFields = "lv_name,vg_name,lv_uuid,lv_path,lv_size,lv_attr,lv_allocation_po
 
 func (l *LVM) listLVs(ctx context.Context, target string) ([]LV, error) {
 	args := append(append([]string{}, reportArgs...), "-o", lvFields, "--", target)
-	var rows []reportRow
-	err := l.run(ctx, "lvs", args, func(r io.Reader) (err error) {
-		rows, err = decodeReport(r, "lv")
-		return err
-	})
+	rows, err := l.report(ctx, "lvs", args, "lv")
 	if err != nil {
 		return nil, err
 	}
@@ -411,11 +410,7 @@ func (l *LVM) Segments(ctx context.Context, vg, name string) ([]Segment, error) 
 	defer l.lockVG(vg)()
 	args := append(append([]string{"--segments"}, reportArgs...),
 		"-o", "lv_name,seg_start_pe,seg_size_pe,segtype,stripes,seg_pe_ranges", "--", vg+"/"+name)
-	var rows []reportRow
-	err := l.run(ctx, "lvs", args, func(r io.Reader) (err error) {
-		rows, err = decodeReport(r, "seg")
-		return err
-	})
+	rows, err := l.report(ctx, "lvs", args, "seg")
 	if err != nil {
 		return nil, err
 	}
