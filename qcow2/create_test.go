@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/volagent/volagent/internal/looptest"
 	"github.com/volagent/volagent/internal/testutil"
 	"github.com/volagent/volagent/qcow2"
 )
@@ -479,7 +480,7 @@ func TestCreateOnLoopDevice(t *testing.T) {
 		for _, cs := range []int{512, 4096, 64 << 10, 2 << 20} {
 			for _, backing := range []string{"raw", "qcow2"} {
 				t.Run(fmt.Sprintf("sector%d/cluster%d/%s", sector, cs, backing), func(t *testing.T) {
-					dev := testutil.LoopDevice(t, devSize, sector)
+					dev := looptest.Device(t, devSize, sector)
 					fillCreateTarget(t, dev, 0xff)
 					opts := qcow2.CreateOptions{VirtualSize: 64 * createMiB, ClusterSize: cs, BlockSize: sector,
 						BackingFile: rawBase, BackingFormat: backing}
@@ -517,7 +518,7 @@ func TestCreateOnLoopDevice(t *testing.T) {
 		}
 	}
 	t.Run("target too small", func(t *testing.T) {
-		dev := testutil.LoopDevice(t, 4<<20, 4096)
+		dev := looptest.Device(t, 4<<20, 4096)
 		f := openCreateTargetDirect(t, dev)
 		defer f.Close()
 		_, err := qcow2.Create(&createAlignedWriter{f: f, align: 4096}, 4<<20,

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/volagent/volagent/internal/looptest"
 	"github.com/volagent/volagent/internal/testutil"
 	"github.com/volagent/volagent/qcow2"
 )
@@ -52,7 +53,7 @@ func TestCreateTargetZeroed(t *testing.T) {
 						t.Fatal(err)
 					}
 
-					dev := testutil.LoopDevice(t, devSize, sector)
+					dev := looptest.Device(t, devSize, sector)
 					f := openCreateTargetDirect(t, dev)
 					w := &createAlignedWriter{f: f, align: sector}
 					zeroed := opts

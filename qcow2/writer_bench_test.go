@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/volagent/volagent/hostblk"
-	"github.com/volagent/volagent/internal/testutil"
+	"github.com/volagent/volagent/internal/looptest"
 )
 
 // BenchmarkCowWriteLatency measures 4 KiB writes, one per 64 KiB cluster,
@@ -26,7 +26,7 @@ func BenchmarkCowWriteLatency(b *testing.B) {
 	dir := b.TempDir()
 	base := filepath.Join(dir, "base.raw")
 	writeRandomFile(b, base, imageSpan, 42)
-	dev := testutil.LoopDevice(b, 2*imageSpan+(64<<20), 512)
+	dev := looptest.Device(b, 2*imageSpan+(64<<20), 512)
 	tgt, err := hostblk.OpenTarget(dev, false)
 	if err != nil {
 		b.Fatal(err)

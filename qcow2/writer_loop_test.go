@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/internal/looptest"
 	"github.com/volagent/volagent/internal/testutil"
 )
 
@@ -16,7 +17,7 @@ import (
 // I/O, the given sector size) and opens it for writing through OpenTarget.
 func loopOverlay(t *testing.T, devSize, sectorSize int, opts CreateOptions) (string, *Writer) {
 	t.Helper()
-	dev := testutil.LoopDevice(t, devSize, sectorSize)
+	dev := looptest.Device(t, devSize, sectorSize)
 	tgt, err := hostblk.OpenTarget(dev, false)
 	if err != nil {
 		t.Fatal(err)
@@ -126,7 +127,7 @@ func TestWriterNeverShowsStaleData(t *testing.T) {
 	const stale = 0xee // patternFill only makes odd bytes
 	for _, sector := range []int{512, 4096} {
 		t.Run(fmt.Sprint("sector-", sector), func(t *testing.T) {
-			dev := testutil.LoopDevice(t, 32<<20, sector)
+			dev := looptest.Device(t, 32<<20, sector)
 			fillDevice(t, dev, stale)
 			tgt, err := hostblk.OpenTarget(dev, false)
 			if err != nil {
@@ -214,7 +215,7 @@ func TestWriterNoSpace(t *testing.T) {
 // TestSecondWriterOnDeviceRefused: the block device is opened exclusively.
 func TestSecondWriterOnDeviceRefused(t *testing.T) {
 	testutil.RequireRoot(t)
-	dev := testutil.LoopDevice(t, 1<<20, 512)
+	dev := looptest.Device(t, 1<<20, 512)
 	first, err := hostblk.OpenTarget(dev, false)
 	if err != nil {
 		t.Fatal(err)

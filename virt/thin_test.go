@@ -12,11 +12,10 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"libvirt.org/go/libvirt"
 
 	"github.com/volagent/volagent/backend"
-	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/internal/looptest"
 	"github.com/volagent/volagent/internal/testguest"
 	"github.com/volagent/volagent/internal/testutil"
 )
@@ -35,7 +34,7 @@ var thinGuest = testguest.Writer{Sectors: 200 << 20 / testguest.SectorSize, Done
 func TestThinENOSPC(t *testing.T) {
 	testutil.RequireRoot(t)
 	testutil.RequireTool(t, "qemu-img")
-	dir := loopTestDir(t)
+	dir := looptest.Dir(t, "volagent-libvirt-")
 	testutil.StartLibvirtd(t, testutil.LibvirtdOptions{})
 	images := filepath.Join(dir, "images")
 	if err := os.Mkdir(images, 0o755); err != nil {
@@ -225,38 +224,4 @@ func (h *resumeCounter) WithAttrs(attrs []slog.Attr) slog.Handler {
 
 func (h *resumeCounter) WithGroup(name string) slog.Handler {
 	return &resumeCounter{Handler: h.Handler.WithGroup(name), count: h.count}
-}
-
-// loopTestDir is a directory on a file system with O_DIRECT (loop devices
-// use direct I/O); loop devices over files in it are detached at cleanup.
-func loopTestDir(t *testing.T) string {
-	t.Helper()
-	for _, base := range []string{os.TempDir(), "/var/tmp"} {
-		dir, err := os.MkdirTemp(base, "volagent-virt-")
-		if err != nil {
-			continue
-		}
-		probe := filepath.Join(dir, "probe")
-		fd, err := unix.Open(probe, unix.O_CREAT|unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0o600)
-		if err != nil {
-			os.RemoveAll(dir)
-			continue
-		}
-		unix.Close(fd)
-		os.Remove(probe)
-		t.Cleanup(func() {
-			loops, _ := hostblk.LoopDevices()
-			for _, l := range loops {
-				if strings.HasPrefix(l.BackingFile, dir+"/") {
-					if err := hostblk.DetachLoop(l.Path); err != nil {
-						t.Errorf("cleanup: %v", err)
-					}
-				}
-			}
-			os.RemoveAll(dir)
-		})
-		return dir
-	}
-	t.Fatal("no temporary directory supports O_DIRECT")
-	return ""
 }

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/volagent/volagent/internal/bytesize"
+	"github.com/volagent/volagent/internal/looptest"
 	"github.com/volagent/volagent/internal/testutil"
 )
 
@@ -246,7 +247,7 @@ func TestCreateCLIOnLoopDevice(t *testing.T) {
 			{"raw", "2M", 4 << 40},
 		} {
 			t.Run(fmt.Sprintf("sector%d/%s/cluster%s/size%d", sector, tc.format, tc.clusterSize, tc.size), func(t *testing.T) {
-				dev := testutil.LoopDevice(t, 64<<20, sector)
+				dev := looptest.Device(t, 64<<20, sector)
 				fillCreateTargetForCLI(t, dev, 0xff)
 				base := rawBase
 				if tc.format == "qcow2" {
@@ -273,7 +274,7 @@ func TestCreateCLIOnLoopDevice(t *testing.T) {
 	}
 
 	t.Run("device too small", func(t *testing.T) {
-		dev := testutil.LoopDevice(t, 4<<20, 4096)
+		dev := looptest.Device(t, 4<<20, 4096)
 		_, stderr, code := runVolagent(t, "create", "--backing", rawBase, "--backing-format", "raw", "--cluster-size", "2M", dev)
 		if code != exitFailure || !strings.Contains(stderr, "too small") || !strings.Contains(stderr, "4194304") {
 			t.Errorf("exit %d, stderr %q; want exit %d, too small, naming the size", code, stderr, exitFailure)
@@ -281,7 +282,7 @@ func TestCreateCLIOnLoopDevice(t *testing.T) {
 	})
 
 	t.Run("read-only device", func(t *testing.T) {
-		dev := testutil.LoopDevice(t, 4<<20, 512)
+		dev := looptest.Device(t, 4<<20, 512)
 		testutil.Run(t, "blockdev", "--setro", dev)
 		t.Cleanup(func() { exec.Command("blockdev", "--setrw", dev).Run() })
 		_, stderr, code := runVolagent(t, "create", "--backing", rawBase, "--backing-format", "raw", dev)
@@ -291,7 +292,7 @@ func TestCreateCLIOnLoopDevice(t *testing.T) {
 	})
 
 	t.Run("target is the backing device", func(t *testing.T) {
-		dev := testutil.LoopDevice(t, 4<<20, 512)
+		dev := looptest.Device(t, 4<<20, 512)
 		testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", dev, "1M")
 		_, stderr, code := runVolagent(t, "create", "--backing", dev, "--backing-format", "qcow2", dev)
 		if code != exitFailure || !strings.Contains(stderr, "backing itself") {
@@ -300,7 +301,7 @@ func TestCreateCLIOnLoopDevice(t *testing.T) {
 	})
 
 	t.Run("device in use", func(t *testing.T) {
-		dev := testutil.LoopDevice(t, 4<<20, 512)
+		dev := looptest.Device(t, 4<<20, 512)
 		fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
 		if err != nil {
 			t.Fatal(err)

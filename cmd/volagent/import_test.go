@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/internal/looptest"
 	"github.com/volagent/volagent/internal/testutil"
 )
 
@@ -122,7 +123,7 @@ func TestImportIntoLoopOverlay(t *testing.T) {
 			source, base := filepath.Join(dir, "source.raw"), filepath.Join(dir, "base.raw")
 			importSource(t, source, size, uint64(sector))
 			importSource(t, base, size, uint64(sector)+1)
-			dev := testutil.LoopDevice(t, 64<<20, sector)
+			dev := looptest.Device(t, 64<<20, sector)
 			testutil.QemuImg(t, "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", dev, fmt.Sprint(size))
 			stdout, stderr, code := runVolagent(t, "import", "--allow-backing", dir, source, dev)
 			if code != exitOK {
@@ -236,7 +237,7 @@ func TestImportKilled(t *testing.T) {
 	source, base := filepath.Join(dir, "source.raw"), filepath.Join(dir, "base.raw")
 	want := importSource(t, source, size, 5)
 	importSource(t, base, size, 6)
-	dev := testutil.LoopDevice(t, size+64<<20, 512)
+	dev := looptest.Device(t, size+64<<20, 512)
 	bin := binaryUnderTest(t)
 	guest := filepath.Join(dir, "guest.raw")
 

@@ -20,11 +20,11 @@ import (
 	"time"
 
 	"github.com/godbus/dbus/v5"
-	"golang.org/x/sys/unix"
 
 	"github.com/volagent/volagent/dbusapi"
 	"github.com/volagent/volagent/dbusapi/dbustest"
 	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/internal/looptest"
 	"github.com/volagent/volagent/internal/testguest"
 	"github.com/volagent/volagent/internal/testutil"
 )
@@ -54,7 +54,7 @@ func newLibvirtEnv(t *testing.T) *libvirtEnv {
 	testutil.RequireRoot(t)
 	testutil.RequireTool(t, "dbus-daemon", "qemu-img", "lvm", "virsh")
 	bin := binaryUnderTest(t)
-	e := &libvirtEnv{t: t, dir: libvirtTestDir(t)}
+	e := &libvirtEnv{t: t, dir: looptest.Dir(t, "volagent-libvirt-")}
 	e.images, e.outside, e.requestDir = filepath.Join(e.dir, "images"), filepath.Join(e.dir, "outside"), filepath.Join(e.dir, "requests")
 	for _, d := range []string{e.images, e.outside} {
 		if err := os.Mkdir(d, 0o755); err != nil {
@@ -98,46 +98,6 @@ chunk_size = "8M"
 		}
 	})
 	return e
-}
-
-// libvirtTestDir is a directory on a file system with O_DIRECT (loop
-// devices use direct I/O); loop devices over files in it are detached at
-// cleanup.
-func libvirtTestDir(t *testing.T) string {
-	t.Helper()
-	for _, base := range []string{os.TempDir(), "/var/tmp"} {
-		dir, err := os.MkdirTemp(base, "volagent-libvirt-")
-		if err != nil {
-			continue
-		}
-		probe := filepath.Join(dir, "probe")
-		fd, err := unix.Open(probe, unix.O_CREAT|unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0o600)
-		if err != nil {
-			os.RemoveAll(dir)
-			continue
-		}
-		unix.Close(fd)
-		os.Remove(probe)
-		t.Cleanup(func() {
-			loops, _ := hostblk.LoopDevices()
-			for _, l := range loops {
-				if strings.HasPrefix(l.BackingFile, dir+"/") {
-					for _, upper := range loops {
-						if upper.BackingFile == l.Path {
-							_ = hostblk.DetachLoop(upper.Path)
-						}
-					}
-					if err := hostblk.DetachLoop(l.Path); err != nil {
-						t.Errorf("cleanup: %v", err)
-					}
-				}
-			}
-			os.RemoveAll(dir)
-		})
-		return dir
-	}
-	t.Fatal("no temporary directory supports O_DIRECT")
-	return ""
 }
 
 // libvirtTestVG makes a volume group on a loop device over a file in dir,
