@@ -472,7 +472,7 @@ func qemuIOCreated(t *testing.T, path, command string) {
 // stale 0xff bytes, and has qemu judge them.
 func TestCreateOnLoopDevice(t *testing.T) {
 	testutil.RequireRoot(t)
-	testutil.RequireTool(t, "qemu-img", "qemu-io", "losetup")
+	testutil.RequireTool(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 	rawBase, qcowBase := makeCreateBackings(t, dir, 64*createMiB)
 	const devSize = 64 << 20

@@ -19,7 +19,7 @@ import (
 // onto a file and clean for qemu-img check.
 func TestCreateTargetZeroed(t *testing.T) {
 	testutil.RequireRoot(t)
-	testutil.RequireTool(t, "qemu-img", "qemu-io", "losetup")
+	testutil.RequireTool(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 	rawBase, _ := makeCreateBackings(t, dir, 4*createMiB)
 	const devSize = 64 << 20
