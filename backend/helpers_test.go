@@ -16,9 +16,8 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/internal/looptest"
 	"github.com/volagent/volagent/internal/testutil"
 	"github.com/volagent/volagent/qcow2"
 )
@@ -91,56 +90,11 @@ func testPIDOf(path string) (int, bool) {
 }
 
 // testDir returns a fresh directory on a filesystem that supports
-// O_DIRECT (loop direct I/O needs it). At cleanup every loop device over
-// a file in it is detached (stacked ones first), then it is removed.
+// O_DIRECT, named with testDirPrefix so TestMain can sweep what a killed
+// run left; loop devices over files in it are detached at cleanup.
 func testDir(t testing.TB) string {
 	t.Helper()
-	for _, base := range []string{os.TempDir(), "/var/tmp"} {
-		dir, err := os.MkdirTemp(base, testDirPrefix)
-		if err != nil {
-			continue
-		}
-		probe := filepath.Join(dir, "probe")
-		fd, err := unix.Open(probe, unix.O_CREAT|unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0o600)
-		if err != nil {
-			os.RemoveAll(dir)
-			continue
-		}
-		unix.Close(fd)
-		os.Remove(probe)
-		t.Cleanup(func() {
-			detachLoopsUnder(t, dir)
-			os.RemoveAll(dir)
-		})
-		return dir
-	}
-	t.Fatalf("no temporary directory supports O_DIRECT (tried %s and /var/tmp)", os.TempDir())
-	return ""
-}
-
-// detachLoopsUnder detaches every loop device whose backing file is under
-// dir, and first the loop devices stacked on those.
-func detachLoopsUnder(t testing.TB, dir string) {
-	loops, err := hostblk.LoopDevices()
-	if err != nil {
-		t.Errorf("cleanup: %v", err)
-		return
-	}
-	for _, l := range loops {
-		if !strings.HasPrefix(l.BackingFile, dir+"/") {
-			continue
-		}
-		for _, upper := range loops {
-			if upper.BackingFile == l.Path {
-				if err := hostblk.DetachLoop(upper.Path); err != nil {
-					t.Errorf("cleanup: %v", err)
-				}
-			}
-		}
-		if err := hostblk.DetachLoop(l.Path); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	}
+	return looptest.Dir(t, testDirPrefix)
 }
 
 func requireRootAndTools(t testing.TB) {
@@ -199,7 +153,7 @@ func newTestVG(t testing.TB, pvSize int64) (*hostblk.LVM, string, string) {
 			}
 			_, _ = lvm.Run(context.Background(), "pvremove", "-ff", "-y", pv.Path)
 		}
-		detachLoopsUnder(t, dir) // the PV's loop, by its backing file
+		looptest.DetachUnder(t, dir) // the PV's loop, by its backing file
 	})
 	if _, err := lvm.Run(ctx, "pvcreate", "-y", pv.Path); err != nil {
 		t.Fatalf("pvcreate: %v", err)

@@ -55,7 +55,7 @@ func Dir(t testing.TB, prefix string) string {
 			continue
 		}
 		t.Cleanup(func() {
-			detachLoopsUnder(t, dir)
+			DetachUnder(t, dir)
 			os.RemoveAll(dir)
 		})
 		return dir
@@ -64,7 +64,9 @@ func Dir(t testing.TB, prefix string) string {
 	return ""
 }
 
-func detachLoopsUnder(t testing.TB, dir string) {
+// DetachUnder detaches every loop device whose backing file is under dir,
+// and first the loop devices stacked on those; failures are test errors.
+func DetachUnder(t testing.TB, dir string) {
 	loops, err := hostblk.LoopDevices()
 	if err != nil {
 		t.Errorf("cleanup: listing loop devices: %v", err)
@@ -76,7 +78,9 @@ func detachLoopsUnder(t testing.TB, dir string) {
 		}
 		for _, upper := range loops {
 			if upper.BackingFile == l.Path {
-				_ = hostblk.DetachLoop(upper.Path)
+				if err := hostblk.DetachLoop(upper.Path); err != nil {
+					t.Errorf("cleanup: %v", err)
+				}
 			}
 		}
 		if err := hostblk.DetachLoop(l.Path); err != nil {
