@@ -212,17 +212,7 @@ func TestWriterCrashAtEveryRequest(t *testing.T) {
 	checkCrashAt := func(n int, crashed string) bool {
 		dev, flushed, attempted := run(n)
 		img := dev.snapshot()
-		if err := os.WriteFile(crashed, img, 0o600); err != nil {
-			t.Error(err)
-			return false
-		}
-		qres := qemuCheck(t, crashed)
-		if qres.Corruptions != 0 || qres.CheckErrors != 0 {
-			t.Errorf("crash after request %d of %d: qemu-img check: %+v", n, total, qres)
-			return false
-		}
-		if res, err := Check(bytesReaderAt(img), int64(len(img))); err != nil || res.Corruptions != qres.Corruptions || res.Leaks != qres.Leaks || res.CheckErrors != qres.CheckErrors {
-			t.Errorf("crash after request %d: Check %+v, %v; qemu-img check %+v", n, res, err, qres)
+		if !crashedImageConsistent(t, img, crashed, n, total) {
 			return false
 		}
 		backing, err := OpenRaw(mustOpen(t, rawBase))
@@ -599,17 +589,7 @@ func TestWriterCrashWhileFreeing(t *testing.T) {
 	checkCrashAt := func(n int, crashed string) bool {
 		dev, flushed := run(n)
 		img := dev.snapshot()
-		if err := os.WriteFile(crashed, img, 0o600); err != nil {
-			t.Error(err)
-			return false
-		}
-		qres := qemuCheck(t, crashed)
-		if qres.Corruptions != 0 || qres.CheckErrors != 0 {
-			t.Errorf("crash after request %d of %d: qemu-img check: %+v", n, total, qres)
-			return false
-		}
-		if res, err := Check(bytesReaderAt(img), int64(len(img))); err != nil || res.Corruptions != 0 || res.Leaks != qres.Leaks {
-			t.Errorf("crash after request %d: Check %+v, %v; qemu-img check %+v", n, res, err, qres)
+		if !crashedImageConsistent(t, img, crashed, n, total) {
 			return false
 		}
 		reader, err := OpenImage(bytesReaderAt(img), int64(len(img)), nil)
@@ -685,4 +665,25 @@ func TestWriterClustersSmallerThanBlocks(t *testing.T) {
 	}
 	requireClean(t, image)
 	compareWithQemu(t, image, model)
+}
+
+// crashedImageConsistent writes the image a crash after request n (of
+// total) left to path and judges it: qemu-img check finds no corruption
+// and no check error, and Check agrees with it on every count. Failures
+// are reported with t.Errorf (callers run on workers).
+func crashedImageConsistent(t *testing.T, img []byte, path string, n, total int) bool {
+	if err := os.WriteFile(path, img, 0o600); err != nil {
+		t.Error(err)
+		return false
+	}
+	qres := qemuCheck(t, path)
+	if qres.Corruptions != 0 || qres.CheckErrors != 0 {
+		t.Errorf("crash after request %d of %d: qemu-img check: %+v", n, total, qres)
+		return false
+	}
+	if res, err := Check(bytesReaderAt(img), int64(len(img))); err != nil || res.Corruptions != qres.Corruptions || res.Leaks != qres.Leaks || res.CheckErrors != qres.CheckErrors {
+		t.Errorf("crash after request %d: Check %+v, %v; qemu-img check %+v", n, res, err, qres)
+		return false
+	}
+	return true
 }
