@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -30,35 +29,11 @@ func testLogger(t *testing.T) *slog.Logger {
 	return slog.New(slog.NewTextHandler(testLogWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
-func domainXML(name string, disks ...string) string {
-	return fmt.Sprintf(`<domain type='kvm'>
-  <name>%s</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <features><acpi/></features>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    %s
-    <memballoon model='none'/>
-  </devices>
-</domain>
-`, name, strings.Join(disks, "\n    "))
-}
-
-func fileDisk(target, driverType, source string) string {
-	driver := "<driver name='qemu'/>"
-	if driverType != "" {
-		driver = fmt.Sprintf("<driver name='qemu' type='%s'/>", driverType)
-	}
-	return fmt.Sprintf("<disk type='file' device='disk'>%s<source file='%s'/><target dev='%s' bus='virtio'/></disk>", driver, source, target)
-}
-
 // startDomain starts a transient domain, destroyed at cleanup.
 func startDomain(t *testing.T, name string, disks ...string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), name+".xml")
-	if err := os.WriteFile(path, []byte(domainXML(name, disks...)), 0o644); err != nil {
+	if err := os.WriteFile(path, []byte(testutil.DomainXML(name, disks...)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _, _, _ = testutil.Virsh("destroy", name) })
@@ -141,7 +116,7 @@ func TestVirtReconnect(t *testing.T) {
 	base := filepath.Join(t.TempDir(), "base.raw")
 	testutil.QemuImg(t, "create", "-q", "-f", "raw", base, "16M")
 	name := testutil.TestDomainPrefix + "reconnect"
-	startDomain(t, name, fileDisk("vda", "raw", base))
+	startDomain(t, name, testutil.FileDiskXML("vda", "raw", base))
 	waitFor(t, lifecycle, "STARTED before the restart", func(e lifecycleEvent) bool {
 		return e.domain == name && e.event == libvirt.DOMAIN_EVENT_STARTED
 	})
@@ -210,7 +185,7 @@ func TestVirtDomainAudit(t *testing.T) {
 	defer c.Close()
 
 	good := testutil.TestDomainPrefix + "audit-good"
-	startDomain(t, good, fileDisk("vda", "qcow2", overlay))
+	startDomain(t, good, testutil.FileDiskXML("vda", "qcow2", overlay))
 	r := waitFor(t, reports, "the report on the good domain", func(a audited) bool { return a.domain == good })
 	if !r.report.Allowed() || len(r.report.Disks) != 1 || len(r.report.Disks[0].Chain) != 2 {
 		t.Fatalf("good domain: %+v", r.report)
@@ -221,7 +196,7 @@ func TestVirtDomainAudit(t *testing.T) {
 	bad := testutil.TestDomainPrefix + "audit-bad"
 	overlay2 := filepath.Join(dir, "overlay2.qcow2")
 	testutil.MakeQcow2(t, overlay2, "", "", base, "raw")
-	startDomain(t, bad, fileDisk("vda", "", overlay2))
+	startDomain(t, bad, testutil.FileDiskXML("vda", "", overlay2))
 	r = waitFor(t, reports, "the report on the bad domain", func(a audited) bool { return a.domain == bad })
 	if r.report.Allowed() || r.report.Violations[0].Code != backend.CodeHeaderInRaw {
 		t.Fatalf("bad domain: %+v", r.report)
@@ -230,7 +205,7 @@ func TestVirtDomainAudit(t *testing.T) {
 	// Hot-plug an overlay that records no backing format: libvirt 9.0
 	// probes its backing and attaches it; the audit catches it.
 	diskXML := filepath.Join(dir, "hotplug.xml")
-	if err := os.WriteFile(diskXML, []byte(fileDisk("vdb", "qcow2", noFormat)), 0o644); err != nil {
+	if err := os.WriteFile(diskXML, []byte(testutil.FileDiskXML("vdb", "qcow2", noFormat)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	testutil.MustVirsh(t, "attach-device", good, diskXML, "--live")

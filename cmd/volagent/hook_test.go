@@ -86,32 +86,6 @@ func hookPatchBackingFormat(t *testing.T, path string) {
 	}
 }
 
-// hookDomainXML is a minimal KVM domain: SeaBIOS spins without a boot
-// disk, which is all the tests need.
-func hookDomainXML(name string, disks ...string) string {
-	return fmt.Sprintf(`<domain type='kvm'>
-  <name>%s</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    %s
-    <memballoon model='none'/>
-  </devices>
-</domain>
-`, name, strings.Join(disks, "\n    "))
-}
-
-// hookDisk is a file disk; driverType "" leaves <driver type> out.
-func hookDisk(target, driverType, source string) string {
-	driver := "<driver name='qemu'/>"
-	if driverType != "" {
-		driver = fmt.Sprintf("<driver name='qemu' type='%s'/>", driverType)
-	}
-	return fmt.Sprintf("<disk type='file' device='disk'>%s<source file='%s'/><target dev='%s' bus='virtio'/></disk>", driver, source, target)
-}
-
 // failingReader fails the test if the hook reads stdin.
 type failingReader struct{ t *testing.T }
 
@@ -158,11 +132,11 @@ func TestHookQemuLocal(t *testing.T) {
 		xml  string
 		want string // a violation code in stderr; "" for allowed
 	}{
-		{"good", hookDomainXML("vm", hookDisk("vda", "qcow2", im.overlay), hookDisk("vdb", "raw", im.base)), ""},
-		{"no driver type", hookDomainXML("vm", hookDisk("vda", "", im.overlay)), backend.CodeDriverTypeMissing},
-		{"no backing format", hookDomainXML("vm", hookDisk("vda", "qcow2", im.noFormat)), "backing-format-missing"},
-		{"probed data file", hookDomainXML("vm", hookDisk("vda", "qcow2", im.probedData)), "backing-format-missing"},
-		{"data file", hookDomainXML("vm", hookDisk("vda", "qcow2", im.dataFile)), "data-file"},
+		{"good", testutil.DomainXML("vm", testutil.FileDiskXML("vda", "qcow2", im.overlay), testutil.FileDiskXML("vdb", "raw", im.base)), ""},
+		{"no driver type", testutil.DomainXML("vm", testutil.FileDiskXML("vda", "", im.overlay)), backend.CodeDriverTypeMissing},
+		{"no backing format", testutil.DomainXML("vm", testutil.FileDiskXML("vda", "qcow2", im.noFormat)), "backing-format-missing"},
+		{"probed data file", testutil.DomainXML("vm", testutil.FileDiskXML("vda", "qcow2", im.probedData)), "backing-format-missing"},
+		{"data file", testutil.DomainXML("vm", testutil.FileDiskXML("vda", "qcow2", im.dataFile)), "data-file"},
 		{"not XML", "this is not a domain", "domain XML"},
 	}
 	for _, tc := range cases {
@@ -190,7 +164,7 @@ func TestHookQemuLocal(t *testing.T) {
 		audit := opts
 		audit.mode = "audit"
 		var stderr bytes.Buffer
-		err := runHookQemu(context.Background(), audit, []string{"vm", "prepare", "begin", "-"}, strings.NewReader(hookDomainXML("vm", hookDisk("vda", "", im.overlay))), &stderr)
+		err := runHookQemu(context.Background(), audit, []string{"vm", "prepare", "begin", "-"}, strings.NewReader(testutil.DomainXML("vm", testutil.FileDiskXML("vda", "", im.overlay))), &stderr)
 		if err != nil || !strings.Contains(stderr.String(), backend.CodeDriverTypeMissing) {
 			t.Fatalf("audit: %v, stderr %q", err, stderr.String())
 		}
@@ -200,7 +174,7 @@ func TestHookQemuLocal(t *testing.T) {
 		// The real process boundary: flags before libvirt's arguments, the
 		// exit status, one line per violation on stderr.
 		cmd := exec.Command(binaryUnderTest(t), "hook", "qemu", "--offline", "--config", "/nonexistent", "--allow-backing", im.root, "vm", "prepare", "begin", "-")
-		cmd.Stdin = strings.NewReader(hookDomainXML("vm", hookDisk("vda", "", im.overlay), hookDisk("vdb", "qcow2", im.noFormat)))
+		cmd.Stdin = strings.NewReader(testutil.DomainXML("vm", testutil.FileDiskXML("vda", "", im.overlay), testutil.FileDiskXML("vdb", "qcow2", im.noFormat)))
 		var stderr bytes.Buffer
 		cmd.Stderr = &stderr
 		err := cmd.Run()
@@ -252,10 +226,10 @@ func TestHookQemuDaemon(t *testing.T) {
 	opts.busAddress = bus.Address
 	opts.config = config
 
-	goodManaged := hookDomainXML("vm", hookDisk("vda", "qcow2", managedVol))
-	badManaged := hookDomainXML("vm", hookDisk("vda", "", managedVol))
-	goodOther := hookDomainXML("vm", hookDisk("vda", "qcow2", im.overlay))
-	badOther := hookDomainXML("vm", hookDisk("vda", "qcow2", im.noFormat))
+	goodManaged := testutil.DomainXML("vm", testutil.FileDiskXML("vda", "qcow2", managedVol))
+	badManaged := testutil.DomainXML("vm", testutil.FileDiskXML("vda", "", managedVol))
+	goodOther := testutil.DomainXML("vm", testutil.FileDiskXML("vda", "qcow2", im.overlay))
+	badOther := testutil.DomainXML("vm", testutil.FileDiskXML("vda", "qcow2", im.noFormat))
 	hook := func(t *testing.T, opts hookOptions, xml string) (int, string) {
 		t.Helper()
 		var stderr bytes.Buffer
@@ -385,7 +359,7 @@ func TestHookDomainStartsKVM(t *testing.T) {
 	start := func(t *testing.T, name string, disks ...string) (string, error) {
 		t.Helper()
 		path := filepath.Join(t.TempDir(), name+".xml")
-		if err := os.WriteFile(path, []byte(hookDomainXML(name, disks...)), 0o644); err != nil {
+		if err := os.WriteFile(path, []byte(testutil.DomainXML(name, disks...)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _, _, _ = testutil.Virsh("destroy", name) })
@@ -395,7 +369,7 @@ func TestHookDomainStartsKVM(t *testing.T) {
 
 	t.Run("good overlay starts with explicit formats", func(t *testing.T) {
 		name := testutil.TestDomainPrefix + "good"
-		if stderr, err := start(t, name, hookDisk("vda", "qcow2", im.overlay)); err != nil {
+		if stderr, err := start(t, name, testutil.FileDiskXML("vda", "qcow2", im.overlay)); err != nil {
 			t.Fatalf("virsh create: %v\n%s", err, stderr)
 		}
 		if state := strings.TrimSpace(testutil.MustVirsh(t, "domstate", name)); state != "running" {
@@ -428,9 +402,9 @@ func TestHookDomainStartsKVM(t *testing.T) {
 		// libvirt's QEMU driver fills in type='raw' before the hook runs, so
 		// a qcow2 without <driver type> reaches it as a raw disk that
 		// starts with a qcow2 header.
-		{"no-driver-type", hookDisk("vda", "", im.overlay), backend.CodeHeaderInRaw},
-		{"no-backing-format", hookDisk("vda", "qcow2", im.noFormat), "backing-format-missing"},
-		{"probed-data-file", hookDisk("vda", "qcow2", im.probedData), "backing-format-missing"},
+		{"no-driver-type", testutil.FileDiskXML("vda", "", im.overlay), backend.CodeHeaderInRaw},
+		{"no-backing-format", testutil.FileDiskXML("vda", "qcow2", im.noFormat), "backing-format-missing"},
+		{"probed-data-file", testutil.FileDiskXML("vda", "qcow2", im.probedData), "backing-format-missing"},
 	}
 	for _, tc := range refusals {
 		t.Run("refuses "+tc.name, func(t *testing.T) {
@@ -456,7 +430,7 @@ func TestHookDomainStartsKVM(t *testing.T) {
 		}
 		defer os.WriteFile(modeFile, []byte("enforce"), 0o644)
 		name := testutil.TestDomainPrefix + "probed-audit"
-		if stderr, err := start(t, name, hookDisk("vda", "qcow2", im.probedData)); err != nil {
+		if stderr, err := start(t, name, testutil.FileDiskXML("vda", "qcow2", im.probedData)); err != nil {
 			t.Fatalf("virsh create in audit mode: %v\n%s", err, stderr)
 		}
 		opened := false

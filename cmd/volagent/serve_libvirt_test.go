@@ -290,27 +290,12 @@ func (e *libvirtEnv) volumeCount(conn *dbus.Conn) int {
 	return n
 }
 
-func libvirtDomainXML(name string, disks ...string) string {
-	return fmt.Sprintf(`<domain type='kvm'>
-  <name>%s</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    %s
-    <memballoon model='none'/>
-  </devices>
-</domain>
-`, name, strings.Join(disks, "\n    "))
-}
-
 // startLibvirtDomain starts a transient domain (destroyed at cleanup) and
 // returns virsh's stderr and error.
 func startLibvirtDomain(t *testing.T, name string, disks ...string) (string, error) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), name+".xml")
-	if err := os.WriteFile(path, []byte(libvirtDomainXML(name, disks...)), 0o644); err != nil {
+	if err := os.WriteFile(path, []byte(testutil.DomainXML(name, disks...)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _, _, _ = testutil.Virsh("destroy", name) })

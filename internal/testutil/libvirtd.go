@@ -374,3 +374,31 @@ func waitGone(pid int, timeout time.Duration) {
 	}
 	_ = syscall.Kill(pid, syscall.SIGKILL)
 }
+
+// DomainXML is a minimal KVM domain for tests: SeaBIOS spins without a boot
+// disk, which is all they need; ACPI lets disks be hot-plugged.
+func DomainXML(name string, disks ...string) string {
+	return fmt.Sprintf(`<domain type='kvm'>
+  <name>%s</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <features><acpi/></features>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    %s
+    <memballoon model='none'/>
+  </devices>
+</domain>
+`, name, strings.Join(disks, "\n    "))
+}
+
+// FileDiskXML is a virtio file disk; driverType "" leaves <driver type>
+// out (libvirt then guesses, which is what some tests need).
+func FileDiskXML(target, driverType, source string) string {
+	driver := "<driver name='qemu'/>"
+	if driverType != "" {
+		driver = fmt.Sprintf("<driver name='qemu' type='%s'/>", driverType)
+	}
+	return fmt.Sprintf("<disk type='file' device='disk'>%s<source file='%s'/><target dev='%s' bus='virtio'/></disk>", driver, source, target)
+}
