@@ -6,7 +6,6 @@ package main
 // restarts of either side; and a guest's own writes growing a thin overlay.
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -14,7 +13,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -140,25 +138,8 @@ func libvirtTestVG(t *testing.T, dir string) (vg, pv string) {
 // libvirtDaemon is one `volagent serve --libvirt-uri` process.
 type libvirtDaemon struct {
 	cmd    *exec.Cmd
-	stderr *lockedBuffer
+	stderr *syncBuffer
 	exited chan struct{}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *lockedBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *lockedBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // startDaemon starts volagent serve and waits until it owns its bus name
@@ -166,7 +147,7 @@ func (s *lockedBuffer) String() string {
 func (e *libvirtEnv) startDaemon() *libvirtDaemon {
 	t := e.t
 	t.Helper()
-	d := &libvirtDaemon{stderr: &lockedBuffer{}, exited: make(chan struct{})}
+	d := &libvirtDaemon{stderr: &syncBuffer{}, exited: make(chan struct{})}
 	d.cmd = exec.Command(binaryUnderTest(t), "serve", "--config", e.config, "--bus-address", e.bus.Address,
 		"--libvirt-uri", testutil.LibvirtURI, "--request-dir", e.requestDir, "--reconcile-interval", "2s", "--debug")
 	d.cmd.Stderr = d.stderr
