@@ -137,6 +137,9 @@ func ParseConfig(data []byte, source string) (*Config, error) {
 			return nil, fmt.Errorf("%w: %s.name: %q is already the name of pool[%d]", ErrInvalidArgument, where, pc.Name, j)
 		}
 		seen[pc.Name] = i
+		if err := sharedStorage(cfg.Pools, pc); err != nil {
+			return nil, fmt.Errorf("%w: %s.%v", ErrInvalidArgument, where, err)
+		}
 		cfg.Pools = append(cfg.Pools, pc)
 	}
 	if raw.Libvirt != nil {
@@ -147,6 +150,32 @@ func ParseConfig(data []byte, source string) (*Config, error) {
 		cfg.Libvirt = lc
 	}
 	return cfg, nil
+}
+
+// sharedStorage refuses a pool whose volume group or directory an earlier
+// pool has: two pools over the same storage would each take the other's
+// volumes for their own (and delete them as leftovers of a crash).
+func sharedStorage(earlier []PoolConfig, pc PoolConfig) error {
+	for j, other := range earlier {
+		switch {
+		case pc.Type == PoolLVM && other.Type == PoolLVM && pc.VolumeGroup == other.VolumeGroup:
+			return fmt.Errorf("volume_group: %q is already the volume group of pool[%d] (%q): give each pool its own volume group", pc.VolumeGroup, j, other.Name)
+		case pc.Type == PoolLoop && other.Type == PoolLoop && sameDirectory(pc.Directory, other.Directory):
+			return fmt.Errorf("directory: %q is already the directory of pool[%d] (%q, %q): give each pool its own directory", pc.Directory, j, other.Name, other.Directory)
+		}
+	}
+	return nil
+}
+
+// sameDirectory compares two cleaned directories by name and, where both
+// exist, by what they are (a symlink or bind mount is the same directory).
+func sameDirectory(a, b string) bool {
+	if a == b {
+		return true
+	}
+	fa, errA := os.Stat(a)
+	fb, errB := os.Stat(b)
+	return errA == nil && errB == nil && os.SameFile(fa, fb)
 }
 
 // build checks the [libvirt] table and applies the defaults. Errors start

@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -113,6 +114,10 @@ func TestParseConfigBad(t *testing.T) {
 		{"name missing", "[[pool]]\ntype = \"loop\"\ndirectory = \"/p\"\n", []string{`pool[0].name: ""`}},
 		{"name too long", "[[pool]]\nname = \"" + strings.Repeat("a", 33) + "\"\ntype = \"loop\"\ndirectory = \"/p\"\n", []string{`.name:`}},
 		{"duplicate", lvmPool + lvmPool, []string{`pool[1] ("ok").name: "ok" is already the name of pool[0]`}},
+		{"one volume group", lvmPool + strings.Replace(lvmPool, `"ok"`, `"two"`, 1),
+			[]string{`pool[1] ("two").volume_group: "vg0" is already the volume group of pool[0] ("ok")`}},
+		{"one directory", "[[pool]]\nname = \"a\"\ntype = \"loop\"\ndirectory = \"/p\"\n[[pool]]\nname = \"b\"\ntype = \"loop\"\ndirectory = \"/p/\"\n",
+			[]string{`pool[1] ("b").directory: "/p" is already the directory of pool[0] ("a", "/p")`}},
 		{"type", "[[pool]]\nname = \"a\"\ntype = \"zfs\"\n", []string{`("a").type: "zfs"`}},
 		{"type missing", "[[pool]]\nname = \"a\"\n", []string{`("a").type: missing`}},
 		{"vg", "[[pool]]\nname = \"a\"\ntype = \"lvm\"\nvolume_group = \"-vg\"\nactivation = \"loop\"\n", []string{`("a").volume_group: "-vg"`}},
@@ -257,4 +262,27 @@ func TestJobHistory(t *testing.T) {
 	}
 	m.finishJob(running, JobCancelled, "cancelled")
 	mustErrIs(t, m.CancelJob(Caller{UID: 0}, 99999), ErrNotFound)
+}
+
+// TestParseConfigOneDirectoryTwoNames: two names of one directory (a
+// symlink) are one directory.
+func TestParseConfigOneDirectoryTwoNames(t *testing.T) {
+	dir := t.TempDir()
+	real, link := filepath.Join(dir, "pool"), filepath.Join(dir, "alias")
+	if err := os.Mkdir(real, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(real, link); err != nil {
+		t.Fatal(err)
+	}
+	data := fmt.Sprintf("[[pool]]\nname = \"a\"\ntype = \"loop\"\ndirectory = %q\n[[pool]]\nname = \"b\"\ntype = \"loop\"\ndirectory = %q\n", real, link)
+	_, err := ParseConfig([]byte(data), "volagent.toml")
+	if err == nil || !strings.Contains(err.Error(), `pool[1] ("b").directory`) || !strings.Contains(err.Error(), `pool[0] ("a"`) {
+		t.Fatalf("two names of one directory: %v", err)
+	}
+	// Different directories, and one VG name per LVM pool, are fine.
+	data = fmt.Sprintf("[[pool]]\nname = \"a\"\ntype = \"loop\"\ndirectory = %q\n[[pool]]\nname = \"b\"\ntype = \"loop\"\ndirectory = %q\n", real, dir)
+	if _, err := ParseConfig([]byte(data), "volagent.toml"); err != nil {
+		t.Fatal(err)
+	}
 }
