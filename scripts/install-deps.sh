@@ -34,6 +34,8 @@ want lintian lintian
 want rpm rpm
 want objdump binutils
 want setpriv util-linux
+# The polkit rules test runs the shipped rules file in a JavaScript engine.
+want node nodejs
 
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ]; then

@@ -34,6 +34,9 @@ grep -v 'running with root privileges' dist/lintian.log >&2 || true
 # Debian's maintainer scripts go through deb-systemd-helper/-invoke.
 ! grep -q maintainer-script-calls-systemctl dist/lintian.log || fail "Debian maintainer scripts call systemctl"
 
+# polkitd reads rules only from rules.d; the group volagent gets its grant there.
+dpkg-deb -c "$deb" | grep -q ' \./usr/share/polkit-1/rules\.d/50-volagent\.rules$' || fail "the deb does not ship /usr/share/polkit-1/rules.d/50-volagent.rules"
+
 step "rpm contents, requirements and scripts"
 expected_rpm_files="/etc/libvirt/hooks/qemu.d/volagent
 /etc/volagent/volagent.toml
@@ -46,7 +49,8 @@ expected_rpm_files="/etc/libvirt/hooks/qemu.d/volagent
 /usr/share/doc/volagent/copyright
 /usr/share/man/man5/volagent.toml.5.gz
 /usr/share/man/man8/volagent.8.gz
-/usr/share/polkit-1/actions/org.volagent.VolAgent1.policy"
+/usr/share/polkit-1/actions/org.volagent.VolAgent1.policy
+/usr/share/polkit-1/rules.d/50-volagent.rules"
 actual_rpm_files=$(rpm -qlp "$rpm" 2>/dev/null | sort)
 [ "$actual_rpm_files" = "$expected_rpm_files" ] ||
 	fail "rpm files differ from the expected list:
