@@ -80,6 +80,9 @@ type VolumeInfo struct {
 	// a backing that is no longer where the header says. Such volumes are
 	// listed so an admin can see and delete them, never silently dropped.
 	Problem string
+	// Origin is OverlayRequest.Origin of the request that made the
+	// volume, "" for none.
+	Origin string
 }
 
 // OverlayRequest asks for a new qcow2 overlay. Exactly one of BackingPath
@@ -93,6 +96,11 @@ type OverlayRequest struct {
 	BackingVolume string // the ID of a managed volume to use as backing
 	VirtualSize   int64  // 0: the backing's virtual size
 	ClusterSize   int    // 0: 64 KiB
+	// Origin is recorded with the volume and reported in
+	// VolumeInfo.Origin: who asked, in the caller's terms (the request
+	// watcher's claim on a request file). At most 64 bytes of
+	// [a-zA-Z0-9:._-].
+	Origin string
 }
 
 // ImportRequest asks for a new base volume filled from Source.

@@ -2,13 +2,18 @@ package backend
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"path/filepath"
 	"sort"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/volagent/volagent/internal/testutil"
+	"github.com/volagent/volagent/qcow2"
 )
 
 // TestCreatedVolumeInfo: the VolumeInfo CreateOverlay returns (built from
@@ -23,7 +28,7 @@ func TestCreatedVolumeInfo(t *testing.T) {
 			writeFile(t, base, 10<<20+512, nil)
 			m := e.manager()
 			reqs := []OverlayRequest{
-				{Name: "default"},
+				{Name: "default", Origin: "request:0123abcd"}, // recorded and read back
 				{Name: "small-clusters", ClusterSize: 4096, VirtualSize: 1 << 30},
 				{Name: "big-clusters", ClusterSize: 2 << 20},
 				{Name: "huge", VirtualSize: 16 << 40}, // several L1 clusters
@@ -120,4 +125,61 @@ func BenchmarkCreateOverlayLoop(b *testing.B) {
 	}
 	sort.Slice(times, func(i, j int) bool { return times[i] < times[j] })
 	b.ReportMetric(float64(times[len(times)/2].Microseconds()), "median-us")
+}
+
+// TestCreateOverlayHeaderInRaw: a raw backing whose first sector is an
+// image header is refused when the overlay is made (enforce), directly or
+// at the bottom of a qcow2 backing's chain; audit mode makes the overlay
+// and signals the violation. A clean raw backing is the control.
+func TestCreateOverlayHeaderInRaw(t *testing.T) {
+	e := newEnv(t, PoolLoop, PolicyEnforce)
+	ctx := context.Background()
+	clean := filepath.Join(e.roots, "clean.raw")
+	writeFile(t, clean, 4<<20, nil)
+	// A qcow2 image passed off as raw: what a guest writes into its own
+	// raw disk to be probed as qcow2.
+	disguised := filepath.Join(e.roots, "disguised.raw")
+	testutil.MakeQcow2(t, disguised, "", "4M", "", "")
+	over := filepath.Join(e.roots, "over-disguised.qcow2")
+	testutil.MakeQcow2(t, over, "", "", disguised, "raw")
+
+	m := e.manager()
+	if _, err := m.CreateOverlay(ctx, Caller{}, OverlayRequest{Pool: "p", Name: "clean", BackingPath: clean, BackingFormat: "raw"}); err != nil {
+		t.Fatalf("clean raw backing: %v", err)
+	}
+	for _, c := range []struct{ name, backing, format string }{
+		{"direct", disguised, "raw"},
+		{"chain-bottom", over, "qcow2"},
+	} {
+		_, err := m.CreateOverlay(ctx, Caller{}, OverlayRequest{Pool: "p", Name: c.name, BackingPath: c.backing, BackingFormat: c.format})
+		mustErrIs(t, err, ErrPolicyViolation)
+		if !errors.Is(err, qcow2.ErrHeaderInRaw) && !strings.Contains(err.Error(), "header") {
+			t.Errorf("%s: %v does not name the header in the raw layer", c.name, err)
+		}
+		if _, err := m.Volume(VolumeID("p", c.name)); err == nil {
+			t.Errorf("%s: a refused overlay was left", c.name)
+		}
+	}
+	m.Close()
+
+	a := newEnv(t, PoolLoop, PolicyAudit)
+	disguised = filepath.Join(a.roots, "disguised.raw")
+	testutil.MakeQcow2(t, disguised, "", "4M", "", "")
+	am := a.manager()
+	events, cancel := am.Subscribe()
+	defer cancel()
+	if _, err := am.CreateOverlay(ctx, Caller{}, OverlayRequest{Pool: "p", Name: "audited", BackingPath: disguised, BackingFormat: "raw", VirtualSize: 4 << 20}); err != nil {
+		t.Fatalf("audit mode: %v", err)
+	}
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case ev := <-events:
+			if ev.Kind == EventPolicyViolation && ev.Violation.Code == "header-in-raw" {
+				return
+			}
+		case <-deadline:
+			t.Fatal("audit mode: no header-in-raw violation signalled")
+		}
+	}
 }

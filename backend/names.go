@@ -13,6 +13,10 @@ import (
 // libvirt volume names (no '/', not "." or "..").
 var volumeNamePattern = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.+-]{0,63}$`)
 
+// originPattern bounds OverlayRequest.Origin to what an LVM tag holds
+// unencoded.
+var originPattern = regexp.MustCompile(`^[a-zA-Z0-9:._-]{0,64}$`)
+
 // lvmReservedPrefixes and lvmReservedInfixes are the names LVM refuses for
 // LVs (lib/misc/lvm-string.c: apply_lv_name_restrictions): its own
 // internal sub-LVs use them.

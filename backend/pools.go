@@ -128,6 +128,7 @@ func (m *Manager) createdVolume(p *pool, name, dev, file string, meta hostblk.Vo
 	v := &volume{
 		info: VolumeInfo{
 			ID: VolumeID(p.cfg.Name, name), Name: name, Pool: p.cfg.Name, DevicePath: dev, Role: Role(meta.Role),
+			Origin:           meta.Origin,
 			Format:           "qcow2",
 			VirtualSize:      img.layout.VirtualSize,
 			DeviceSize:       img.deviceSize,
@@ -148,7 +149,7 @@ func (m *Manager) createdVolume(p *pool, name, dev, file string, meta hostblk.Vo
 // reaches. A header that is refused becomes the volume's problem.
 func (m *Manager) readVolume(p *pool, name, dev, file string, meta hostblk.VolumeMeta) *volume {
 	v := &volume{
-		info: VolumeInfo{ID: VolumeID(p.cfg.Name, name), Name: name, Pool: p.cfg.Name, DevicePath: dev, Role: Role(meta.Role)},
+		info: VolumeInfo{ID: VolumeID(p.cfg.Name, name), Name: name, Pool: p.cfg.Name, DevicePath: dev, Role: Role(meta.Role), Origin: meta.Origin},
 		meta: meta, file: file, backingPath: dev,
 	}
 	if file != "" {

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 
@@ -73,6 +74,9 @@ func (m *Manager) CreateOverlay(ctx context.Context, c Caller, req OverlayReques
 	if req.VirtualSize < 0 || req.VirtualSize%512 != 0 {
 		return VolumeInfo{}, fmt.Errorf("%w: virtual size %d: want 0 (the backing's size) or a positive multiple of 512", ErrInvalidArgument, req.VirtualSize)
 	}
+	if !originPattern.MatchString(req.Origin) {
+		return VolumeInfo{}, fmt.Errorf("%w: origin %q: want at most 64 characters of [a-zA-Z0-9:._-]", ErrInvalidArgument, req.Origin)
+	}
 	id := VolumeID(p.cfg.Name, req.Name)
 	if err := m.reserve(id, "create", p.cfg.Name, req.Name); err != nil {
 		return VolumeInfo{}, err
@@ -93,7 +97,7 @@ func (m *Manager) CreateOverlay(ctx context.Context, c Caller, req OverlayReques
 		}
 		opts.VirtualSize = roundUp(b.virtualSize, 512)
 	}
-	meta := hostblk.VolumeMeta{Role: string(RoleOverlay), BackingName: b.metaName, BackingFormat: b.format, State: stateCreating}
+	meta := hostblk.VolumeMeta{Role: string(RoleOverlay), BackingName: b.metaName, BackingFormat: b.format, State: stateCreating, Origin: req.Origin}
 	dev, file, img, err := m.makeVolume(ctx, p, "create", req.Name, opts, meta)
 	if err != nil {
 		return VolumeInfo{}, err
@@ -329,8 +333,11 @@ func (m *Manager) resolveBacking(p *pool, req OverlayRequest) (resolvedBacking, 
 	disk, err := qcow2.OpenChain(b.name, b.format, gate)
 	if err == nil {
 		b.virtualSize = disk.Size()
+		err = headerInRaw(disk, b.name)
 		disk.Close()
-		return b, nil
+		if err == nil {
+			return b, nil
+		}
 	}
 	if !qcow2.IsRefusal(err) {
 		if b.volumeID != "" {
@@ -358,6 +365,32 @@ func (m *Manager) resolveBacking(p *pool, req OverlayRequest) (resolvedBacking, 
 		f.Close()
 	}
 	return b, nil
+}
+
+// headerInRaw refuses a chain whose raw layer (the backing itself, or the
+// bottom of its qcow2 chain) starts with an image header, as the domain
+// policy would at the domain's start: a tool that probes would misread it.
+func headerInRaw(d qcow2.Disk, name string) error {
+	for {
+		img, ok := d.(*qcow2.Image)
+		if !ok || img.Backing() == nil {
+			break
+		}
+		d = img.Backing()
+	}
+	if d.Format() != "raw" {
+		return nil
+	}
+	head := make([]byte, qcow2.DetectSize)
+	n, err := d.ReadAt(head, 0)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("reading the first sector of the raw layer of %s: %w", name, err)
+	}
+	if found := qcow2.DetectImageHeader(head[:n]); found != "" {
+		return &qcow2.FieldError{Field: "first sector", Value: found, Err: qcow2.ErrHeaderInRaw,
+			Reason: "the raw layer of backing " + name + " starts with a " + found + " header; any tool that probes formats would misread it (was it meant to be " + found + "?)"}
+	}
+	return nil
 }
 
 // policyRefusal applies the pool's policy to a refusal: in enforce mode it

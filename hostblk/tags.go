@@ -22,6 +22,7 @@ const (
 	tagKeyBackingName   = "volagent.backing"
 	tagKeyBackingFormat = "volagent.backing-format"
 	tagKeyState         = "volagent.state"
+	tagKeyOrigin        = "volagent.origin"
 )
 
 // isTagLiteral reports whether c can stand for itself in an encoded tag
@@ -149,6 +150,10 @@ type VolumeMeta struct {
 	// still making or removing it (e.g. "creating", "importing",
 	// "deleting"), so that whoever finds it after a crash can clean up.
 	State string `json:"state,omitempty"`
+	// Origin says what asked for the volume when that matters later,
+	// e.g. the request file of a request pool ("request:NONCE"), so a
+	// request is linked only to the volume it made.
+	Origin string `json:"origin,omitempty"`
 }
 
 // Tags returns the LVM tags that record m: OwnerTag plus one key=value tag
@@ -160,6 +165,7 @@ func (m VolumeMeta) Tags() ([]string, error) {
 		{tagKeyBackingName, m.BackingName},
 		{tagKeyBackingFormat, m.BackingFormat},
 		{tagKeyState, m.State},
+		{tagKeyOrigin, m.Origin},
 	} {
 		if f.value == "" {
 			continue
@@ -201,6 +207,8 @@ func ParseVolumeTags(tags []string) (meta VolumeMeta, owned bool, err error) {
 			meta.BackingFormat = value
 		case tagKeyState:
 			meta.State = value
+		case tagKeyOrigin:
+			meta.Origin = value
 		}
 	}
 	return meta, owned, nil
