@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 
+	"golang.org/x/sys/unix"
 	"libvirt.org/go/libvirt"
 
 	"github.com/volagent/volagent/backend"
@@ -90,6 +91,24 @@ func diskPath(conn *libvirt.Connect, d domainDisk) string {
 		return ""
 	}
 	return path
+}
+
+// sameDevice reports whether a disk path and a volume's device are one
+// block device (the same device number, whatever the names: /dev/loopN,
+// /dev/VG/LV, /dev/mapper/VG-LV, /dev/dm-N, links, other nodes) or one
+// file (the same inode).
+func sameDevice(path, device string) bool {
+	if path == "" || device == "" {
+		return false
+	}
+	var a, b unix.Stat_t
+	if unix.Stat(path, &a) != nil || unix.Stat(device, &b) != nil {
+		return samePath(path, device)
+	}
+	if a.Mode&unix.S_IFMT == unix.S_IFBLK && b.Mode&unix.S_IFMT == unix.S_IFBLK {
+		return a.Rdev == b.Rdev
+	}
+	return a.Dev == b.Dev && a.Ino == b.Ino
 }
 
 // samePath reports whether a disk path names the file or device target,

@@ -38,7 +38,7 @@ func EnsureRequestPool(conn *libvirt.Connect, name, dir string) error {
 		if !errors.As(err, &lerr) || lerr.Code != libvirt.ERR_NO_STORAGE_POOL {
 			return fmt.Errorf("request pool %q: %w", name, err)
 		}
-		if err := os.MkdirAll(dir, 0o700); err != nil {
+		if err := MakeRequestDir(filepath.Dir(dir), dir, nil); err != nil {
 			return fmt.Errorf("request pool %q: %w", name, err)
 		}
 		xml := fmt.Sprintf("<pool type='dir'><name>%s</name><target><path>%s</path></target></pool>", xmlEscape(name), xmlEscape(dir))

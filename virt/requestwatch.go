@@ -13,6 +13,9 @@ package virt
 
 import (
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -22,6 +25,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/fsnotify/fsnotify"
 	"golang.org/x/sys/unix"
@@ -39,6 +43,19 @@ const (
 	ReasonSuffix  = ".refused.reason"
 	// tempPrefix marks the watcher's own temporary files.
 	tempPrefix = ".volagent-"
+	// claimXattr holds the watcher's claim on a request file: the Origin
+	// its overlay is made with, so after a crash between making the
+	// overlay and linking it the request is linked to that overlay and to
+	// no other volume of the name.
+	claimXattr = "user.volagent.claim"
+	// originPrefix starts the Origin of a volume made from a request.
+	originPrefix = "request:"
+	// nameMax is the longest file name (NAME_MAX).
+	nameMax = 255
+	// RequestDirMode is the mode of request directories: root (libvirt,
+	// volagent) lists them; qemu, running as another user (libvirt-qemu on
+	// Debian), crosses them to the links of its disks and lists nothing.
+	RequestDirMode = 0o711
 )
 
 // RequestWatcherOptions configure a RequestWatcher.
@@ -157,22 +174,64 @@ func (w *RequestWatcher) Start() error {
 	if err != nil {
 		return fmt.Errorf("request watcher: inotify: %w", err)
 	}
+	if err := w.prepare(); err != nil {
+		fsw.Close()
+		return err
+	}
 	for _, pool := range w.opts.Pools {
 		dir := w.Dir(pool)
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			fsw.Close()
-			return fmt.Errorf("request pool %q: directory %q: %w", pool, dir, err)
-		}
 		if err := fsw.Add(dir); err != nil {
 			fsw.Close()
 			return fmt.Errorf("request pool %q: watching %q: %w", pool, dir, err)
 		}
-		w.links[pool] = map[string]string{}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	w.stop, w.done = cancel, make(chan struct{})
 	w.scanAll(ctx)
 	go w.run(ctx, fsw)
+	return nil
+}
+
+// prepare makes the request directories, traversable by qemu's user.
+func (w *RequestWatcher) prepare() error {
+	for _, pool := range w.opts.Pools {
+		dir := w.Dir(pool)
+		if err := MakeRequestDir(w.opts.BaseDir, dir, w.log); err != nil {
+			return fmt.Errorf("request pool %q: %w", pool, err)
+		}
+		w.links[pool] = map[string]string{}
+	}
+	return nil
+}
+
+// MakeRequestDir creates dir (a request pool's directory under base) and
+// its missing parents, and gives base, dir and every parent it created
+// RequestDirMode whatever the umask (the unit's is 0077): libvirt chowns
+// a disk's device to qemu's user, never the directories on its path, so
+// qemu must be able to cross them. An existing parent above base that
+// qemu's user cannot cross is logged, not changed: it is the admin's.
+func MakeRequestDir(base, dir string, log *slog.Logger) error {
+	var created []string
+	for d := dir; ; d = filepath.Dir(d) {
+		if _, err := os.Lstat(d); err == nil || d == filepath.Dir(d) {
+			break
+		}
+		created = append(created, d)
+	}
+	if err := os.MkdirAll(dir, RequestDirMode); err != nil {
+		return fmt.Errorf("directory %q: %w", dir, err)
+	}
+	for _, d := range append(created, base, dir) {
+		if err := os.Chmod(d, RequestDirMode); err != nil {
+			return fmt.Errorf("directory %q: mode %#o: %w", d, RequestDirMode, err)
+		}
+	}
+	for d := filepath.Dir(base); d != filepath.Dir(d); d = filepath.Dir(d) {
+		if fi, err := os.Stat(d); err == nil && fi.Mode().Perm()&0o001 == 0 && log != nil {
+			log.Error("qemu running as another user than root (libvirt-qemu on Debian) cannot reach disks in request pools: a directory on the way is not searchable by others; run chmod o+x on it",
+				"directory", d, "mode", fmt.Sprintf("%#o", fi.Mode().Perm()), "request_dir", base)
+		}
+	}
 	return nil
 }
 
@@ -329,14 +388,22 @@ func (w *RequestWatcher) materialize(ctx context.Context, pool, name, path strin
 		w.refuse(pool, name, path, err)
 		return
 	}
+	claim, err := claimRequest(path)
+	if err != nil {
+		log.Error("cannot record the claim on a request; retried at the next scan", "err", err)
+		return
+	}
+	req.Origin = claim
 	id := backend.VolumeID(pool, req.Name)
 	v, err := w.vols.Volume(id)
 	if err == nil {
-		// Made by an earlier run that stopped before linking, or a name
-		// taken by a volume with another backing.
-		if v.BackingName != filepath.Clean(req.BackingPath) || v.BackingFormat != req.BackingFormat {
-			w.refuse(pool, name, path, fmt.Errorf("%w: pool %q already has a volume named %q, over %q (%s), not over %q (%s)",
-				backend.ErrInvalidArgument, pool, req.Name, v.BackingName, v.BackingFormat, req.BackingPath, req.BackingFormat))
+		// Only a volume this very request made (an earlier run stopped
+		// before linking) is linked; any other volume of the name (another
+		// request's: "vm1" and "vm1.qcow2" are one volume name; a D-Bus
+		// client's; a deleted request's) is not this request's to take.
+		if claim == "" || v.Origin != claim {
+			w.refuse(pool, name, path, fmt.Errorf("%w: pool %q already has a volume named %q (over %q, %s) that this request did not make; a request makes its own volume: choose another name",
+				backend.ErrInvalidArgument, pool, req.Name, v.BackingName, v.BackingFormat))
 			return
 		}
 	} else {
@@ -358,6 +425,60 @@ func (w *RequestWatcher) materialize(ctx context.Context, pool, name, path strin
 	w.refreshPool(pool)
 }
 
+// claimRequest returns the Origin the overlay of the request file at path
+// is made with: the claim recorded on the file earlier, or a new one,
+// recorded durably before the overlay is made. "" where the file system
+// keeps no extended attributes: such a request never takes an existing
+// volume.
+func claimRequest(path string) (string, error) {
+	buf := make([]byte, 128)
+	n, err := unix.Lgetxattr(path, claimXattr, buf)
+	if err == nil && strings.HasPrefix(string(buf[:n]), originPrefix) {
+		return string(buf[:n]), nil
+	}
+	if err != nil && !errors.Is(err, unix.ENODATA) {
+		if errors.Is(err, unix.ENOTSUP) {
+			return "", nil
+		}
+		return "", fmt.Errorf("reading %s of %s: %w", claimXattr, path, err)
+	}
+	nonce := make([]byte, 16)
+	if _, err := rand.Read(nonce); err != nil {
+		return "", err
+	}
+	claim := originPrefix + hex.EncodeToString(nonce)
+	if err := unix.Lsetxattr(path, claimXattr, []byte(claim), 0); err != nil {
+		if errors.Is(err, unix.ENOTSUP) {
+			return "", nil
+		}
+		return "", fmt.Errorf("setting %s on %s: %w", claimXattr, path, err)
+	}
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", err
+	}
+	defer unix.Close(fd)
+	if err := unix.Fsync(fd); err != nil {
+		return "", fmt.Errorf("fsync %s: %w", path, err)
+	}
+	return claim, nil
+}
+
+// shortName is name if prefix+name+suffix fits a file name, else a prefix
+// of name (whole UTF-8 characters) and a hash of all of it that does.
+func shortName(prefix, name, suffix string) string {
+	if len(prefix)+len(name)+len(suffix) <= nameMax {
+		return name
+	}
+	sum := sha256.Sum256([]byte(name))
+	tag := "~" + hex.EncodeToString(sum[:8])
+	keep := nameMax - len(prefix) - len(suffix) - len(tag)
+	for keep > 0 && !utf8.RuneStart(name[keep]) {
+		keep--
+	}
+	return name[:max(keep, 0)] + tag
+}
+
 // link atomically replaces the entry name by a symlink to the volume's
 // device, so libvirt lists the real volume.
 func (w *RequestWatcher) link(pool, name string, v backend.VolumeInfo) error {
@@ -365,7 +486,7 @@ func (w *RequestWatcher) link(pool, name string, v backend.VolumeInfo) error {
 		return fmt.Errorf("volume %q has no device", v.ID)
 	}
 	path := filepath.Join(w.Dir(pool), name)
-	tmp := filepath.Join(w.Dir(pool), tempPrefix+"link-"+name)
+	tmp := filepath.Join(w.Dir(pool), tempPrefix+"link-"+shortName(tempPrefix+"link-", name, ""))
 	_ = os.Remove(tmp)
 	if err := os.Symlink(v.DevicePath, tmp); err != nil {
 		return err
@@ -410,12 +531,17 @@ func (w *RequestWatcher) adoptLink(pool, name, path string) {
 
 // refuse renames a request to NAME.refused with the reason beside it,
 // logs and signals it.
+//
+// A name too long for the suffixes (NAME_MAX is 255 bytes) is shortened
+// to a prefix and a hash, and the reason names the request in full, so a
+// refused request always leaves the directory, once.
 func (w *RequestWatcher) refuse(pool, name, path string, cause error) {
-	refused := path + RefusedSuffix
+	short := filepath.Join(w.Dir(pool), shortName("", name, ReasonSuffix))
+	refused := short + RefusedSuffix
 	reason := fmt.Sprintf("volagent refused the request %s at %s:\n%v\n", name, time.Now().UTC().Format(time.RFC3339), cause)
-	tmp := filepath.Join(w.Dir(pool), tempPrefix+"reason-"+name)
+	tmp := filepath.Join(w.Dir(pool), tempPrefix+"reason-"+shortName(tempPrefix+"reason-", name, ""))
 	if err := os.WriteFile(tmp, []byte(reason), 0o644); err == nil {
-		if err := os.Rename(tmp, path+ReasonSuffix); err != nil {
+		if err := os.Rename(tmp, short+ReasonSuffix); err != nil {
 			_ = os.Remove(tmp)
 		}
 	}
@@ -475,7 +601,8 @@ func (w *RequestWatcher) linkRemoved(ctx context.Context, pool, name, id string)
 }
 
 // domainsUsing lists the domains (running or only defined) with a disk on
-// the volume: by its device, its link, or libvirt's pool and volume name.
+// the volume: by its link, libvirt's pool and volume name, or any name of
+// its device (compared as the kernel does: device numbers, not strings).
 func (w *RequestWatcher) domainsUsing(pool, name, link string, v backend.VolumeInfo) ([]string, error) {
 	c := w.currentConn()
 	if c == nil {
@@ -498,7 +625,7 @@ func (w *RequestWatcher) domainsUsing(pool, name, link string, v backend.VolumeI
 				return err
 			}
 			for _, d := range disks {
-				if (d.Pool == pool && d.Volume == name) || d.Path == link || samePath(d.Path, v.DevicePath) {
+				if (d.Pool == pool && d.Volume == name) || d.Path == link || sameDevice(d.Path, v.DevicePath) {
 					users = append(users, domName)
 					break
 				}

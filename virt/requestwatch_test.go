@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/volagent/volagent/backend"
 	"github.com/volagent/volagent/internal/testutil"
 )
@@ -53,7 +55,11 @@ func (f *fakeVolumes) CreateOverlay(_ context.Context, _ backend.Caller, req bac
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.creates++
-	v := backend.VolumeInfo{ID: backend.VolumeID(req.Pool, req.Name), Name: req.Name, Pool: req.Pool, Format: "qcow2",
+	id := backend.VolumeID(req.Pool, req.Name)
+	if _, taken := f.volumes[id]; taken {
+		return backend.VolumeInfo{}, fmt.Errorf("%w: pool %q already has a volume named %q", backend.ErrInvalidArgument, req.Pool, req.Name)
+	}
+	v := backend.VolumeInfo{ID: id, Name: req.Name, Pool: req.Pool, Format: "qcow2", Origin: req.Origin,
 		DevicePath: "/dev/fake-" + req.Name, BackingName: req.BackingPath, BackingFormat: req.BackingFormat, VirtualSize: req.VirtualSize}
 	f.volumes[v.ID] = v
 	return v, nil
@@ -126,10 +132,15 @@ func TestRequestWatcher(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// Made before a crash that came before the link: only linked.
-	pre := backend.VolumeInfo{ID: backend.VolumeID(pool, "pre"), Name: "pre", Pool: pool, Format: "qcow2", DevicePath: "/dev/fake-pre", BackingName: base, BackingFormat: "raw"}
+	// Made from this request before a crash that came before the link
+	// (the request carries the claim the volume records): only linked.
+	pre := backend.VolumeInfo{ID: backend.VolumeID(pool, "pre"), Name: "pre", Pool: pool, Format: "qcow2", DevicePath: "/dev/fake-pre", BackingName: base, BackingFormat: "raw",
+		Origin: "request:0123456789abcdef0123456789abcdef"}
 	fake.volumes[pre.ID] = pre
 	testutil.MakeQcow2(t, filepath.Join(reqDir, "pre.qcow2"), "", "32M", base, "raw")
+	if err := unix.Setxattr(filepath.Join(reqDir, "pre.qcow2"), claimXattr, []byte(pre.Origin), 0); err != nil {
+		t.Fatal(err)
+	}
 	// A link to a device the volume no longer has (loop devices are
 	// renumbered at boot): re-pointed.
 	moved := backend.VolumeInfo{ID: backend.VolumeID(pool, "moved"), Name: "moved", Pool: pool, Format: "qcow2", DevicePath: "/dev/fake-moved-now"}
