@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -48,6 +49,13 @@ type libvirtEnv struct {
 }
 
 func newLibvirtEnv(t *testing.T) *libvirtEnv {
+	t.Helper()
+	return newLibvirtEnvWith(t, testutil.LibvirtdOptions{})
+}
+
+// newLibvirtEnvWith is newLibvirtEnv with libvirtd options (its Hooks are
+// the env's own).
+func newLibvirtEnvWith(t *testing.T, opts testutil.LibvirtdOptions) *libvirtEnv {
 	t.Helper()
 	testutil.RequireRoot(t)
 	testutil.RequireTool(t, "dbus-daemon", "qemu-img", "lvm", "virsh")
@@ -88,7 +96,8 @@ chunk_size = "8M"
 	// The hook asks the daemon on the private bus; without an answer it
 	// refuses everything, so a pass proves the daemon judged.
 	hook := fmt.Sprintf("#!/bin/sh\nexec %s hook qemu --bus-address %s --config /nonexistent/volagent.toml --when-unreachable refuse-all \"$@\"\n", bin, e.bus.Address)
-	e.libvirtd = testutil.StartLibvirtd(t, testutil.LibvirtdOptions{Hooks: map[string]string{"volagent-test": hook}})
+	opts.Hooks = map[string]string{"volagent-test": hook}
+	e.libvirtd = testutil.StartLibvirtd(t, opts)
 	t.Cleanup(func() {
 		for _, pool := range []string{libvirtLoopPool, libvirtLVMPool} {
 			_, _, _ = testutil.Virsh("pool-destroy", pool)
@@ -533,5 +542,92 @@ func TestServeLibvirtThinGuest(t *testing.T) {
 	}
 	if out, err := exec.Command("qemu-img", "check", "-f", "qcow2", dev).CombinedOutput(); err != nil || !strings.Contains(string(out), "No errors") {
 		t.Fatalf("qemu-img check: %v\n%s", err, out)
+	}
+}
+
+// TestServeLibvirtQemuUser: qemu runs as Debian's libvirt runs it (as
+// libvirt-qemu, libvirt changing the owner of the device only), and a
+// domain whose disk is the README's <disk> on a request-pool link made by
+// `virsh vol-create` with the README's volume XML starts, its qemu
+// running as libvirt-qemu. Requests volagent must refuse (a name another
+// request's volume has, a raw backing that is a qcow2 image) are refused.
+func TestServeLibvirtQemuUser(t *testing.T) {
+	e := newLibvirtEnvWith(t, testutil.LibvirtdOptions{QemuAsLibvirtQemu: true})
+	// Where the request directory lives must be crossable, as /var/lib is.
+	if err := os.Chmod(e.dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e.startDaemon()
+	qemuUser, err := user.Lookup("libvirt-qemu")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	volXML := filepath.Join(t.TempDir(), "vm1.xml")
+	if err := os.WriteFile(volXML, []byte(fmt.Sprintf(`<volume>
+  <name>vm1</name>
+  <capacity unit='G'>1</capacity>
+  <target><format type='qcow2'/></target>
+  <backingStore>
+    <path>%s</path>
+    <format type='raw'/>
+  </backingStore>
+</volume>
+`, e.base)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	testutil.MustVirsh(t, "vol-create", libvirtLoopPool, volXML)
+	link := filepath.Join(e.requestDir, libvirtLoopPool, "vm1")
+	e.waitMaterialized(link)
+
+	domain := testutil.TestDomainPrefix + "qemu-user"
+	disk := fmt.Sprintf(`<disk type='block' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none' io='native'/>
+      <source dev='%s'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>`, link)
+	domXML := filepath.Join(t.TempDir(), domain+".xml")
+	if err := os.WriteFile(domXML, []byte(testutil.TCGDomainXML(domain, disk)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _, _, _ = testutil.Virsh("destroy", domain) })
+	if _, stderr, err := testutil.Virsh("create", domXML); err != nil {
+		t.Fatalf("a domain on the request-pool overlay does not start with qemu as libvirt-qemu: %v\n%s", err, stderr)
+	}
+	pidText, err := os.ReadFile(filepath.Join("/run/libvirt/qemu", domain+".pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%s/status", strings.TrimSpace(string(pidText))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var uid string
+	for _, line := range strings.Split(string(status), "\n") {
+		if f := strings.Fields(line); len(f) > 1 && f[0] == "Uid:" {
+			uid = f[1]
+		}
+	}
+	if uid != qemuUser.Uid {
+		t.Fatalf("qemu runs as uid %q, want libvirt-qemu (%s)", uid, qemuUser.Uid)
+	}
+	if state := strings.TrimSpace(testutil.MustVirsh(t, "domstate", domain)); state != "running" {
+		t.Fatalf("domain is %q", state)
+	}
+	testutil.MustVirsh(t, "destroy", domain)
+
+	// "vm1.qcow2" is volume name vm1 too: refused, not linked to vm1's
+	// volume.
+	taken := e.volCreate(libvirtLoopPool, "vm1", e.base, "33554432")
+	if reason := e.waitRefused(taken); !strings.Contains(reason, "did not make") {
+		t.Fatalf("vm1.qcow2 refused for %q", reason)
+	}
+	// A qcow2 image named as a raw backing: refused when the overlay is
+	// made, not first at the domain's start.
+	disguised := filepath.Join(e.images, "disguised.raw")
+	testutil.MakeQcow2(t, disguised, "", "32M", "", "")
+	bad := e.volCreate(libvirtLoopPool, "disguised", disguised, "33554432")
+	if reason := e.waitRefused(bad); !strings.Contains(reason, "qcow2 header") {
+		t.Fatalf("disguised raw backing refused for %q", reason)
 	}
 }

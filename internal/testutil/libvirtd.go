@@ -58,8 +58,26 @@ security_driver = "none"
 stdio_handler = "file"
 `
 
+// debianQemuConf runs qemu as Debian's libvirt does: as libvirt-qemu, with
+// libvirt changing the owner of each disk's file or device to it while the
+// domain runs (dynamic ownership), and never of the directories on the
+// way.
+const debianQemuConf = `# Written by volagent's test harness (internal/testutil/libvirtd.go); the
+# previous content is restored when the tests stop libvirtd.
+user = "libvirt-qemu"
+group = "libvirt-qemu"
+dynamic_ownership = 1
+cgroup_controllers = [ ]
+security_driver = "none"
+stdio_handler = "file"
+`
+
 // LibvirtdOptions say what the daemon starts with.
 type LibvirtdOptions struct {
+	// QemuAsLibvirtQemu runs qemu as Debian does (user and group
+	// libvirt-qemu, dynamic_ownership = 1) instead of as root. /dev/kvm
+	// is root's here: such domains use TCG (TCGDomainXML).
+	QemuAsLibvirtQemu bool
 	// Hooks are qemu hook scripts to install, by file name, in
 	// /etc/libvirt/hooks/qemu.d before the daemon starts; they are removed
 	// when it stops.
@@ -208,11 +226,15 @@ func (d *Libvirtd) installQemuConf() {
 	if err := os.MkdirAll(filepath.Dir(libvirtQemuConf), 0o755); err != nil {
 		d.t.Fatal(err)
 	}
-	if err := os.WriteFile(libvirtQemuConf, []byte(testQemuConf), 0o644); err != nil {
+	conf := testQemuConf
+	if d.opts.QemuAsLibvirtQemu {
+		conf = debianQemuConf
+	}
+	if err := os.WriteFile(libvirtQemuConf, []byte(conf), 0o644); err != nil {
 		d.t.Fatal(err)
 	}
 	d.undo = append(d.undo, func() {
-		if existed && !bytes.Equal(old, []byte(testQemuConf)) {
+		if existed && !bytes.Equal(old, []byte(testQemuConf)) && !bytes.Equal(old, []byte(debianQemuConf)) {
 			_ = os.WriteFile(libvirtQemuConf, old, 0o644)
 		} else if !existed {
 			_ = os.Remove(libvirtQemuConf)
@@ -378,7 +400,17 @@ func waitGone(pid int, timeout time.Duration) {
 // DomainXML is a minimal KVM domain for tests: SeaBIOS spins without a boot
 // disk, which is all they need; ACPI lets disks be hot-plugged.
 func DomainXML(name string, disks ...string) string {
-	return fmt.Sprintf(`<domain type='kvm'>
+	return domainXML("kvm", name, disks...)
+}
+
+// TCGDomainXML is DomainXML emulated by TCG (type 'qemu'), for qemu
+// processes that cannot open /dev/kvm.
+func TCGDomainXML(name string, disks ...string) string {
+	return domainXML("qemu", name, disks...)
+}
+
+func domainXML(domainType, name string, disks ...string) string {
+	return fmt.Sprintf(`<domain type='%s'>
   <name>%s</name>
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
@@ -390,7 +422,7 @@ func DomainXML(name string, disks ...string) string {
     <memballoon model='none'/>
   </devices>
 </domain>
-`, name, strings.Join(disks, "\n    "))
+`, domainType, name, strings.Join(disks, "\n    "))
 }
 
 // FileDiskXML is a virtio file disk; driverType "" leaves <driver type>
