@@ -70,8 +70,11 @@ type PoolVolume struct {
 	Device string
 }
 
-// OpenLoopPool opens (creating if needed, mode 0700) the pool directory
-// dir. opts apply to every loop device the pool attaches; Offset and
+// OpenLoopPool opens (creating if needed) the pool directory dir and makes
+// it traversable but not listable by others (0711): an overlay over a pool
+// volume names the volume's file as its backing, and qemu, running as its
+// own user (libvirt-qemu on Debian), must reach that file; libvirt chowns
+// the file itself, never its directory. opts apply to every loop device the pool attaches; Offset and
 // SizeLimit must be zero because a pool volume is its whole file.
 func OpenLoopPool(dir string, opts LoopOptions) (*LoopPool, error) {
 	if opts.Offset != 0 || opts.SizeLimit != 0 {
@@ -84,10 +87,27 @@ func OpenLoopPool(dir string, opts LoopOptions) (*LoopPool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open loop pool %s: %w", dir, err)
 	}
-	if err := os.MkdirAll(abs, 0o700); err != nil {
+	if err := os.MkdirAll(abs, 0o711); err != nil {
+		return nil, fmt.Errorf("open loop pool: %w", err)
+	}
+	if err := makeTraversable(abs); err != nil {
 		return nil, fmt.Errorf("open loop pool: %w", err)
 	}
 	return &LoopPool{dir: abs, opts: opts}, nil
+}
+
+// makeTraversable adds search permission for group and others to dir, which
+// MkdirAll may have left out under a umask such as the unit's 0077, and
+// which a pool directory made by an older volagent (0700) lacks.
+func makeTraversable(dir string) error {
+	st, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	if perm := st.Mode().Perm(); perm&0o011 != 0o011 {
+		return os.Chmod(dir, perm|0o011)
+	}
+	return nil
 }
 
 // Dir returns the pool directory (absolute).

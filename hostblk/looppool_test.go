@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // newTestPool opens a pool in a fresh directory; every loop device over a
@@ -206,4 +208,37 @@ func TestLoopPoolReportsBrokenVolume(t *testing.T) {
 	if len(vols) != 1 || vols[0].Name != "good" || vols[0].Device == "" {
 		t.Errorf("AttachAll = %+v, want the good volume attached despite the bad one", vols)
 	}
+}
+
+// qemu runs as its own user and must reach a pool volume's file when an
+// overlay names it as backing: the pool directory is searchable by others
+// but not listable, also under a restrictive umask and when an older
+// version left it 0700.
+func TestLoopPoolDirTraversable(t *testing.T) {
+	testRoot(t)
+	dir := filepath.Join(testDir(t), "pool")
+	old := unix.Umask(0o077)
+	_, err := OpenLoopPool(dir, LoopOptions{})
+	unix.Umask(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertMode := func(when string) {
+		t.Helper()
+		st, err := os.Stat(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := st.Mode().Perm(); got != 0o711 {
+			t.Errorf("%s: pool directory mode %#o, want 0711", when, got)
+		}
+	}
+	assertMode("created under umask 0077")
+	if err := os.Chmod(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenLoopPool(dir, LoopOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	assertMode("reopened after an older version left it 0700")
 }
