@@ -160,7 +160,7 @@ func runThinGuest(t *testing.T, mgr *backend.Manager, base, bootDisk, name strin
 		fmt.Sprintf("<disk type='block' device='disk'><driver name='qemu' type='qcow2' error_policy='stop'/><source dev='%s'/><target dev='vdb' bus='virtio'/><boot order='2'/></disk>", vol.DevicePath),
 		fmt.Sprintf("<serial type='file'><source path='%s'/><target port='0'/></serial>", serial))
 
-	deadline := time.Now().Add(90 * time.Second)
+	deadline := time.Now().Add(5 * time.Minute)
 	for {
 		out, _ := os.ReadFile(serial)
 		if strings.Contains(string(out), testguest.SerialDone) {

@@ -499,7 +499,7 @@ func TestServeLibvirtThinGuest(t *testing.T) {
 		fmt.Sprintf("<serial type='file'><source path='%s'/><target port='0'/></serial>", serial)); err != nil {
 		t.Fatalf("guest domain refused: %v\n%s", err, stderr)
 	}
-	deadline := time.Now().Add(90 * time.Second)
+	deadline := time.Now().Add(5 * time.Minute)
 	for {
 		out, _ := os.ReadFile(serial)
 		if strings.Contains(string(out), testguest.SerialDone) {
