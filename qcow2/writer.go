@@ -60,7 +60,6 @@ type Writer struct {
 	esize int64 // L2 entry size
 	size  int64
 
-	first     []byte // the first logical block (header), for header updates
 	prepared  bool
 	imageSize int64 // size of the container when opened
 
@@ -92,8 +91,7 @@ type l2Table struct {
 //   - a header that breaks a rule: ReadHeader's *ValidationError;
 //   - features the writer does not handle, as a *FieldError wrapping
 //     ErrUnsupported: the dirty bit (lazy refcounts left stale: run
-//     qemu-img check -r all first), internal snapshots (shared clusters),
-//     refcounts narrower than 8 bits;
+//     qemu-img check -r all first), internal snapshots (shared clusters);
 //   - a backing mismatch: as OpenImage;
 //   - an I/O error: that error.
 //
@@ -122,8 +120,6 @@ func OpenWriter(dev Device, imageSize int64, opts WriterOptions) (*Writer, error
 		return nil, fieldErr(ErrUnsupported, "incompatible_features", hex(h.IncompatibleFeatures), "the dirty bit is set, so the refcounts may be stale; run qemu-img check -r all on the image first")
 	case h.NbSnapshots > 0:
 		return nil, fieldErr(ErrUnsupported, "nb_snapshots", h.NbSnapshots, "images with internal snapshots share clusters; volagent does not write them")
-	case h.RefcountOrder < 3:
-		return nil, fieldErr(ErrUnsupported, "refcount_order", h.RefcountOrder, "volagent writes refcounts of 8 to 64 bits (order 3 to 6)")
 	}
 	img, err := newImage(alignedReader{bio}, h, opts.Backing)
 	if err != nil {
@@ -138,15 +134,11 @@ func OpenWriter(dev Device, imageSize int64, opts WriterOptions) (*Writer, error
 		l2:       map[int64]*l2Table{},
 	}
 	w.l2Max = int(max(4, maxL2CacheBytesWriter/w.c))
-	w.first = alignedBuffer(int(bs), int(bs))
-	if err := bio.readAt(w.first, 0); err != nil {
-		return nil, fmt.Errorf("reading the header: %w", err)
-	}
 	w.l1 = alignedBuffer(int(ceilDiv(int64(h.L1Size)*8, w.c)*w.c), int(bs))
 	if err := bio.readAt(w.l1, w.l1Offset); err != nil {
 		return nil, fmt.Errorf("reading the L1 table at %d: %w", w.l1Offset, err)
 	}
-	if w.refs, err = newRefcounts(w, h); err != nil {
+	if w.refs, err = newRefcounts(bio, w, h, int(bs), opts.ContainerSize); err != nil {
 		return nil, err
 	}
 	return w, nil
@@ -175,9 +167,32 @@ func (w *Writer) hostBound() int64 {
 	return max(w.imageSize, end)
 }
 
-// updateBound lets the reader's entry checks accept clusters the file
-// grew by.
-func (w *Writer) updateBound() { w.img.imageSize = w.hostBound() }
+// grew lets the reader's entry checks accept clusters the file grew by.
+func (w *Writer) grew() { w.img.imageSize = w.hostBound() }
+
+// writeHeader writes p over the header bytes at off. Only those bytes are
+// written (the device block around them keeps its current bytes: with
+// clusters smaller than the block, it holds other structures too).
+func (w *Writer) writeHeader(p []byte, off int64) error {
+	if err := w.io.writeAt(p, off); err != nil {
+		return fmt.Errorf("updating the header: %w", err)
+	}
+	return w.io.sync()
+}
+
+// moveRefcountTable switches the header to a new refcount table: offset
+// and cluster count are adjacent, so one write inside one sector makes
+// the switch atomic.
+func (w *Writer) moveRefcountTable(off int64, n uint32) error {
+	var p [offNbSnapshots - offRefcountTableOffset]byte
+	binary.BigEndian.PutUint64(p[:], uint64(off))
+	binary.BigEndian.PutUint32(p[offRefcountTableClusters-offRefcountTableOffset:], n)
+	if err := w.writeHeader(p[:], offRefcountTableOffset); err != nil {
+		return err
+	}
+	w.h.RefcountTableOffset, w.h.RefcountTableClusters = uint64(off), n
+	return nil
+}
 
 // fail records an I/O failure; allocation failures that wrote nothing
 // (no space) leave the Writer usable.
@@ -205,11 +220,7 @@ func (w *Writer) prepare() error {
 		return nil
 	}
 	if w.h.Version >= 3 && w.h.AutoclearFeatures != 0 {
-		binary.BigEndian.PutUint64(w.first[88:], 0)
-		if err := w.io.writeAt(w.first, 0); err != nil {
-			return err
-		}
-		if err := w.io.sync(); err != nil {
+		if err := w.writeHeader(make([]byte, 8), offAutoclearFeatures); err != nil {
 			return err
 		}
 		w.h.AutoclearFeatures = 0
@@ -223,19 +234,6 @@ func (w *Writer) checkRange(op string, off, n int64) error {
 		return fmt.Errorf("qcow2: %s of %d bytes at guest offset %d: outside the virtual disk of %d bytes", op, n, off, w.size)
 	}
 	return nil
-}
-
-// writeOwned writes buf[lo:hi] at base+lo, where buf is the aligned
-// in-memory copy of a table at base. When the range widened to logical
-// blocks stays inside the table it is written from buf directly;
-// otherwise the edge blocks are read, patched and written back.
-func (w *Writer) writeOwned(buf []byte, base, lo, hi int64) error {
-	bs := w.io.bs
-	wlo, whi := alignDown(lo, bs), alignUp(hi, bs)
-	if base%bs == 0 && whi <= int64(len(buf)) {
-		return w.io.writeAt(buf[wlo:whi], base+wlo)
-	}
-	return w.io.writeAt(buf[lo:hi], base+lo)
 }
 
 // --- L1 and L2 tables ---
@@ -853,7 +851,7 @@ func (w *Writer) flushMetadata() error {
 	}
 	for _, off := range sortedKeys(w.l2) {
 		if t := w.l2[off]; t.dirty {
-			if err := w.writeOwned(t.buf, off, 0, w.c); err != nil {
+			if err := w.io.writeOwned(t.buf, off, 0, w.c); err != nil {
 				return err
 			}
 			t.dirty = false
@@ -867,7 +865,7 @@ func (w *Writer) flushMetadata() error {
 		l1Bytes := int64(w.h.L1Size) * 8
 		for _, b := range sortedKeys(w.l1Dirty) {
 			lo := b * w.io.bs
-			if err := w.writeOwned(w.l1, w.l1Offset, lo, min(lo+w.io.bs, l1Bytes)); err != nil {
+			if err := w.io.writeOwned(w.l1, w.l1Offset, lo, min(lo+w.io.bs, l1Bytes)); err != nil {
 				return err
 			}
 		}
