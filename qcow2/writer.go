@@ -396,41 +396,23 @@ func (w *Writer) Map(guestOff int64) (Mapping, error) {
 	return w.mapAt(guestOff)
 }
 
-// readCluster fills dst (one cluster) with the current guest view of
-// cluster ci: this image's data, the backing file, or zeros.
-func (w *Writer) readCluster(ci int64, dst []byte) error {
-	start := ci << w.cbits
-	end := min(start+w.c, w.size)
-	for pos := start; pos < end; {
-		m, err := w.mapAt(pos)
-		if err != nil {
-			return err
-		}
-		d := dst[pos-start : pos-start+m.Length]
-		switch m.Kind {
-		case MapData:
-			err = w.io.readAt(d, m.HostOffset)
-		case MapZero:
-			clear(d)
-		case MapUnallocated:
-			err = w.img.readBacking(d, pos)
-		case MapCompressed:
-			err = w.img.readCompressed(d, m)
-		}
-		if err != nil {
-			return err
-		}
-		pos += m.Length
-	}
-	clear(dst[end-start:])
-	return nil
-}
-
 // clusterState says how a write can treat a guest cluster.
 type clusterState struct {
 	entry, bitmap uint64
 	host          int64 // the host cluster of a data cluster written in place
-	inPlace       bool  // a whole data cluster with refcount 1: overwrite it
+	// inPlace: the host cluster has refcount 1 and is written in place.
+	// Without extended L2 that means a whole data cluster; with them, any
+	// uncompressed cluster with a host cluster (its subclusters may be
+	// unallocated or zero).
+	inPlace bool
+	full    bool // inPlace, and the whole cluster reads its host data
+}
+
+// fresh: the cluster has no host cluster (unallocated or zero), so with
+// extended L2 a write allocates one and marks only the subclusters it
+// touches.
+func (st clusterState) fresh() bool {
+	return st.entry&l2Compressed == 0 && st.entry&tableOffsetMask == 0
 }
 
 func (w *Writer) state(ci int64) (clusterState, error) {
@@ -450,8 +432,12 @@ func (w *Writer) state(ci int64) (clusterState, error) {
 	if err != nil {
 		return clusterState{}, err
 	}
-	if m.Kind != MapData || m.Length != end-guest {
-		return st, nil // zero, unallocated, compressed or partly allocated
+	full := m.Kind == MapData && m.Length == end-guest
+	switch {
+	case w.ext && (entry&l2Compressed != 0 || entry&tableOffsetMask == 0):
+		return st, nil // compressed, or no host cluster
+	case !w.ext && !full:
+		return st, nil // zero, unallocated or compressed
 	}
 	host := int64(entry & tableOffsetMask)
 	rc, err := w.refs.refcount(host >> w.cbits)
@@ -462,9 +448,88 @@ func (w *Writer) state(ci int64) (clusterState, error) {
 		return clusterState{}, corruptEntry("L2 entry", guest, entry, "data cluster at host offset %d has refcount 0", host)
 	}
 	if rc == 1 {
-		st.host, st.inPlace = host, true
+		st.host, st.inPlace, st.full = host, true, full
 	}
 	return st, nil
+}
+
+// touchedSubclusters is the mask of the subclusters of the cluster at cs
+// that guest bytes [from, to) touch.
+func (w *Writer) touchedSubclusters(cs, from, to int64) uint64 {
+	sub := w.c / subclusters
+	a, b := (from-cs)/sub, (to-1-cs)/sub
+	return (uint64(1)<<(b+1) - 1) &^ (uint64(1)<<a - 1)
+}
+
+// readGuest fills dst with the current guest view at off; bytes past the
+// end of the disk read as zeros.
+func (w *Writer) readGuest(dst []byte, off int64) error {
+	end := off + int64(len(dst))
+	for pos := off; pos < min(end, w.size); {
+		m, err := w.mapAt(pos)
+		if err != nil {
+			return err
+		}
+		d := dst[pos-off : min(pos+m.Length, end)-off]
+		switch m.Kind {
+		case MapData:
+			err = w.io.readAt(d, m.HostOffset)
+		case MapZero:
+			clear(d)
+		case MapUnallocated:
+			err = w.img.readBacking(d, pos)
+		case MapCompressed:
+			err = w.img.readCompressed(d, m)
+		}
+		if err != nil {
+			return err
+		}
+		pos += int64(len(d))
+	}
+	if end > w.size {
+		clear(dst[max(0, w.size-off):])
+	}
+	return nil
+}
+
+// writeSubclusters writes into cluster ci (extended L2, a host cluster
+// with refcount 1) in place: the subclusters p touches become allocated;
+// a partial edge subcluster that was not allocated is completed from the
+// current guest view (backing or zeros) first.
+func (w *Writer) writeSubclusters(p []byte, off int64, ci int64, st clusterState) (int, error) {
+	cs := ci << w.cbits
+	n := min(int64(len(p)), cs+w.c-off)
+	sub := w.c / subclusters
+	touched := w.touchedSubclusters(cs, off, off+n)
+	allocated := st.bitmap & allSubclustersAllocated
+	lo, hi := off, off+n
+	if (off-cs)%sub != 0 && allocated&(1<<((off-cs)/sub)) == 0 {
+		lo = alignDown(off, sub)
+	}
+	if (off+n-cs)%sub != 0 && allocated&(1<<((off+n-1-cs)/sub)) == 0 {
+		hi = alignUp(off+n, sub)
+	}
+	buf := p[:n]
+	if lo != off || hi != off+n {
+		buf = w.scratchBuffer(hi - lo)
+		if err := w.readGuest(buf[:off-lo], lo); err != nil {
+			return 0, err
+		}
+		if err := w.readGuest(buf[off+n-lo:], off+n); err != nil {
+			return 0, err
+		}
+		copy(buf[off-lo:], p[:n])
+	}
+	if err := w.io.writeAt(buf, st.host+lo-cs); err != nil {
+		return 0, err
+	}
+	bitmap := st.bitmap&^(touched<<32) | touched
+	if bitmap != st.bitmap || st.entry&l2Copied == 0 {
+		if err := w.setMapping(ci, st.entry|l2Copied, bitmap); err != nil {
+			return int(n), err
+		}
+	}
+	return int(n), nil
 }
 
 // oldClusters are the host clusters an entry holds, to free once the entry
@@ -528,13 +593,20 @@ func (w *Writer) writeRun(p []byte, off int64) (int, error) {
 	if !st.inPlace {
 		return w.writeAllocating(p, off, st)
 	}
+	if w.ext {
+		cs := ci << w.cbits
+		touched := w.touchedSubclusters(cs, off, min(off+int64(len(p)), cs+w.c))
+		if st.bitmap&touched != touched || st.bitmap&(touched<<32) != 0 {
+			return w.writeSubclusters(p, off, ci, st)
+		}
+	}
 	// Overwrite in place, extending over host-contiguous clusters.
 	host := st.host + off&(w.c-1)
 	run := []clusterState{st}
 	n := min(int64(len(p)), (ci+1)<<w.cbits-off)
 	for n < int64(len(p)) && n < maxWriteBatch {
 		next, err := w.state(ci + 1)
-		if err != nil || !next.inPlace || next.host != st.host+w.c {
+		if err != nil || !next.full || next.host != st.host+w.c {
 			break
 		}
 		ci, st = ci+1, next
@@ -560,7 +632,6 @@ func (w *Writer) writeRun(p []byte, off int64) (int, error) {
 // starting with the cluster of off (whose state is first).
 func (w *Writer) writeAllocating(p []byte, off int64, first clusterState) (int, error) {
 	ci0 := off >> w.cbits
-	inFirst := off & (w.c - 1)
 	lastCluster := (off + int64(len(p)) - 1) >> w.cbits
 	states := []clusterState{first}
 	for ci := ci0 + 1; ci <= lastCluster && int64(len(states)) < max(1, int64(maxWriteBatch)>>w.cbits); ci++ {
@@ -584,32 +655,47 @@ func (w *Writer) writeAllocating(p []byte, off int64, first clusterState) (int, 
 	if err != nil {
 		return 0, err
 	}
+	base := ci0 << w.cbits
 	runEnd := (ci0 + n) << w.cbits
 	covered := min(off+int64(len(p)), runEnd) - off
+	// With extended L2, a cluster without a host cluster gets only the
+	// subclusters the write touches; others are copied whole.
+	lo, hi := base, runEnd
+	sub := w.c / subclusters
+	if w.ext && states[0].fresh() {
+		lo = alignDown(off, sub)
+	}
+	if w.ext && states[n-1].fresh() {
+		hi = alignUp(off+covered, sub)
+	}
 	var buf []byte
-	if inFirst == 0 && covered == n*w.c && isAligned(p[:covered], 0, w.io.bs) {
+	if lo == off && hi == off+covered && isAligned(p[:covered], 0, w.io.bs) {
 		buf = p[:covered] // whole clusters from an aligned buffer: no copy
 	} else {
-		buf = w.scratchBuffer(n * w.c)
-		for i := range n {
-			cs := (ci0 + i) << w.cbits
-			if cs < off || cs+w.c > off+covered {
-				if err := w.readCluster(ci0+i, buf[i*w.c:(i+1)*w.c]); err != nil {
-					w.pendingFree = append(w.pendingFree, [2]int64{host >> w.cbits, n})
-					return 0, err
-				}
-			}
+		buf = w.scratchBuffer(hi - lo)
+		err := w.readGuest(buf[:off-lo], lo)
+		if err == nil {
+			err = w.readGuest(buf[off+covered-lo:], off+covered)
 		}
-		copy(buf[inFirst:], p[:covered])
+		if err != nil {
+			w.pendingFree = append(w.pendingFree, [2]int64{host >> w.cbits, n})
+			return 0, err
+		}
+		copy(buf[off-lo:], p[:covered])
 	}
-	if err := w.io.writeAt(buf, host); err != nil {
+	if err := w.io.writeAt(buf, host+lo-base); err != nil {
 		return 0, err
 	}
-	var bitmap uint64
-	if w.ext {
-		bitmap = allSubclustersAllocated
-	}
 	for i, st := range states {
+		var bitmap uint64
+		if w.ext {
+			cs := base + int64(i)*w.c
+			bitmap = allSubclustersAllocated
+			if st.fresh() {
+				touched := w.touchedSubclusters(cs, max(lo, cs), min(hi, cs+w.c))
+				bitmap = st.bitmap&^(touched<<32) | touched
+			}
+		}
 		if err := w.setMapping(ci0+int64(i), uint64(host+int64(i)*w.c)|l2Copied, bitmap); err != nil {
 			return 0, err
 		}
@@ -768,12 +854,7 @@ func (w *Writer) zeroSubclusters(ci, from, to int64) (bool, error) {
 	if !w.ext {
 		return false, nil
 	}
-	cs := ci << w.cbits
-	sub := w.c / subclusters
-	a, b := alignUp(from, sub), alignDown(to, sub)
-	if to == w.size {
-		b = alignUp(to, sub) // the last subcluster may extend past the disk
-	}
+	a, b := w.wholeSubclusters(from, to)
 	if a >= b {
 		return false, nil
 	}
@@ -786,22 +867,61 @@ func (w *Writer) zeroSubclusters(ci, from, to int64) (bool, error) {
 	if err := w.writeZeroData(min(b, to), to); err != nil {
 		return false, err
 	}
-	entry, bitmap, err := w.lookup(ci) // the edges may have moved the cluster
-	if err != nil {
-		return false, w.fail(err)
-	}
-	first, last := (a-cs)/sub, (b-cs)/sub
-	mask := uint64(1<<last-1) &^ uint64(1<<first-1)
-	if err := w.setMapping(ci, entry, bitmap&^mask|mask<<32); err != nil {
+	if err := w.markSubclusters(ci, a, b, true); err != nil {
 		return false, w.fail(err)
 	}
 	return true, nil
 }
 
+// wholeSubclusters is the range of whole subclusters of cluster ci in
+// guest bytes [from, to) (the last one may extend past the disk).
+func (w *Writer) wholeSubclusters(from, to int64) (a, b int64) {
+	sub := w.c / subclusters
+	a, b = alignUp(from, sub), alignDown(to, sub)
+	if to == w.size {
+		b = alignUp(to, sub)
+	}
+	return a, b
+}
+
+// markSubclusters makes the subclusters of cluster ci in guest bytes
+// [a, b) (subcluster aligned) read zeros: with their zero bits (zero) or
+// unallocated, as qemu's zero_l2_subclusters and discard_l2_subclusters
+// do. A host cluster left with no allocated subcluster is freed.
+func (w *Writer) markSubclusters(ci, a, b int64, zero bool) error {
+	entry, bitmap, err := w.lookup(ci)
+	if err != nil || entry&l2Compressed != 0 {
+		return err
+	}
+	cs := ci << w.cbits
+	mask := w.touchedSubclusters(cs, a, b)
+	nb := bitmap &^ mask &^ (mask << 32)
+	if zero {
+		nb |= mask << 32
+	}
+	ne := entry
+	if nb&allSubclustersAllocated == 0 && entry&tableOffsetMask != 0 {
+		ne = 0
+	}
+	if ne == entry && nb == bitmap {
+		return nil
+	}
+	if err := w.setMapping(ci, ne, nb); err != nil {
+		return err
+	}
+	if ne != entry {
+		w.freeLater(entry)
+	}
+	return nil
+}
+
 // Discard deallocates the whole clusters in [off, off+n) and frees their
 // host clusters. Afterwards they read as zeros (version 3, or no backing
-// file) or from the backing file (version 2). Partial clusters at the
-// edges are left untouched: discard is advisory.
+// file) or from the backing file (version 2). With extended L2 entries the
+// whole subclusters of partly covered clusters read zeros too (zero bits
+// over a backing file, unallocated otherwise), and a host cluster left
+// without allocated subclusters is freed. Other partial clusters and
+// subclusters at the edges are left untouched: discard is advisory.
 func (w *Writer) Discard(off, n int64) error {
 	if err := w.usable(); err != nil {
 		return err
@@ -816,6 +936,25 @@ func (w *Writer) Discard(off, n int64) error {
 	end := (off + n) >> w.cbits
 	if off+n == w.size {
 		end = ceilDiv(w.size, w.c)
+	}
+	if w.ext {
+		for _, ci := range []int64{off >> w.cbits, (off + n - 1) >> w.cbits} {
+			if n == 0 || ci >= first && ci < end {
+				continue
+			}
+			cs := ci << w.cbits
+			a, b := w.wholeSubclusters(max(off, cs), min(off+n, cs+w.c, w.size))
+			if a >= b {
+				continue
+			}
+			under := w.img.backing != nil && cs < w.img.backing.Size()
+			if err := w.markSubclusters(ci, a, b, under); err != nil {
+				return w.fail(err)
+			}
+			if off>>w.cbits == (off+n-1)>>w.cbits {
+				break
+			}
+		}
 	}
 	for ci := first; ci < end; ci++ {
 		old, bitmap, err := w.lookup(ci)
