@@ -130,9 +130,17 @@ func TestWriterRandomMatchesQemu(t *testing.T) {
 // grows the refcount table (512-byte clusters, 64-bit refcounts: a block
 // covers 32 KiB and the first table 2 MiB). After each crash qemu-img
 // check must find no corruption, every write flushed before the crash must
-// read back, and every other write reads either old or new bytes.
+// read back, and every other write reads either old or new bytes. It runs
+// on devices with 512- and 4096-byte logical blocks (eight clusters share
+// a block there, so every metadata write is a read-modify-write).
 func TestWriterCrashAtEveryRequest(t *testing.T) {
 	testutil.RequireTool(t, "qemu-img")
+	for _, bs := range []int64{512, 4096} {
+		t.Run(fmt.Sprint("block-", bs), func(t *testing.T) { crashAtEveryRequest(t, bs) })
+	}
+}
+
+func crashAtEveryRequest(t *testing.T, bs int64) {
 	const size = 4 << 20
 	dir := t.TempDir()
 	rawBase := filepath.Join(dir, "base.raw")
@@ -142,6 +150,9 @@ func TestWriterCrashAtEveryRequest(t *testing.T) {
 	pristine, err := os.ReadFile(image)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if pad := int64(len(pristine)) % bs; pad != 0 {
+		pristine = append(pristine, make([]byte, bs-pad)...)
 	}
 
 	type op struct {
@@ -168,12 +179,12 @@ func TestWriterCrashAtEveryRequest(t *testing.T) {
 	// run performs the workload on a fresh copy; it returns the device, how
 	// many ops were flushed and how many were attempted.
 	run := func(failAfter int) (*memDevice, int, int) {
-		dev := &memDevice{data: append(make([]byte, 0, 8<<20), pristine...), bs: 512, growable: true, failAfter: failAfter}
+		dev := &memDevice{data: append(make([]byte, 0, 8<<20), pristine...), bs: bs, growable: true, failAfter: failAfter}
 		backing, err := OpenRaw(mustOpen(t, rawBase))
 		if err != nil {
 			t.Fatal(err)
 		}
-		w, err := OpenWriter(dev, int64(len(dev.data)), WriterOptions{BlockSize: 512, Backing: backing})
+		w, err := OpenWriter(dev, int64(len(dev.data)), WriterOptions{BlockSize: int(bs), Backing: backing})
 		if err != nil {
 			t.Fatal(err)
 		}
