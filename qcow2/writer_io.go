@@ -54,8 +54,8 @@ type blockIO struct {
 	blocks map[int64][]byte
 }
 
-// maxCachedBlocks bounds the block cache (4 MiB of 4 KiB blocks).
-const maxCachedBlocks = 1024
+// maxCachedBytes bounds the block cache.
+const maxCachedBytes = 4 << 20
 
 func isAligned(p []byte, off, bs int64) bool {
 	if off%bs != 0 || int64(len(p))%bs != 0 {
@@ -98,7 +98,7 @@ func (b *blockIO) block(off int64) ([]byte, error) {
 		b.blocks = map[int64][]byte{}
 	}
 	for k := range b.blocks { // any entry can go: the device has its bytes
-		if len(b.blocks) < maxCachedBlocks {
+		if int64(len(b.blocks)) < max(16, maxCachedBytes/b.bs) {
 			break
 		}
 		delete(b.blocks, k)
