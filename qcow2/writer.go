@@ -141,6 +141,7 @@ func OpenWriter(dev Device, imageSize int64, opts WriterOptions) (*Writer, error
 	if w.refs, err = newRefcounts(bio, w, h, int(bs), opts.ContainerSize); err != nil {
 		return nil, err
 	}
+	w.grew() // the scan ran before w.refs was set
 	return w, nil
 }
 

@@ -245,6 +245,13 @@ func runDifferential(t *testing.T, dir string, g diffGeometry, bases map[string]
 		var cmds []string
 		for i := range ops {
 			o := randomDiffOp(r, c)
+			if o.kind == 2 && g.compat == "0.10" && g.backing != "" {
+				// A version 2 discard makes clusters read the backing file,
+				// which no twin command can force: qemu skips some discards
+				// (they are advisory), so the oracle would be ambiguous.
+				// They become zero writes here.
+				o.kind = 1
+			}
 			switch o.kind {
 			case 0:
 				p := make([]byte, o.n)
@@ -283,7 +290,9 @@ func runDifferential(t *testing.T, dir string, g diffGeometry, bases map[string]
 		}
 		testutil.QemuIO(t, "qcow2", twin, cmds...)
 		if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", ours, twin).CombinedOutput(); err != nil {
-			t.Fatalf("batch %d: qemu-img compare (volagent, qemu-io twin): %v\n%s\nops:\n%s", batch, err, out, strings.Join(cmds, "\n"))
+			mapOurs, _ := exec.Command("qemu-img", "map", "-f", "qcow2", "--output=json", ours).CombinedOutput()
+			mapTwin, _ := exec.Command("qemu-img", "map", "-f", "qcow2", "--output=json", twin).CombinedOutput()
+			t.Fatalf("batch %d: qemu-img compare (volagent, qemu-io twin): %v\n%s\nops:\n%s\nmap of ours:\n%s\nmap of the twin:\n%s", batch, err, out, strings.Join(cmds, "\n"), mapOurs, mapTwin)
 		}
 		requireClean(t, ours)
 		requireClean(t, twin)
