@@ -35,6 +35,29 @@ const (
 	minExtendedL2Bits      = 14
 )
 
+// Offsets of the header fields (qcow2.txt, "Header"), named as in
+// cloud-hypervisor's qcow module.
+const (
+	offMagic                 = 0
+	offVersion               = 4
+	offBackingFileOffset     = 8
+	offBackingFileSize       = 16
+	offClusterBits           = 20
+	offSize                  = 24
+	offCryptMethod           = 32
+	offL1Size                = 36
+	offL1TableOffset         = 40
+	offRefcountTableOffset   = 48
+	offRefcountTableClusters = 56
+	offNbSnapshots           = 60
+	offSnapshotsOffset       = 64
+	offIncompatibleFeatures  = 72
+	offCompatibleFeatures    = 80
+	offAutoclearFeatures     = 88
+	offRefcountOrder         = 96
+	offHeaderLength          = 100
+)
+
 // Incompatible feature bits.
 const (
 	IncompatDirty       = 1 << 0
@@ -229,11 +252,11 @@ func (v *validator) read(r io.ReaderAt, imageSize int64) (*Header, error) {
 		return nil, fmt.Errorf("reading qcow2 header: %w", err)
 	}
 	be := binary.BigEndian
-	if m := be.Uint32(fixed[0:]); m != Magic {
+	if m := be.Uint32(fixed[offMagic:]); m != Magic {
 		v.add(fieldErr(ErrNotQcow2, "magic", hex(m), "want %#08x (QFI\\xfb)", Magic))
 		return nil, nil
 	}
-	h := &Header{Version: be.Uint32(fixed[4:]), ImageSize: imageSize}
+	h := &Header{Version: be.Uint32(fixed[offVersion:]), ImageSize: imageSize}
 	if h.Version != 2 && h.Version != 3 {
 		v.add(fieldErr(ErrUnsupported, "version", h.Version, "only versions 2 and 3 exist"))
 		return h, nil
@@ -246,26 +269,26 @@ func (v *validator) read(r io.ReaderAt, imageSize int64) (*Header, error) {
 		v.add(fieldErr(ErrTruncated, "image size", imageSize, "a version %d header needs %d bytes", h.Version, minLen))
 		return h, nil
 	}
-	h.BackingFileOffset = be.Uint64(fixed[8:])
-	h.BackingFileSize = be.Uint32(fixed[16:])
-	h.ClusterBits = be.Uint32(fixed[20:])
-	h.Size = be.Uint64(fixed[24:])
-	h.CryptMethod = be.Uint32(fixed[32:])
-	h.L1Size = be.Uint32(fixed[36:])
-	h.L1TableOffset = be.Uint64(fixed[40:])
-	h.RefcountTableOffset = be.Uint64(fixed[48:])
-	h.RefcountTableClusters = be.Uint32(fixed[56:])
-	h.NbSnapshots = be.Uint32(fixed[60:])
-	h.SnapshotsOffset = be.Uint64(fixed[64:])
+	h.BackingFileOffset = be.Uint64(fixed[offBackingFileOffset:])
+	h.BackingFileSize = be.Uint32(fixed[offBackingFileSize:])
+	h.ClusterBits = be.Uint32(fixed[offClusterBits:])
+	h.Size = be.Uint64(fixed[offSize:])
+	h.CryptMethod = be.Uint32(fixed[offCryptMethod:])
+	h.L1Size = be.Uint32(fixed[offL1Size:])
+	h.L1TableOffset = be.Uint64(fixed[offL1TableOffset:])
+	h.RefcountTableOffset = be.Uint64(fixed[offRefcountTableOffset:])
+	h.RefcountTableClusters = be.Uint32(fixed[offRefcountTableClusters:])
+	h.NbSnapshots = be.Uint32(fixed[offNbSnapshots:])
+	h.SnapshotsOffset = be.Uint64(fixed[offSnapshotsOffset:])
 	if h.Version == 2 {
 		h.RefcountOrder = 4
 		h.HeaderLength = v2HeaderLength
 	} else {
-		h.IncompatibleFeatures = be.Uint64(fixed[72:])
-		h.CompatibleFeatures = be.Uint64(fixed[80:])
-		h.AutoclearFeatures = be.Uint64(fixed[88:])
-		h.RefcountOrder = be.Uint32(fixed[96:])
-		h.HeaderLength = be.Uint32(fixed[100:])
+		h.IncompatibleFeatures = be.Uint64(fixed[offIncompatibleFeatures:])
+		h.CompatibleFeatures = be.Uint64(fixed[offCompatibleFeatures:])
+		h.AutoclearFeatures = be.Uint64(fixed[offAutoclearFeatures:])
+		h.RefcountOrder = be.Uint32(fixed[offRefcountOrder:])
+		h.HeaderLength = be.Uint32(fixed[offHeaderLength:])
 	}
 
 	if h.ClusterBits < MinClusterBits || h.ClusterBits > MaxClusterBits {

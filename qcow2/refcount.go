@@ -23,14 +23,38 @@ type spaceError struct{ msg string }
 func (e *spaceError) Error() string        { return ErrNoSpace.Error() + ": " + e.msg }
 func (e *spaceError) Is(target error) bool { return target == ErrNoSpace }
 
+// refcountIO is how refcounts reach the device: reads, writes of a byte
+// range of an in-memory table (the device block around it keeps its
+// current bytes), and barriers.
+type refcountIO interface {
+	readAt(p []byte, off int64) error
+	writeOwned(buf []byte, base, lo, hi int64) error
+	barrier() error
+}
+
+// refcountOwner is what refcounts need from the image they count: the
+// bound for table entries, news of growth, and the header switch to a new
+// refcount table.
+type refcountOwner interface {
+	hostBound() int64
+	grew()
+	// moveRefcountTable makes the header name the refcount table at off of
+	// n clusters, durably, in one atomic write.
+	moveRefcountTable(off int64, n uint32) error
+}
+
 // refcounts holds the refcount table and recently used refcount blocks
 // (write-through: the device always has what the cache has) and allocates
-// clusters. Cluster numbers are host offsets >> cluster_bits.
+// clusters. Cluster numbers are host offsets >> cluster_bits. Refcounts
+// are 1 to 64 bits wide; below 8 bits they are packed from the lowest bit
+// of each byte up, as qemu does (get_refcount_ro0..ro2).
 type refcounts struct {
-	w             *Writer
+	io            refcountIO
+	owner         refcountOwner
+	bs            int // buffer alignment
 	c             int64
 	cbits         uint32
-	width         int64 // bytes per refcount: 1, 2, 4 or 8
+	bits          int64 // bits per refcount: 1, 2, 4, 8, 16, 32 or 64
 	perBlock      int64 // refcounts per block
 	tableOffset   int64
 	tableClusters int64
@@ -45,24 +69,26 @@ type refcounts struct {
 	chunk         int64
 }
 
-func newRefcounts(w *Writer, h *Header) (*refcounts, error) {
+// newRefcounts reads the refcount table of h through rio. containerSize 0
+// means unbounded.
+func newRefcounts(rio refcountIO, owner refcountOwner, h *Header, bs int, containerSize int64) (*refcounts, error) {
 	c := h.ClusterSize()
 	r := &refcounts{
-		w: w, c: c, cbits: h.ClusterBits,
-		width:         int64(h.RefcountBits()) / 8,
+		io: rio, owner: owner, bs: bs, c: c, cbits: h.ClusterBits,
+		bits:          int64(h.RefcountBits()),
 		tableOffset:   int64(h.RefcountTableOffset),
 		tableClusters: int64(h.RefcountTableClusters),
 		blocks:        map[int64][]byte{},
 		maxBlocks:     int(max(16, (4<<20)/c)),
 	}
-	r.perBlock = c / r.width
+	r.perBlock = c * 8 / r.bits
 	r.chunk = min(reserveAheadBytes/c, max(r.perBlock/4, 16))
 	r.limit = maxHostOffset / c
-	if w.io.limit > 0 {
-		r.limit = w.io.limit / c
+	if containerSize > 0 {
+		r.limit = containerSize / c
 	}
-	r.table = alignedBuffer(int(r.tableClusters*c), int(w.io.bs))
-	if err := w.io.readAt(r.table, r.tableOffset); err != nil {
+	r.table = alignedBuffer(int(r.tableClusters*c), bs)
+	if err := rio.readAt(r.table, r.tableOffset); err != nil {
 		return nil, fmt.Errorf("reading the refcount table: %w", err)
 	}
 	return r, r.scan()
@@ -71,37 +97,47 @@ func newRefcounts(w *Writer, h *Header) (*refcounts, error) {
 func (r *refcounts) entries() int64 { return r.tableClusters * r.c / 8 }
 
 func (r *refcounts) get(buf []byte, i int64) uint64 {
-	p := buf[i*r.width:]
-	switch r.width {
-	case 1:
-		return uint64(p[0])
-	case 2:
-		return uint64(binary.BigEndian.Uint16(p))
-	case 4:
-		return uint64(binary.BigEndian.Uint32(p))
+	switch r.bits {
+	case 1, 2, 4:
+		bit := i * r.bits
+		return uint64(buf[bit/8]>>(bit%8)) & (1<<r.bits - 1)
+	case 8:
+		return uint64(buf[i])
+	case 16:
+		return uint64(binary.BigEndian.Uint16(buf[i*2:]))
+	case 32:
+		return uint64(binary.BigEndian.Uint32(buf[i*4:]))
 	}
-	return binary.BigEndian.Uint64(p)
+	return binary.BigEndian.Uint64(buf[i*8:])
 }
 
 func (r *refcounts) put(buf []byte, i int64, v uint64) {
-	p := buf[i*r.width:]
-	switch r.width {
-	case 1:
-		p[0] = byte(v)
-	case 2:
-		binary.BigEndian.PutUint16(p, uint16(v))
-	case 4:
-		binary.BigEndian.PutUint32(p, uint32(v))
+	switch r.bits {
+	case 1, 2, 4:
+		bit := i * r.bits
+		mask := byte(1<<r.bits-1) << (bit % 8)
+		buf[bit/8] = buf[bit/8]&^mask | byte(v)<<(bit%8)&mask
+	case 8:
+		buf[i] = byte(v)
+	case 16:
+		binary.BigEndian.PutUint16(buf[i*2:], uint16(v))
+	case 32:
+		binary.BigEndian.PutUint32(buf[i*4:], uint32(v))
 	default:
-		binary.BigEndian.PutUint64(p, v)
+		binary.BigEndian.PutUint64(buf[i*8:], v)
 	}
 }
 
+// byteRange is the bytes of a block holding refcounts [first, first+n).
+func (r *refcounts) byteRange(first, n int64) (lo, hi int64) {
+	return first * r.bits / 8, ceilDiv((first+n)*r.bits, 8)
+}
+
 func (r *refcounts) maxValue() uint64 {
-	if r.width == 8 {
+	if r.bits == 64 {
 		return 1<<64 - 1
 	}
-	return 1<<(8*r.width) - 1
+	return 1<<r.bits - 1
 }
 
 // block returns refcount block k (nil when the table has no block for it)
@@ -125,14 +161,14 @@ func (r *refcounts) block(k int64) ([]byte, int64, error) {
 		return nil, 0, bad("refcount block offset %d is not aligned to the cluster size %d", off, r.c)
 	case off < r.c:
 		return nil, 0, bad("refcount block at %d lies in the header cluster", off)
-	case off > r.w.hostBound()-r.c:
-		return nil, 0, bad("refcount block at %d ends past the end of the image (%d bytes)", off, r.w.hostBound())
+	case off > r.owner.hostBound()-r.c:
+		return nil, 0, bad("refcount block at %d ends past the end of the image (%d bytes)", off, r.owner.hostBound())
 	}
 	if b, ok := r.blocks[off]; ok {
 		return b, off, nil
 	}
-	b := alignedBuffer(int(r.c), int(r.w.io.bs))
-	if err := r.w.io.readAt(b, off); err != nil {
+	b := alignedBuffer(int(r.c), r.bs)
+	if err := r.io.readAt(b, off); err != nil {
 		return nil, 0, fmt.Errorf("reading refcount block %d: %w", k, err)
 	}
 	r.cache(off, b)
@@ -184,7 +220,7 @@ func (r *refcounts) scan() error {
 	if r.hint < 0 {
 		r.hint = r.entries() * r.perBlock
 	}
-	r.w.updateBound()
+	r.owner.grew()
 	return nil
 }
 
@@ -219,13 +255,14 @@ func (r *refcounts) adjust(s, n int64, delta int) error {
 				r.end = x + 1
 			}
 		}
-		if err := r.w.writeOwned(b, off, first*r.width, (first+cnt)*r.width); err != nil {
+		lo, hi := r.byteRange(first, cnt)
+		if err := r.io.writeOwned(b, off, lo, hi); err != nil {
 			return err
 		}
 		s += cnt
 		n -= cnt
 	}
-	r.w.updateBound()
+	r.owner.grew()
 	return nil
 }
 
@@ -391,25 +428,25 @@ func (r *refcounts) missingBlocks(s, n int64) []int64 {
 // an existing one. Order: the refcount of the block, the block, a
 // barrier, then the table entry that makes it count.
 func (r *refcounts) createBlock(k, at int64) error {
-	b := alignedBuffer(int(r.c), int(r.w.io.bs))
+	b := alignedBuffer(int(r.c), r.bs)
 	if at/r.perBlock == k {
 		r.put(b, at%r.perBlock, 1)
 	} else if err := r.adjust(at, 1, +1); err != nil {
 		return err
 	}
-	if err := r.w.io.writeAt(b, at<<r.cbits); err != nil {
+	if err := r.io.writeOwned(b, at<<r.cbits, 0, r.c); err != nil {
 		return err
 	}
-	if err := r.w.io.barrier(); err != nil {
+	if err := r.io.barrier(); err != nil {
 		return err
 	}
 	binary.BigEndian.PutUint64(r.table[k*8:], uint64(at<<r.cbits))
-	if err := r.w.writeOwned(r.table, r.tableOffset, k*8, k*8+8); err != nil {
+	if err := r.io.writeOwned(r.table, r.tableOffset, k*8, k*8+8); err != nil {
 		return err
 	}
 	r.cache(at<<r.cbits, b)
 	r.end = max(r.end, at+1)
-	r.w.updateBound()
+	r.owner.grew()
 	return nil
 }
 
@@ -444,11 +481,11 @@ func (r *refcounts) growTable(need int64) error {
 		nb = int64(len(missing))
 	}
 
-	table := alignedBuffer(int(tc*c), int(r.w.io.bs))
+	table := alignedBuffer(int(tc*c), r.bs)
 	copy(table, r.table[:r.entries()*8])
 	newBlocks := map[int64][]byte{}
 	for i, k := range missing {
-		newBlocks[k] = alignedBuffer(int(c), int(r.w.io.bs))
+		newBlocks[k] = alignedBuffer(int(c), r.bs)
 		binary.BigEndian.PutUint64(table[k*8:], uint64((s+int64(i))<<r.cbits))
 	}
 	// The area's clusters in use: the new blocks and the new table.
@@ -476,33 +513,27 @@ func (r *refcounts) growTable(need int64) error {
 		i = j
 	}
 	for i, k := range missing {
-		if err := r.w.io.writeAt(newBlocks[k], (s+int64(i))<<r.cbits); err != nil {
+		if err := r.io.writeOwned(newBlocks[k], (s+int64(i))<<r.cbits, 0, c); err != nil {
 			return err
 		}
 	}
 	newOffset := (s + nb) << r.cbits
-	if err := r.w.io.writeAt(table, newOffset); err != nil {
+	if err := r.io.writeOwned(table, newOffset, 0, tc*c); err != nil {
 		return err
 	}
-	if err := r.w.io.barrier(); err != nil {
+	if err := r.io.barrier(); err != nil {
 		return err
 	}
 	oldOffset, oldClusters := r.tableOffset, r.tableClusters
-	binary.BigEndian.PutUint64(r.w.first[48:], uint64(newOffset))
-	binary.BigEndian.PutUint32(r.w.first[56:], uint32(tc))
-	if err := r.w.io.writeAt(r.w.first, 0); err != nil {
-		return err
-	}
-	if err := r.w.io.sync(); err != nil {
+	if err := r.owner.moveRefcountTable(newOffset, uint32(tc)); err != nil {
 		return err
 	}
 	r.table, r.tableOffset, r.tableClusters = table, newOffset, tc
-	r.w.h.RefcountTableOffset, r.w.h.RefcountTableClusters = uint64(newOffset), uint32(tc)
 	for i, k := range missing {
 		r.cache((s+int64(i))<<r.cbits, newBlocks[k])
 	}
 	r.end = max(r.end, s+nb+tc)
-	r.w.updateBound()
+	r.owner.grew()
 	return r.adjust(oldOffset>>r.cbits, oldClusters, -1)
 }
 

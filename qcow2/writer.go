@@ -60,7 +60,6 @@ type Writer struct {
 	esize int64 // L2 entry size
 	size  int64
 
-	first     []byte // the first logical block (header), for header updates
 	prepared  bool
 	imageSize int64 // size of the container when opened
 
@@ -92,8 +91,7 @@ type l2Table struct {
 //   - a header that breaks a rule: ReadHeader's *ValidationError;
 //   - features the writer does not handle, as a *FieldError wrapping
 //     ErrUnsupported: the dirty bit (lazy refcounts left stale: run
-//     qemu-img check -r all first), internal snapshots (shared clusters),
-//     refcounts narrower than 8 bits;
+//     qemu-img check -r all first), internal snapshots (shared clusters);
 //   - a backing mismatch: as OpenImage;
 //   - an I/O error: that error.
 //
@@ -122,8 +120,6 @@ func OpenWriter(dev Device, imageSize int64, opts WriterOptions) (*Writer, error
 		return nil, fieldErr(ErrUnsupported, "incompatible_features", hex(h.IncompatibleFeatures), "the dirty bit is set, so the refcounts may be stale; run qemu-img check -r all on the image first")
 	case h.NbSnapshots > 0:
 		return nil, fieldErr(ErrUnsupported, "nb_snapshots", h.NbSnapshots, "images with internal snapshots share clusters; volagent does not write them")
-	case h.RefcountOrder < 3:
-		return nil, fieldErr(ErrUnsupported, "refcount_order", h.RefcountOrder, "volagent writes refcounts of 8 to 64 bits (order 3 to 6)")
 	}
 	img, err := newImage(alignedReader{bio}, h, opts.Backing)
 	if err != nil {
@@ -138,17 +134,14 @@ func OpenWriter(dev Device, imageSize int64, opts WriterOptions) (*Writer, error
 		l2:       map[int64]*l2Table{},
 	}
 	w.l2Max = int(max(4, maxL2CacheBytesWriter/w.c))
-	w.first = alignedBuffer(int(bs), int(bs))
-	if err := bio.readAt(w.first, 0); err != nil {
-		return nil, fmt.Errorf("reading the header: %w", err)
-	}
 	w.l1 = alignedBuffer(int(ceilDiv(int64(h.L1Size)*8, w.c)*w.c), int(bs))
 	if err := bio.readAt(w.l1, w.l1Offset); err != nil {
 		return nil, fmt.Errorf("reading the L1 table at %d: %w", w.l1Offset, err)
 	}
-	if w.refs, err = newRefcounts(w, h); err != nil {
+	if w.refs, err = newRefcounts(bio, w, h, int(bs), opts.ContainerSize); err != nil {
 		return nil, err
 	}
+	w.grew() // the scan ran before w.refs was set
 	return w, nil
 }
 
@@ -175,9 +168,32 @@ func (w *Writer) hostBound() int64 {
 	return max(w.imageSize, end)
 }
 
-// updateBound lets the reader's entry checks accept clusters the file
-// grew by.
-func (w *Writer) updateBound() { w.img.imageSize = w.hostBound() }
+// grew lets the reader's entry checks accept clusters the file grew by.
+func (w *Writer) grew() { w.img.imageSize = w.hostBound() }
+
+// writeHeader writes p over the header bytes at off. Only those bytes are
+// written (the device block around them keeps its current bytes: with
+// clusters smaller than the block, it holds other structures too).
+func (w *Writer) writeHeader(p []byte, off int64) error {
+	if err := w.io.writeAt(p, off); err != nil {
+		return fmt.Errorf("updating the header: %w", err)
+	}
+	return w.io.sync()
+}
+
+// moveRefcountTable switches the header to a new refcount table: offset
+// and cluster count are adjacent, so one write inside one sector makes
+// the switch atomic.
+func (w *Writer) moveRefcountTable(off int64, n uint32) error {
+	var p [offNbSnapshots - offRefcountTableOffset]byte
+	binary.BigEndian.PutUint64(p[:], uint64(off))
+	binary.BigEndian.PutUint32(p[offRefcountTableClusters-offRefcountTableOffset:], n)
+	if err := w.writeHeader(p[:], offRefcountTableOffset); err != nil {
+		return err
+	}
+	w.h.RefcountTableOffset, w.h.RefcountTableClusters = uint64(off), n
+	return nil
+}
 
 // fail records an I/O failure; allocation failures that wrote nothing
 // (no space) leave the Writer usable.
@@ -205,11 +221,7 @@ func (w *Writer) prepare() error {
 		return nil
 	}
 	if w.h.Version >= 3 && w.h.AutoclearFeatures != 0 {
-		binary.BigEndian.PutUint64(w.first[88:], 0)
-		if err := w.io.writeAt(w.first, 0); err != nil {
-			return err
-		}
-		if err := w.io.sync(); err != nil {
+		if err := w.writeHeader(make([]byte, 8), offAutoclearFeatures); err != nil {
 			return err
 		}
 		w.h.AutoclearFeatures = 0
@@ -223,19 +235,6 @@ func (w *Writer) checkRange(op string, off, n int64) error {
 		return fmt.Errorf("qcow2: %s of %d bytes at guest offset %d: outside the virtual disk of %d bytes", op, n, off, w.size)
 	}
 	return nil
-}
-
-// writeOwned writes buf[lo:hi] at base+lo, where buf is the aligned
-// in-memory copy of a table at base. When the range widened to logical
-// blocks stays inside the table it is written from buf directly;
-// otherwise the edge blocks are read, patched and written back.
-func (w *Writer) writeOwned(buf []byte, base, lo, hi int64) error {
-	bs := w.io.bs
-	wlo, whi := alignDown(lo, bs), alignUp(hi, bs)
-	if base%bs == 0 && whi <= int64(len(buf)) {
-		return w.io.writeAt(buf[wlo:whi], base+wlo)
-	}
-	return w.io.writeAt(buf[lo:hi], base+lo)
 }
 
 // --- L1 and L2 tables ---
@@ -398,41 +397,23 @@ func (w *Writer) Map(guestOff int64) (Mapping, error) {
 	return w.mapAt(guestOff)
 }
 
-// readCluster fills dst (one cluster) with the current guest view of
-// cluster ci: this image's data, the backing file, or zeros.
-func (w *Writer) readCluster(ci int64, dst []byte) error {
-	start := ci << w.cbits
-	end := min(start+w.c, w.size)
-	for pos := start; pos < end; {
-		m, err := w.mapAt(pos)
-		if err != nil {
-			return err
-		}
-		d := dst[pos-start : pos-start+m.Length]
-		switch m.Kind {
-		case MapData:
-			err = w.io.readAt(d, m.HostOffset)
-		case MapZero:
-			clear(d)
-		case MapUnallocated:
-			err = w.img.readBacking(d, pos)
-		case MapCompressed:
-			err = w.img.readCompressed(d, m)
-		}
-		if err != nil {
-			return err
-		}
-		pos += m.Length
-	}
-	clear(dst[end-start:])
-	return nil
-}
-
 // clusterState says how a write can treat a guest cluster.
 type clusterState struct {
 	entry, bitmap uint64
 	host          int64 // the host cluster of a data cluster written in place
-	inPlace       bool  // a whole data cluster with refcount 1: overwrite it
+	// inPlace: the host cluster has refcount 1 and is written in place.
+	// Without extended L2 that means a whole data cluster; with them, any
+	// uncompressed cluster with a host cluster (its subclusters may be
+	// unallocated or zero).
+	inPlace bool
+	full    bool // inPlace, and the whole cluster reads its host data
+}
+
+// fresh: the cluster has no host cluster (unallocated or zero), so with
+// extended L2 a write allocates one and marks only the subclusters it
+// touches.
+func (st clusterState) fresh() bool {
+	return st.entry&l2Compressed == 0 && st.entry&tableOffsetMask == 0
 }
 
 func (w *Writer) state(ci int64) (clusterState, error) {
@@ -452,8 +433,12 @@ func (w *Writer) state(ci int64) (clusterState, error) {
 	if err != nil {
 		return clusterState{}, err
 	}
-	if m.Kind != MapData || m.Length != end-guest {
-		return st, nil // zero, unallocated, compressed or partly allocated
+	full := m.Kind == MapData && m.Length == end-guest
+	switch {
+	case w.ext && (entry&l2Compressed != 0 || entry&tableOffsetMask == 0):
+		return st, nil // compressed, or no host cluster
+	case !w.ext && !full:
+		return st, nil // zero, unallocated or compressed
 	}
 	host := int64(entry & tableOffsetMask)
 	rc, err := w.refs.refcount(host >> w.cbits)
@@ -464,9 +449,88 @@ func (w *Writer) state(ci int64) (clusterState, error) {
 		return clusterState{}, corruptEntry("L2 entry", guest, entry, "data cluster at host offset %d has refcount 0", host)
 	}
 	if rc == 1 {
-		st.host, st.inPlace = host, true
+		st.host, st.inPlace, st.full = host, true, full
 	}
 	return st, nil
+}
+
+// touchedSubclusters is the mask of the subclusters of the cluster at cs
+// that guest bytes [from, to) touch.
+func (w *Writer) touchedSubclusters(cs, from, to int64) uint64 {
+	sub := w.c / subclusters
+	a, b := (from-cs)/sub, (to-1-cs)/sub
+	return (uint64(1)<<(b+1) - 1) &^ (uint64(1)<<a - 1)
+}
+
+// readGuest fills dst with the current guest view at off; bytes past the
+// end of the disk read as zeros.
+func (w *Writer) readGuest(dst []byte, off int64) error {
+	end := off + int64(len(dst))
+	for pos := off; pos < min(end, w.size); {
+		m, err := w.mapAt(pos)
+		if err != nil {
+			return err
+		}
+		d := dst[pos-off : min(pos+m.Length, end)-off]
+		switch m.Kind {
+		case MapData:
+			err = w.io.readAt(d, m.HostOffset)
+		case MapZero:
+			clear(d)
+		case MapUnallocated:
+			err = w.img.readBacking(d, pos)
+		case MapCompressed:
+			err = w.img.readCompressed(d, m)
+		}
+		if err != nil {
+			return err
+		}
+		pos += int64(len(d))
+	}
+	if end > w.size {
+		clear(dst[max(0, w.size-off):])
+	}
+	return nil
+}
+
+// writeSubclusters writes into cluster ci (extended L2, a host cluster
+// with refcount 1) in place: the subclusters p touches become allocated;
+// a partial edge subcluster that was not allocated is completed from the
+// current guest view (backing or zeros) first.
+func (w *Writer) writeSubclusters(p []byte, off int64, ci int64, st clusterState) (int, error) {
+	cs := ci << w.cbits
+	n := min(int64(len(p)), cs+w.c-off)
+	sub := w.c / subclusters
+	touched := w.touchedSubclusters(cs, off, off+n)
+	allocated := st.bitmap & allSubclustersAllocated
+	lo, hi := off, off+n
+	if (off-cs)%sub != 0 && allocated&(1<<((off-cs)/sub)) == 0 {
+		lo = alignDown(off, sub)
+	}
+	if (off+n-cs)%sub != 0 && allocated&(1<<((off+n-1-cs)/sub)) == 0 {
+		hi = alignUp(off+n, sub)
+	}
+	buf := p[:n]
+	if lo != off || hi != off+n {
+		buf = w.scratchBuffer(hi - lo)
+		if err := w.readGuest(buf[:off-lo], lo); err != nil {
+			return 0, err
+		}
+		if err := w.readGuest(buf[off+n-lo:], off+n); err != nil {
+			return 0, err
+		}
+		copy(buf[off-lo:], p[:n])
+	}
+	if err := w.io.writeAt(buf, st.host+lo-cs); err != nil {
+		return 0, err
+	}
+	bitmap := st.bitmap&^(touched<<32) | touched
+	if bitmap != st.bitmap || st.entry&l2Copied == 0 {
+		if err := w.setMapping(ci, st.entry|l2Copied, bitmap); err != nil {
+			return int(n), err
+		}
+	}
+	return int(n), nil
 }
 
 // oldClusters are the host clusters an entry holds, to free once the entry
@@ -530,13 +594,20 @@ func (w *Writer) writeRun(p []byte, off int64) (int, error) {
 	if !st.inPlace {
 		return w.writeAllocating(p, off, st)
 	}
+	if w.ext {
+		cs := ci << w.cbits
+		touched := w.touchedSubclusters(cs, off, min(off+int64(len(p)), cs+w.c))
+		if st.bitmap&touched != touched || st.bitmap&(touched<<32) != 0 {
+			return w.writeSubclusters(p, off, ci, st)
+		}
+	}
 	// Overwrite in place, extending over host-contiguous clusters.
 	host := st.host + off&(w.c-1)
 	run := []clusterState{st}
 	n := min(int64(len(p)), (ci+1)<<w.cbits-off)
 	for n < int64(len(p)) && n < maxWriteBatch {
 		next, err := w.state(ci + 1)
-		if err != nil || !next.inPlace || next.host != st.host+w.c {
+		if err != nil || !next.full || next.host != st.host+w.c {
 			break
 		}
 		ci, st = ci+1, next
@@ -562,7 +633,6 @@ func (w *Writer) writeRun(p []byte, off int64) (int, error) {
 // starting with the cluster of off (whose state is first).
 func (w *Writer) writeAllocating(p []byte, off int64, first clusterState) (int, error) {
 	ci0 := off >> w.cbits
-	inFirst := off & (w.c - 1)
 	lastCluster := (off + int64(len(p)) - 1) >> w.cbits
 	states := []clusterState{first}
 	for ci := ci0 + 1; ci <= lastCluster && int64(len(states)) < max(1, int64(maxWriteBatch)>>w.cbits); ci++ {
@@ -586,32 +656,47 @@ func (w *Writer) writeAllocating(p []byte, off int64, first clusterState) (int, 
 	if err != nil {
 		return 0, err
 	}
+	base := ci0 << w.cbits
 	runEnd := (ci0 + n) << w.cbits
 	covered := min(off+int64(len(p)), runEnd) - off
+	// With extended L2, a cluster without a host cluster gets only the
+	// subclusters the write touches; others are copied whole.
+	lo, hi := base, runEnd
+	sub := w.c / subclusters
+	if w.ext && states[0].fresh() {
+		lo = alignDown(off, sub)
+	}
+	if w.ext && states[n-1].fresh() {
+		hi = alignUp(off+covered, sub)
+	}
 	var buf []byte
-	if inFirst == 0 && covered == n*w.c && isAligned(p[:covered], 0, w.io.bs) {
+	if lo == off && hi == off+covered && isAligned(p[:covered], 0, w.io.bs) {
 		buf = p[:covered] // whole clusters from an aligned buffer: no copy
 	} else {
-		buf = w.scratchBuffer(n * w.c)
-		for i := range n {
-			cs := (ci0 + i) << w.cbits
-			if cs < off || cs+w.c > off+covered {
-				if err := w.readCluster(ci0+i, buf[i*w.c:(i+1)*w.c]); err != nil {
-					w.pendingFree = append(w.pendingFree, [2]int64{host >> w.cbits, n})
-					return 0, err
-				}
-			}
+		buf = w.scratchBuffer(hi - lo)
+		err := w.readGuest(buf[:off-lo], lo)
+		if err == nil {
+			err = w.readGuest(buf[off+covered-lo:], off+covered)
 		}
-		copy(buf[inFirst:], p[:covered])
+		if err != nil {
+			w.pendingFree = append(w.pendingFree, [2]int64{host >> w.cbits, n})
+			return 0, err
+		}
+		copy(buf[off-lo:], p[:covered])
 	}
-	if err := w.io.writeAt(buf, host); err != nil {
+	if err := w.io.writeAt(buf, host+lo-base); err != nil {
 		return 0, err
 	}
-	var bitmap uint64
-	if w.ext {
-		bitmap = allSubclustersAllocated
-	}
 	for i, st := range states {
+		var bitmap uint64
+		if w.ext {
+			cs := base + int64(i)*w.c
+			bitmap = allSubclustersAllocated
+			if st.fresh() {
+				touched := w.touchedSubclusters(cs, max(lo, cs), min(hi, cs+w.c))
+				bitmap = st.bitmap&^(touched<<32) | touched
+			}
+		}
 		if err := w.setMapping(ci0+int64(i), uint64(host+int64(i)*w.c)|l2Copied, bitmap); err != nil {
 			return 0, err
 		}
@@ -770,12 +855,7 @@ func (w *Writer) zeroSubclusters(ci, from, to int64) (bool, error) {
 	if !w.ext {
 		return false, nil
 	}
-	cs := ci << w.cbits
-	sub := w.c / subclusters
-	a, b := alignUp(from, sub), alignDown(to, sub)
-	if to == w.size {
-		b = alignUp(to, sub) // the last subcluster may extend past the disk
-	}
+	a, b := w.wholeSubclusters(from, to)
 	if a >= b {
 		return false, nil
 	}
@@ -788,22 +868,61 @@ func (w *Writer) zeroSubclusters(ci, from, to int64) (bool, error) {
 	if err := w.writeZeroData(min(b, to), to); err != nil {
 		return false, err
 	}
-	entry, bitmap, err := w.lookup(ci) // the edges may have moved the cluster
-	if err != nil {
-		return false, w.fail(err)
-	}
-	first, last := (a-cs)/sub, (b-cs)/sub
-	mask := uint64(1<<last-1) &^ uint64(1<<first-1)
-	if err := w.setMapping(ci, entry, bitmap&^mask|mask<<32); err != nil {
+	if err := w.markSubclusters(ci, a, b, true); err != nil {
 		return false, w.fail(err)
 	}
 	return true, nil
 }
 
+// wholeSubclusters is the range of whole subclusters of cluster ci in
+// guest bytes [from, to) (the last one may extend past the disk).
+func (w *Writer) wholeSubclusters(from, to int64) (a, b int64) {
+	sub := w.c / subclusters
+	a, b = alignUp(from, sub), alignDown(to, sub)
+	if to == w.size {
+		b = alignUp(to, sub)
+	}
+	return a, b
+}
+
+// markSubclusters makes the subclusters of cluster ci in guest bytes
+// [a, b) (subcluster aligned) read zeros: with their zero bits (zero) or
+// unallocated, as qemu's zero_l2_subclusters and discard_l2_subclusters
+// do. A host cluster left with no allocated subcluster is freed.
+func (w *Writer) markSubclusters(ci, a, b int64, zero bool) error {
+	entry, bitmap, err := w.lookup(ci)
+	if err != nil || entry&l2Compressed != 0 {
+		return err
+	}
+	cs := ci << w.cbits
+	mask := w.touchedSubclusters(cs, a, b)
+	nb := bitmap &^ mask &^ (mask << 32)
+	if zero {
+		nb |= mask << 32
+	}
+	ne := entry
+	if nb&allSubclustersAllocated == 0 && entry&tableOffsetMask != 0 {
+		ne = 0
+	}
+	if ne == entry && nb == bitmap {
+		return nil
+	}
+	if err := w.setMapping(ci, ne, nb); err != nil {
+		return err
+	}
+	if ne != entry {
+		w.freeLater(entry)
+	}
+	return nil
+}
+
 // Discard deallocates the whole clusters in [off, off+n) and frees their
 // host clusters. Afterwards they read as zeros (version 3, or no backing
-// file) or from the backing file (version 2). Partial clusters at the
-// edges are left untouched: discard is advisory.
+// file) or from the backing file (version 2). With extended L2 entries the
+// whole subclusters of partly covered clusters read zeros too (zero bits
+// over a backing file, unallocated otherwise), and a host cluster left
+// without allocated subclusters is freed. Other partial clusters and
+// subclusters at the edges are left untouched: discard is advisory.
 func (w *Writer) Discard(off, n int64) error {
 	if err := w.usable(); err != nil {
 		return err
@@ -818,6 +937,25 @@ func (w *Writer) Discard(off, n int64) error {
 	end := (off + n) >> w.cbits
 	if off+n == w.size {
 		end = ceilDiv(w.size, w.c)
+	}
+	if w.ext {
+		for _, ci := range []int64{off >> w.cbits, (off + n - 1) >> w.cbits} {
+			if n == 0 || ci >= first && ci < end {
+				continue
+			}
+			cs := ci << w.cbits
+			a, b := w.wholeSubclusters(max(off, cs), min(off+n, cs+w.c, w.size))
+			if a >= b {
+				continue
+			}
+			under := w.img.backing != nil && cs < w.img.backing.Size()
+			if err := w.markSubclusters(ci, a, b, under); err != nil {
+				return w.fail(err)
+			}
+			if off>>w.cbits == (off+n-1)>>w.cbits {
+				break
+			}
+		}
 	}
 	for ci := first; ci < end; ci++ {
 		old, bitmap, err := w.lookup(ci)
@@ -853,7 +991,7 @@ func (w *Writer) flushMetadata() error {
 	}
 	for _, off := range sortedKeys(w.l2) {
 		if t := w.l2[off]; t.dirty {
-			if err := w.writeOwned(t.buf, off, 0, w.c); err != nil {
+			if err := w.io.writeOwned(t.buf, off, 0, w.c); err != nil {
 				return err
 			}
 			t.dirty = false
@@ -867,7 +1005,7 @@ func (w *Writer) flushMetadata() error {
 		l1Bytes := int64(w.h.L1Size) * 8
 		for _, b := range sortedKeys(w.l1Dirty) {
 			lo := b * w.io.bs
-			if err := w.writeOwned(w.l1, w.l1Offset, lo, min(lo+w.io.bs, l1Bytes)); err != nil {
+			if err := w.io.writeOwned(w.l1, w.l1Offset, lo, min(lo+w.io.bs, l1Bytes)); err != nil {
 				return err
 			}
 		}

@@ -32,8 +32,15 @@ var (
 )
 
 // blockIO does aligned I/O on a Device: requests that are already aligned
-// go straight through, others are widened to whole logical blocks with a
-// read-modify-write through an aligned bounce buffer.
+// go straight through, others are widened to whole logical blocks.
+//
+// The widened edges come from one copy per logical block (the block
+// cache), never from a caller's buffer: when clusters are smaller than the
+// device's logical block, several structures (the header, the L1 table,
+// refcount table and blocks, L2 tables, data) share one block, and a write
+// of one of them must carry the others' current bytes. The cache is
+// write-through (the device always has what it holds), so dropping an
+// entry is always safe; every write updates the entries it overlaps.
 type blockIO struct {
 	dev Device
 	bs  int64
@@ -43,7 +50,12 @@ type blockIO struct {
 	// writes counts requests since the last Sync; a barrier syncs only
 	// when something was written.
 	writes int64
+	// blocks caches logical blocks that partial writes touched, by offset.
+	blocks map[int64][]byte
 }
+
+// maxCachedBytes bounds the block cache.
+const maxCachedBytes = 4 << 20
 
 func isAligned(p []byte, off, bs int64) bool {
 	if off%bs != 0 || int64(len(p))%bs != 0 {
@@ -72,6 +84,29 @@ func (b *blockIO) rawRead(p []byte, off int64) error {
 	return fmt.Errorf("reading %d bytes at host offset %d: %w", len(p), off, err)
 }
 
+// block returns the cached copy of the logical block at off (a multiple
+// of bs), reading it on a miss.
+func (b *blockIO) block(off int64) ([]byte, error) {
+	if blk, ok := b.blocks[off]; ok {
+		return blk, nil
+	}
+	blk := alignedBuffer(int(b.bs), int(b.bs))
+	if err := b.rawRead(blk, off); err != nil {
+		return nil, err
+	}
+	if b.blocks == nil {
+		b.blocks = map[int64][]byte{}
+	}
+	for k := range b.blocks { // any entry can go: the device has its bytes
+		if int64(len(b.blocks)) < max(16, maxCachedBytes/b.bs) {
+			break
+		}
+		delete(b.blocks, k)
+	}
+	b.blocks[off] = blk
+	return blk, nil
+}
+
 // readAt reads len(p) bytes at off, whatever their alignment.
 func (b *blockIO) readAt(p []byte, off int64) error {
 	if len(p) == 0 {
@@ -81,6 +116,10 @@ func (b *blockIO) readAt(p []byte, off int64) error {
 		return b.rawRead(p, off)
 	}
 	start, end := alignDown(off, b.bs), alignUp(off+int64(len(p)), b.bs)
+	if blk, ok := b.blocks[start]; ok && end-start == b.bs {
+		copy(p, blk[off-start:])
+		return nil
+	}
 	buf := alignedBuffer(int(end-start), int(b.bs))
 	if err := b.rawRead(buf, start); err != nil {
 		return err
@@ -89,8 +128,9 @@ func (b *blockIO) readAt(p []byte, off int64) error {
 	return nil
 }
 
-// writeAt writes p at off. An unaligned request reads the logical blocks
-// at its edges first, so neighbouring bytes are written back unchanged.
+// writeAt writes p at off. An unaligned request takes the logical blocks
+// at its edges from the block cache, so neighbouring bytes are written
+// back as they are now.
 func (b *blockIO) writeAt(p []byte, off int64) error {
 	if len(p) == 0 {
 		return nil
@@ -102,28 +142,43 @@ func (b *blockIO) writeAt(p []byte, off int64) error {
 		return b.rawWrite(p, off)
 	}
 	start, end := alignDown(off, b.bs), alignUp(off+int64(len(p)), b.bs)
+	if end-start == b.bs { // inside one block: patch the cached copy
+		blk, err := b.block(start)
+		if err != nil {
+			return err
+		}
+		copy(blk[off-start:], p)
+		return b.rawWrite(blk, start)
+	}
 	buf := alignedBuffer(int(end-start), int(b.bs))
 	if start != off {
-		if err := b.rawRead(buf[:b.bs], start); err != nil {
+		head, err := b.block(start)
+		if err != nil {
 			return err
 		}
+		copy(buf, head)
 	}
-	headRead := start != off
-	if tail := end - b.bs; end != off+int64(len(p)) && !(tail == start && headRead) {
-		if err := b.rawRead(buf[tail-start:], tail); err != nil {
+	if tail := end - b.bs; end != off+int64(len(p)) {
+		blk, err := b.block(tail)
+		if err != nil {
 			return err
 		}
+		copy(buf[tail-start:], blk)
 	}
 	copy(buf[off-start:], p)
 	return b.rawWrite(buf, start)
 }
 
+// rawWrite writes an aligned range and brings the cached blocks it covers
+// up to date (or drops them when the write failed: the device's bytes
+// are then unknown).
 func (b *blockIO) rawWrite(p []byte, off int64) error {
 	b.writes++
 	n, err := b.dev.WriteAt(p, off)
 	if err == nil && n < len(p) {
 		err = io.ErrShortWrite
 	}
+	b.refreshCached(p, off, err == nil)
 	if err != nil {
 		if errors.Is(err, unix.ENOSPC) {
 			err = fmt.Errorf("%w: %w", ErrNoSpace, err)
@@ -131,6 +186,46 @@ func (b *blockIO) rawWrite(p []byte, off int64) error {
 		return fmt.Errorf("writing %d bytes at host offset %d: %w", len(p), off, err)
 	}
 	return nil
+}
+
+func (b *blockIO) refreshCached(p []byte, off int64, ok bool) {
+	if len(b.blocks) == 0 {
+		return
+	}
+	update := func(at int64, blk []byte) {
+		src := p[at-off : at-off+b.bs]
+		switch {
+		case !ok:
+			delete(b.blocks, at)
+		case &src[0] != &blk[0]:
+			copy(blk, src)
+		}
+	}
+	if n := int64(len(p)) / b.bs; n <= int64(len(b.blocks)) {
+		for at := off; at < off+int64(len(p)); at += b.bs {
+			if blk, hit := b.blocks[at]; hit {
+				update(at, blk)
+			}
+		}
+		return
+	}
+	for at, blk := range b.blocks {
+		if at >= off && at < off+int64(len(p)) {
+			update(at, blk)
+		}
+	}
+}
+
+// writeOwned writes buf[lo:hi] at base+lo, where buf is the aligned
+// in-memory copy of a structure at base. When the range widened to
+// logical blocks stays inside buf it is written from buf directly;
+// otherwise the edge blocks come from the block cache.
+func (b *blockIO) writeOwned(buf []byte, base, lo, hi int64) error {
+	wlo, whi := alignDown(lo, b.bs), alignUp(hi, b.bs)
+	if base%b.bs == 0 && whi <= int64(len(buf)) {
+		return b.writeAt(buf[wlo:whi], base+wlo)
+	}
+	return b.writeAt(buf[lo:hi], base+lo)
 }
 
 // barrier makes every write so far durable before the next one is issued:

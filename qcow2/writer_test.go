@@ -45,8 +45,12 @@ func randomWorkload(t testing.TB, w *Writer, model guestModel, seed uint64, ops 
 			if err := w.Discard(off, n); err != nil {
 				t.Fatalf("op %d: Discard(%d, %d): %v", i, off, n, err)
 			}
-			// Whole clusters read zeros afterwards (v3); edges unchanged.
+			// Whole clusters read zeros afterwards (v3), and whole
+			// subclusters with extended L2; edges unchanged.
 			c := w.c
+			if w.ext {
+				c /= subclusters
+			}
 			first, end := ceilDiv(off, c)*c, (off+n)/c*c
 			if off+n == size {
 				end = size
@@ -126,9 +130,17 @@ func TestWriterRandomMatchesQemu(t *testing.T) {
 // grows the refcount table (512-byte clusters, 64-bit refcounts: a block
 // covers 32 KiB and the first table 2 MiB). After each crash qemu-img
 // check must find no corruption, every write flushed before the crash must
-// read back, and every other write reads either old or new bytes.
+// read back, and every other write reads either old or new bytes. It runs
+// on devices with 512- and 4096-byte logical blocks (eight clusters share
+// a block there, so every metadata write is a read-modify-write).
 func TestWriterCrashAtEveryRequest(t *testing.T) {
 	testutil.RequireTool(t, "qemu-img")
+	for _, bs := range []int64{512, 4096} {
+		t.Run(fmt.Sprint("block-", bs), func(t *testing.T) { crashAtEveryRequest(t, bs) })
+	}
+}
+
+func crashAtEveryRequest(t *testing.T, bs int64) {
 	const size = 4 << 20
 	dir := t.TempDir()
 	rawBase := filepath.Join(dir, "base.raw")
@@ -138,6 +150,9 @@ func TestWriterCrashAtEveryRequest(t *testing.T) {
 	pristine, err := os.ReadFile(image)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if pad := int64(len(pristine)) % bs; pad != 0 {
+		pristine = append(pristine, make([]byte, bs-pad)...)
 	}
 
 	type op struct {
@@ -164,12 +179,12 @@ func TestWriterCrashAtEveryRequest(t *testing.T) {
 	// run performs the workload on a fresh copy; it returns the device, how
 	// many ops were flushed and how many were attempted.
 	run := func(failAfter int) (*memDevice, int, int) {
-		dev := &memDevice{data: append(make([]byte, 0, 8<<20), pristine...), bs: 512, growable: true, failAfter: failAfter}
+		dev := &memDevice{data: append(make([]byte, 0, 8<<20), pristine...), bs: bs, growable: true, failAfter: failAfter}
 		backing, err := OpenRaw(mustOpen(t, rawBase))
 		if err != nil {
 			t.Fatal(err)
 		}
-		w, err := OpenWriter(dev, int64(len(dev.data)), WriterOptions{BlockSize: 512, Backing: backing})
+		w, err := OpenWriter(dev, int64(len(dev.data)), WriterOptions{BlockSize: int(bs), Backing: backing})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -305,8 +320,6 @@ func TestWriterRefusals(t *testing.T) {
 		setup func(path string)
 		want  error
 	}{
-		{"1-bit refcounts", func(p string) { testutil.MakeQcow2(t, p, "refcount_bits=1", "1M", "", "") }, ErrUnsupported},
-		{"4-bit refcounts", func(p string) { testutil.MakeQcow2(t, p, "refcount_bits=4", "1M", "", "") }, ErrUnsupported},
 		{"snapshot", func(p string) {
 			testutil.MakeQcow2(t, p, "", "1M", "", "")
 			testutil.QemuImg(t, "snapshot", "-c", "s1", p)
@@ -686,4 +699,142 @@ func crashedImageConsistent(t *testing.T, img []byte, path string, n, total int)
 		return false
 	}
 	return true
+}
+
+// TestWriterEveryRefcountWidth: every refcount width qemu writes (1 to 64
+// bits), with 512-byte clusters so the workload creates refcount blocks
+// (and, for 32 and 64 bits, grows the refcount table); qemu-img check and
+// the guest view judge.
+// Sub-byte widths are packed from the lowest bit up, as qemu reads them.
+func TestWriterEveryRefcountWidth(t *testing.T) {
+	testutil.RequireTool(t, "qemu-img")
+	const size = 4 << 20
+	for _, bits := range []int{1, 2, 4, 8, 16, 32, 64} {
+		t.Run(fmt.Sprint("bits-", bits), func(t *testing.T) {
+			dir := t.TempDir()
+			rawBase := filepath.Join(dir, "base.raw")
+			model := guestModel(writeRandomFile(t, rawBase, size, uint64(bits)))
+			image := filepath.Join(dir, "overlay.qcow2")
+			testutil.MakeQcow2(t, image, fmt.Sprintf("cluster_size=512,refcount_bits=%d", bits), "", rawBase, "raw")
+			f := mustOpen(t, image)
+			st, err := f.Stat()
+			if err != nil {
+				t.Fatal(err)
+			}
+			orig, err := ReadHeader(f, st.Size())
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			w, _ := openFileWriter(t, image)
+			randomWorkload(t, w, model, uint64(bits)+40, 40)
+			// 512-byte blocks of 32- and 64-bit refcounts cover 64 and 32
+			// KiB: the first 512-byte table (64 blocks) no longer suffices.
+			if bits >= 32 && w.Header().RefcountTableOffset == orig.RefcountTableOffset {
+				t.Fatal("the workload did not grow the refcount table")
+			}
+			if err := w.Close(); err != nil {
+				t.Fatal(err)
+			}
+			requireClean(t, image)
+			compareWithQemu(t, image, model)
+			// qemu allocates after volagent: its refcounts must agree.
+			testutil.QemuIO(t, "qcow2", image, "write -P 0x5a 1m 300k", "discard 0 64k")
+			requireClean(t, image)
+		})
+	}
+}
+
+// countingDevice counts the bytes written through it.
+type countingDevice struct {
+	Device
+	written int64
+}
+
+func (d *countingDevice) WriteAt(p []byte, off int64) (int, error) {
+	d.written += int64(len(p))
+	return d.Device.WriteAt(p, off)
+}
+
+// TestWriterSubclusterAllocation: with extended L2 entries a write into a
+// cluster without a host cluster allocates one and marks only the
+// subclusters it touches; a partial subcluster at an edge is completed
+// from the backing file, nothing else is copied. Partial discards mark
+// whole subclusters zero. qemu judges the image.
+func TestWriterSubclusterAllocation(t *testing.T) {
+	testutil.RequireTool(t, "qemu-img")
+	const size = 4 << 20
+	const c, sub = 128 << 10, 4 << 10
+	dir := t.TempDir()
+	rawBase := filepath.Join(dir, "base.raw")
+	model := guestModel(writeRandomFile(t, rawBase, size, 21))
+	image := filepath.Join(dir, "ext.qcow2")
+	testutil.MakeQcow2(t, image, "extended_l2=on,cluster_size=128k", "", rawBase, "raw")
+	tgt, err := hostblk.OpenTarget(image, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tgt.Close()
+	dev := &countingDevice{Device: tgt}
+	w, err := OpenWriter(dev, tgt.Size, WriterOptions{BlockSize: tgt.BlockSize, Backing: backingOf(t, image)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(off, n int64) {
+		t.Helper()
+		p := AlignedBuffer(int(n), 4096)
+		patternFill(p, int(off), off)
+		if _, err := w.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		model.write(p, off)
+	}
+	wantKind := func(off int64, kind MappingKind) {
+		t.Helper()
+		if m, err := w.Map(off); err != nil || m.Kind != kind {
+			t.Fatalf("Map(%d) = %+v, %v; want %v", off, m, err, kind)
+		}
+	}
+	write(0, sub) // allocates the L2 table and reserves clusters ahead
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	before := dev.written
+	write(3*c+5*sub, sub) // one aligned subcluster
+	if got := dev.written - before; got != sub {
+		t.Fatalf("a %d-byte write into a fresh cluster wrote %d bytes, want %d (no copy-on-write)", sub, got, sub)
+	}
+	wantKind(3*c+5*sub, MapData)
+	wantKind(3*c+4*sub, MapUnallocated)
+	wantKind(3*c+6*sub, MapUnallocated)
+	before = dev.written
+	write(5*c+2*sub+100, sub) // straddles subclusters 2 and 3 of a fresh cluster
+	if got := dev.written - before; got != 2*sub {
+		t.Fatalf("an unaligned %d-byte write wrote %d bytes, want the two subclusters it touches (%d)", sub, got, 2*sub)
+	}
+	wantKind(5*c+2*sub, MapData)
+	wantKind(5*c+3*sub, MapData)
+	wantKind(5*c+4*sub, MapUnallocated)
+	// Into a cluster that has a host cluster: subclusters 7 and 8 are
+	// completed in place from the backing file.
+	write(3*c+7*sub+10, sub)
+	wantKind(3*c+7*sub, MapData)
+	wantKind(3*c+8*sub, MapData)
+	wantKind(3*c+6*sub, MapUnallocated)
+	// A partial discard: whole subclusters read zeros; freeing the last
+	// allocated subclusters frees the host cluster.
+	if err := w.Discard(5*c+sub+1, 3*sub); err != nil {
+		t.Fatal(err)
+	}
+	model.zero(5*c+2*sub, 2*sub)
+	wantKind(5*c+2*sub, MapZero)
+	wantKind(5*c+sub, MapUnallocated)
+	if e, _, err := w.lookup(5); err != nil || e != 0 {
+		t.Fatalf("L2 entry %#x, %v after discarding its last allocated subclusters; want 0 (host cluster freed)", e, err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	requireClean(t, image)
+	compareWithQemu(t, image, model)
 }

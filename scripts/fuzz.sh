@@ -9,3 +9,8 @@ for pkg in $(go list ./...); do
 		go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" -fuzzminimizetime 2s "$pkg"
 	done
 done
+# The writer's differential test against qemu-io over the whole geometry
+# matrix (every pair of axis values; needs root). VOLAGENT_DIFF_SEED=n
+# reproduces a logged run.
+echo "fuzz: qcow2 writer differential matrix (long)"
+VOLAGENT_DIFF_LONG=1 go test -count=1 -timeout 60m -run '^TestWriterDifferentialMatrix$' ./qcow2/
