@@ -167,6 +167,18 @@ func (e *libvirtEnv) startDaemon() *libvirtDaemon {
 		}
 	})
 	e.daemon = d
+	// The pools may be running from an earlier daemon: the bus name says
+	// this one is up.
+	bus, err := dbus.Connect(e.bus.Address)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bus.Close()
+	e.waitFor("the daemon's bus name", func() bool {
+		var owned bool
+		err := bus.BusObject().Call("org.freedesktop.DBus.NameHasOwner", 0, dbusapi.BusName).Store(&owned)
+		return err == nil && owned
+	})
 	e.waitFor("the daemon's request pools in libvirt", func() bool {
 		for _, pool := range []string{libvirtLoopPool, libvirtLVMPool} {
 			out, _, err := testutil.Virsh("pool-info", pool)
