@@ -35,7 +35,18 @@ type LibvirtConfig struct {
 	// ReconcileInterval is how often request pools are rescanned, as a Go
 	// duration ("30s"). Default DefaultReconcileInterval.
 	ReconcileInterval time.Duration `toml:"reconcile_interval"`
+	// OnViolation is what happens, in enforce mode, to a running domain
+	// that gains a disk breaking the policy (a hot-plugged disk or a
+	// media change, which pass no hook): ViolationPause (default) pauses
+	// it, ViolationLog only logs and signals.
+	OnViolation string `toml:"on_violation"`
 }
+
+// What [libvirt] on_violation may say.
+const (
+	ViolationPause = "pause"
+	ViolationLog   = "log"
+)
 
 // PoolConfig is one [[pool]] table. ParseConfig fills in the defaults, so
 // a Config it returns has every field set that its pool type uses.
@@ -85,6 +96,7 @@ type rawLibvirt struct {
 	URI               string `toml:"uri"`
 	RequestDir        string `toml:"request_dir"`
 	ReconcileInterval string `toml:"reconcile_interval"`
+	OnViolation       string `toml:"on_violation"`
 }
 
 type rawPool struct {
@@ -181,7 +193,14 @@ func sameDirectory(a, b string) bool {
 // build checks the [libvirt] table and applies the defaults. Errors start
 // with the key name.
 func (rl rawLibvirt) build() (LibvirtConfig, error) {
-	lc := LibvirtConfig{URI: rl.URI, RequestDir: rl.RequestDir, ReconcileInterval: DefaultReconcileInterval}
+	lc := LibvirtConfig{URI: rl.URI, RequestDir: rl.RequestDir, ReconcileInterval: DefaultReconcileInterval, OnViolation: rl.OnViolation}
+	switch lc.OnViolation {
+	case "":
+		lc.OnViolation = ViolationPause
+	case ViolationPause, ViolationLog:
+	default:
+		return lc, fmt.Errorf("on_violation: %q: want %q or %q", rl.OnViolation, ViolationPause, ViolationLog)
+	}
 	if lc.URI == "" {
 		return lc, fmt.Errorf(`uri: required in the [libvirt] table, e.g. "qemu:///system" (leave the table out for no libvirt)`)
 	}

@@ -81,15 +81,15 @@ func TestParseConfigLibvirt(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := LibvirtConfig{URI: "qemu:///system", RequestDir: DefaultRequestDir, ReconcileInterval: DefaultReconcileInterval}
+	want := LibvirtConfig{URI: "qemu:///system", RequestDir: DefaultRequestDir, ReconcileInterval: DefaultReconcileInterval, OnViolation: ViolationPause}
 	if cfg.Libvirt != want {
 		t.Errorf("defaults: %+v; want %+v", cfg.Libvirt, want)
 	}
-	cfg, err = ParseConfig([]byte("[libvirt]\nuri = \"qemu:///session\"\nrequest_dir = \"/srv/requests\"\nreconcile_interval = \"2m\"\n"), "volagent.toml")
+	cfg, err = ParseConfig([]byte("[libvirt]\nuri = \"qemu:///session\"\nrequest_dir = \"/srv/requests\"\nreconcile_interval = \"2m\"\non_violation = \"log\"\n"), "volagent.toml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	want = LibvirtConfig{URI: "qemu:///session", RequestDir: "/srv/requests", ReconcileInterval: 2 * time.Minute}
+	want = LibvirtConfig{URI: "qemu:///session", RequestDir: "/srv/requests", ReconcileInterval: 2 * time.Minute, OnViolation: ViolationLog}
 	if cfg.Libvirt != want {
 		t.Errorf("explicit: %+v; want %+v", cfg.Libvirt, want)
 	}
@@ -136,6 +136,7 @@ func TestParseConfigBad(t *testing.T) {
 		{"libvirt request dir relative", "[libvirt]\nuri = \"qemu:///system\"\nrequest_dir = \"requests\"\n", []string{`libvirt.request_dir: "requests"`}},
 		{"libvirt interval", "[libvirt]\nuri = \"qemu:///system\"\nreconcile_interval = \"soon\"\n", []string{`libvirt.reconcile_interval: "soon"`}},
 		{"libvirt interval too short", "[libvirt]\nuri = \"qemu:///system\"\nreconcile_interval = \"10ms\"\n", []string{`libvirt.reconcile_interval: "10ms"`}},
+		{"libvirt on_violation", "[libvirt]\nuri = \"qemu:///system\"\non_violation = \"stop\"\n", []string{`libvirt.on_violation: "stop"`}},
 		{"libvirt unknown key", "[libvirt]\nuri = \"qemu:///system\"\nurl = \"x\"\n", []string{`unknown key libvirt.url`}},
 		{"syntax", "[[pool]\n", []string{`volagent.toml: line 1`}},
 		{"wrong type", "[[pool]]\nname = 5\n", []string{`volagent.toml: line 2`, `name`}},

@@ -32,6 +32,12 @@ const (
 	CodeHeaderInRaw           = "header-in-raw"     // a raw image starts with an image header
 	CodeNotChecked            = "not-checked"       // a disk kind the policy cannot follow (a warning)
 	CodeChain                 = "chain"             // the chain loops or is too deep (as qcow2.ErrChain)
+	// CodeVolumeUnresolved: a <disk type='volume'> whose pool and volume
+	// the daemon could not turn into a path through libvirt.
+	CodeVolumeUnresolved = "volume-unresolved"
+	// CodeNetworkChain: a qcow2 network disk whose <backingStore> chain is
+	// not complete and explicit (volagent cannot read its headers).
+	CodeNetworkChain = "network-chain-incomplete"
 )
 
 // maxDomainXML bounds the domain XML CheckDomain accepts; real ones are a
@@ -53,6 +59,12 @@ type DomainPolicyOptions struct {
 	// up only as a raw disk with a qcow2 header; and any tool that probes
 	// would misread such a disk (a guest can write the header itself).
 	AllowHeaderInRaw bool
+	// ResolveVolume turns a <disk type='volume'> (a libvirt storage pool
+	// and volume) into the volume's path. libvirt runs the qemu hook
+	// before it translates pool volumes, so the hook's XML has no path;
+	// the daemon resolves it through its own libvirt connection. Nil, or
+	// an error, makes such a disk a violation: it cannot be checked.
+	ResolveVolume func(pool, volume string) (string, error)
 }
 
 // DomainReport is CheckDomain's verdict on one domain. The JSON field names
@@ -177,6 +189,50 @@ func ParseDomainDisks(domain []byte) (name string, sources []string, err error) 
 	return d.Name, sources, nil
 }
 
+// DomainDisk is one <disk> of a domain, as the libvirt integration and
+// the daemon's in-use checks need it.
+type DomainDisk struct {
+	Target string // e.g. "vda"
+	Type   string // the <disk type>: file, block, volume, network, ...
+	Device string // disk, cdrom, floppy, lun
+	Format string // the <driver type>, as written
+	Path   string // the file or dev source; "" for volume and network disks
+	Pool   string // a volume disk's storage pool and volume
+	Volume string
+	// Backing are the local paths of the disk's explicit <backingStore>
+	// levels, top first (a running domain's live XML lists the chain
+	// libvirt opened).
+	Backing []string
+}
+
+// DomainDisks parses a domain XML (with the policy's one parser) into its
+// name and disks, without opening anything.
+func DomainDisks(domain []byte) (name string, disks []DomainDisk, err error) {
+	d, err := parseDomain(domain)
+	if err != nil {
+		return "", nil, err
+	}
+	for _, x := range d.Disks {
+		dd := DomainDisk{Type: x.Type, Device: x.Device, Path: x.Source.path()}
+		if x.Target != nil {
+			dd.Target = x.Target.Dev
+		}
+		if x.Driver != nil {
+			dd.Format = x.Driver.Type
+		}
+		if x.Source != nil {
+			dd.Pool, dd.Volume = x.Source.Pool, x.Source.Volume
+		}
+		for bs, n := x.BackingStore, 0; bs != nil && n < qcow2.MaxChainDepth; bs, n = bs.BackingStore, n+1 {
+			if p := bs.Source.path(); p != "" {
+				dd.Backing = append(dd.Backing, p)
+			}
+		}
+		disks = append(disks, dd)
+	}
+	return d.Name, disks, nil
+}
+
 func parseDomain(domain []byte) (*domainXML, error) {
 	if len(domain) > maxDomainXML {
 		return nil, fmt.Errorf("%w: domain XML of %d bytes: at most %d are accepted", ErrInvalidArgument, len(domain), maxDomainXML)
@@ -214,7 +270,7 @@ func CheckDomain(domain []byte, opts DomainPolicyOptions) (*DomainReport, error)
 	gate := &qcow2.Gate{AllowedRoots: append(append([]string{}, opts.AllowedRoots...), opts.ManagedDevices...)}
 	managed := managedSet(opts.ManagedDevices)
 	for i, disk := range d.Disks {
-		rep.checkDisk(i, disk, gate, managed, opts.AllowHeaderInRaw)
+		rep.checkDisk(i, disk, gate, managed, opts.AllowHeaderInRaw, opts.ResolveVolume)
 	}
 	return rep, nil
 }
@@ -257,7 +313,7 @@ func (r *DomainReport) fieldViolations(disk, image string, err error) {
 	}
 }
 
-func (r *DomainReport) checkDisk(index int, disk diskXML, gate *qcow2.Gate, managed map[string]bool, allowHeaderInRaw bool) {
+func (r *DomainReport) checkDisk(index int, disk diskXML, gate *qcow2.Gate, managed map[string]bool, allowHeaderInRaw bool, resolve func(pool, volume string) (string, error)) {
 	dr := DiskReport{Type: disk.Type, Chain: []ChainLink{}}
 	if disk.Target != nil {
 		dr.Target = disk.Target.Dev
@@ -290,7 +346,27 @@ func (r *DomainReport) checkDisk(index int, disk diskXML, gate *qcow2.Gate, mana
 			"disk %s: <driver type=%q>: volagent checks only raw and qcow2 chains", name, dr.Format)
 		return
 	}
-	if disk.Type != "file" && disk.Type != "block" {
+	switch disk.Type {
+	case "file", "block":
+	case "volume":
+		// libvirt translates pool volumes after the hook ran: the daemon
+		// asks libvirt for the path and checks that.
+		if resolve == nil {
+			r.violation(name, "", CodeVolumeUnresolved,
+				"disk %s: <source pool=%q volume=%q>: the storage volume cannot be resolved to a path here (the volagent daemon resolves it through libvirt); it cannot be checked", name, src.Pool, src.Volume)
+			return
+		}
+		path, err := resolve(src.Pool, src.Volume)
+		if err != nil || path == "" {
+			r.violation(name, "", CodeVolumeUnresolved,
+				"disk %s: <source pool=%q volume=%q>: libvirt cannot tell the volume's path (%v); it cannot be checked", name, src.Pool, src.Volume, err)
+			return
+		}
+		dr.Source = path
+	case "network":
+		r.checkNetworkChain(name, dr.Format, disk.BackingStore)
+		return
+	default:
 		r.warning(name, "", CodeNotChecked, "disk %s: <disk type=%q> has no local image to check", name, disk.Type)
 		return
 	}
@@ -303,6 +379,43 @@ func (r *DomainReport) checkDisk(index int, disk diskXML, gate *qcow2.Gate, mana
 	dr.Chain = chain
 	if disk.BackingStore != nil {
 		r.compareBackingStore(name, chain, complete, disk.BackingStore)
+	}
+}
+
+// checkNetworkChain judges a network disk, whose images volagent cannot
+// read: its format is explicit (checked before), and a qcow2 needs the
+// whole chain in the XML, each level with its format, ending in a raw
+// image or in a qcow2 followed by an empty <backingStore/>. Without it
+// libvirt or qemu would take the backing from the header.
+func (r *DomainReport) checkNetworkChain(disk, format string, bs *backingStoreXML) {
+	for level := 1; format == "qcow2"; level, bs = level+1, bs.BackingStore {
+		if level > qcow2.MaxChainDepth {
+			r.violation(disk, "", CodeChain, "disk %s: the <backingStore> chain has more than %d levels", disk, qcow2.MaxChainDepth)
+			return
+		}
+		if bs == nil {
+			r.violation(disk, "", CodeNetworkChain,
+				"disk %s: a qcow2 network disk needs its whole chain in the XML: level %d has no <backingStore> (give the backing with <format type>, or <backingStore/> for none); volagent cannot read the header over the network", disk, level)
+			return
+		}
+		if bs.empty() {
+			return
+		}
+		format = ""
+		if bs.Format != nil {
+			format = bs.Format.Type
+		}
+		switch format {
+		case "raw", "qcow2":
+		case "":
+			r.violation(disk, bs.Source.path(), CodeBackingStoreFormat,
+				"disk %s: <backingStore> level %d has no <format type>: libvirt would guess it", disk, level)
+			return
+		default:
+			r.violation(disk, bs.Source.path(), CodeDriverTypeUnsupported,
+				"disk %s: <backingStore> level %d has format %q: volagent allows only raw and qcow2", disk, level, format)
+			return
+		}
 	}
 }
 
@@ -570,7 +683,11 @@ func (m *Manager) CheckDomain(ctx context.Context, domain []byte) (allowed bool,
 	if err := ctx.Err(); err != nil {
 		return false, nil, fmt.Errorf("%w: %v", ErrCancelled, err)
 	}
-	report, err = CheckDomain(domain, m.DomainPolicyOptions())
+	opts := m.DomainPolicyOptions()
+	if d := m.domainsAPI(); d != nil {
+		opts.ResolveVolume = func(pool, volume string) (string, error) { return d.ResolveVolume(ctx, pool, volume) }
+	}
+	report, err = CheckDomain(domain, opts)
 	if err != nil {
 		return false, nil, err
 	}

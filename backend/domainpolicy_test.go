@@ -330,8 +330,95 @@ func TestDomainPolicy(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := violationCodes(rep); strings.Join(got, ",") != CodeDriverTypeMissing || !hasCode(rep.Warnings, CodeNotChecked) {
+		if got := violationCodes(rep); strings.Join(got, ",") != CodeDriverTypeMissing || len(rep.Warnings) != 0 {
 			t.Fatalf("violations %q warnings %+v", got, rep.Warnings)
+		}
+	})
+
+	t.Run("network disks need an explicit chain", func(t *testing.T) {
+		nbd := func(driver, backingStore string) []byte {
+			return []byte(fmt.Sprintf(`<domain><name>d</name><devices><disk type='network' device='disk'>%s<source protocol='nbd' name='x'><host name='h'/></source>%s<target dev='vda'/></disk></devices></domain>`, driver, backingStore))
+		}
+		raw := "<backingStore type='file'><format type='raw'/><source file='/b.raw'/></backingStore>"
+		for _, tc := range []struct {
+			name, driver, bs, want string // want "" for allowed
+		}{
+			{"raw", "<driver type='raw'/>", "", ""},
+			{"no format", "<driver name='qemu'/>", "", CodeDriverTypeMissing},
+			{"qcow2 without backingStore", "<driver type='qcow2'/>", "", CodeNetworkChain},
+			{"qcow2 ending at once", "<driver type='qcow2'/>", "<backingStore/>", ""},
+			{"qcow2 over raw", "<driver type='qcow2'/>", raw, ""},
+			{"qcow2 over qcow2 over raw", "<driver type='qcow2'/>", "<backingStore type='network'><format type='qcow2'/><source protocol='nbd' name='y'/>" + raw + "</backingStore>", ""},
+			{"qcow2 over qcow2 left open", "<driver type='qcow2'/>", "<backingStore type='file'><format type='qcow2'/><source file='/m.qcow2'/></backingStore>", CodeNetworkChain},
+			{"level without format", "<driver type='qcow2'/>", "<backingStore type='file'><source file='/b.raw'/><backingStore/></backingStore>", CodeBackingStoreFormat},
+			{"level of another format", "<driver type='qcow2'/>", "<backingStore type='file'><format type='vmdk'/><source file='/b.vmdk'/><backingStore/></backingStore>", CodeDriverTypeUnsupported},
+		} {
+			rep, err := CheckDomain(nbd(tc.driver, tc.bs), opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := strings.Join(violationCodes(rep), ","); got != tc.want {
+				t.Errorf("%s: violations %q, want %q", tc.name, got, tc.want)
+			}
+		}
+	})
+
+	t.Run("volume disks", func(t *testing.T) {
+		xml := func(format string) []byte {
+			return []byte(fmt.Sprintf(`<domain><name>d</name><devices><disk type='volume' device='disk'><driver type='%s'/><source pool='p' volume='v'/><target dev='vda'/></disk></devices></domain>`, format))
+		}
+		// Without a resolver (the hook alone) the disk cannot be checked.
+		rep, err := CheckDomain(xml("qcow2"), opts)
+		if err != nil || strings.Join(violationCodes(rep), ",") != CodeVolumeUnresolved {
+			t.Fatalf("no resolver: %+v, %v", rep, err)
+		}
+		withResolver := opts
+		withResolver.ResolveVolume = func(pool, volume string) (string, error) {
+			if pool != "p" || volume != "v" {
+				return "", fmt.Errorf("no volume %s/%s", pool, volume)
+			}
+			return overlay, nil
+		}
+		rep, err = CheckDomain(xml("qcow2"), withResolver)
+		if err != nil || !rep.Allowed() || len(rep.Disks[0].Chain) != 2 || rep.Disks[0].Source != overlay {
+			t.Fatalf("resolved good volume: %+v, %v", rep, err)
+		}
+		// The resolved path is judged as a file disk is.
+		rep, err = CheckDomain(xml("raw"), withResolver)
+		if err != nil || strings.Join(violationCodes(rep), ",") != CodeHeaderInRaw {
+			t.Fatalf("resolved volume read as raw: %+v, %v", rep, err)
+		}
+		withResolver.ResolveVolume = func(string, string) (string, error) { return "", errors.New("libvirt is down") }
+		rep, err = CheckDomain(xml("qcow2"), withResolver)
+		if err != nil || strings.Join(violationCodes(rep), ",") != CodeVolumeUnresolved {
+			t.Fatalf("resolver failing: %+v, %v", rep, err)
+		}
+	})
+
+	t.Run("cdrom and floppy are checked as disks", func(t *testing.T) {
+		for _, device := range []string{"cdrom", "floppy"} {
+			xml := []byte(fmt.Sprintf(`<domain><name>d</name><devices><disk type='file' device='%s'><driver type='raw'/><source file='%s'/><target dev='x'/></disk></devices></domain>`, device, headerInRaw))
+			rep, err := CheckDomain(xml, opts)
+			if err != nil || strings.Join(violationCodes(rep), ",") != CodeHeaderInRaw {
+				t.Errorf("%s with a header in raw: %+v, %v", device, rep, err)
+			}
+		}
+	})
+
+	t.Run("DomainDisks", func(t *testing.T) {
+		xml := []byte(`<domain><name>d</name><devices>
+<disk type='block' device='disk'><driver type='qcow2'/><source dev='/dev/loop9'/><backingStore type='file'><format type='raw'/><source file='/i/b.raw'/><backingStore/></backingStore><target dev='vda'/></disk>
+<disk type='volume' device='cdrom'><driver type='raw'/><source pool='p' volume='v'/><target dev='hdc'/></disk>
+</devices></domain>`)
+		name, disks, err := DomainDisks(xml)
+		if err != nil || name != "d" || len(disks) != 2 {
+			t.Fatalf("%q %+v %v", name, disks, err)
+		}
+		if d := disks[0]; d.Path != "/dev/loop9" || d.Target != "vda" || d.Format != "qcow2" || strings.Join(d.Backing, ",") != "/i/b.raw" {
+			t.Errorf("disk 0: %+v", d)
+		}
+		if d := disks[1]; d.Type != "volume" || d.Device != "cdrom" || d.Pool != "p" || d.Volume != "v" || d.Path != "" {
+			t.Errorf("disk 1: %+v", d)
 		}
 	})
 

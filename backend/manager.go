@@ -64,6 +64,10 @@ type Manager struct {
 	// waits for them as it waits for jobs.
 	opWG sync.WaitGroup
 
+	// domains is libvirt as the Manager asks it (SetDomains); nil
+	// without the libvirt integration. Guarded by mu.
+	domains Domains
+
 	// hooks are fault-injection points for tests; zero in production.
 	hooks testHooks
 }

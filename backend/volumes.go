@@ -412,13 +412,28 @@ func (m *Manager) policyRefusal(p *pool, subject string, refusal error) error {
 	return nil
 }
 
+// DeleteOptions are Delete's options.
+type DeleteOptions struct {
+	// Force deletes a volume that shut-off (defined, inactive) libvirt
+	// domains still name; a running or paused domain's disk is never
+	// deleted.
+	Force bool
+}
+
 // Delete removes a volume and its device. Results: ErrNotFound; ErrBusy
 // if it backs another managed volume (by metadata or by the name in that
-// volume's header), an operation or job is using it, or its device is in
+// volume's header), an operation or job is using it, its device is in
 // use (opened exclusively elsewhere, e.g. by a running VM, or held by the
-// kernel); ErrFailed. A crash during Delete leaves the volume marked
-// "deleting", and the next Load finishes removing it.
+// kernel), a libvirt domain names it (running or paused; a shut-off one
+// too, unless opts.Force), or libvirt cannot be asked; ErrFailed. A crash
+// during Delete leaves the volume marked "deleting", and the next Load
+// finishes removing it.
 func (m *Manager) Delete(ctx context.Context, c Caller, id string) error {
+	return m.DeleteWith(ctx, c, id, DeleteOptions{})
+}
+
+// DeleteWith is Delete with options.
+func (m *Manager) DeleteWith(ctx context.Context, c Caller, id string, opts DeleteOptions) error {
 	v, p, done, err := m.beginVolumeOp("Delete", id)
 	if err != nil {
 		return err
@@ -449,6 +464,10 @@ func (m *Manager) Delete(ctx context.Context, c Caller, id string) error {
 			return fmt.Errorf("%w: volume %q (%s): device %s is in use (opened exclusively elsewhere, e.g. by a running VM: %v; holders %v; loop devices %v)",
 				ErrBusy, v.info.Name, id, v.info.DevicePath, u.Claimed, u.Holders, u.LoopDevices)
 		}
+	}
+	// Known unused before it is marked for deletion.
+	if err := m.refuseIfDomainsUse(ctx, &v, "delete", opts.Force); err != nil {
+		return err
 	}
 	meta := v.meta
 	if err := m.setState(ctx, p, v.info.Name, meta, "", stateDeleting); err != nil {
@@ -498,6 +517,12 @@ func (m *Manager) dependentLocked(v *volume) string {
 // it can reach. The device is not grown (the image is thin; writes grow
 // it). Shrinking is refused (ErrInvalidArgument); the same size is a
 // no-op. ErrBusy if the device is open exclusively elsewhere.
+//
+// When a running or paused libvirt domain has the volume as a disk,
+// volagent does not write the header under qemu: the device grows by what
+// qemu needs, and libvirt resizes the disk (virDomainBlockResize), so qemu
+// updates its own header and the guest sees the new size. A domain that
+// only names it (shut off) sees the new size at its next start.
 func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize int64) error {
 	v, p, done, err := m.beginVolumeOp("Resize", id)
 	if err != nil {
@@ -519,6 +544,10 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 	lock.Lock()
 	defer lock.Unlock()
 
+	// A running domain's disk is resized by its qemu, through libvirt.
+	if handled, err := m.resizeUnderDomain(ctx, p, &v, virtualSize); handled {
+		return err
+	}
 	if err := resizeImage(v.info.DevicePath, virtualSize); err != nil {
 		return fmt.Errorf("volume %q (%s): %w", v.info.Name, id, err)
 	}
@@ -614,8 +643,8 @@ func (m *Manager) refresh(p *pool, v *volume) {
 // it. When the writer runs out of device, the device grows by ChunkSize
 // (more if the write needs it) and the write is retried. Results:
 // ErrInvalidArgument (a range outside the disk, more than MaxWriteSize
-// bytes); ErrBusy (the volume backs another volume, or its device is
-// open exclusively elsewhere); ErrNoSpace (the pool cannot grow the
+// bytes); ErrBusy (the volume backs another volume, its device is open
+// exclusively elsewhere, or a running or paused libvirt domain uses it); ErrNoSpace (the pool cannot grow the
 // device); ErrPolicyViolation (the image's chain is refused); ErrFailed.
 func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, data []byte) error {
 	v, p, done, err := m.beginVolumeOp("Write", id)
@@ -642,6 +671,10 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 	m.mu.Unlock()
 	if busy != "" {
 		return fmt.Errorf("%w: volume %q (%s): %s; writing would change that volume's guest view", ErrBusy, v.info.Name, id, busy)
+	}
+	// A shut-off domain's disk may be written, as an offline edit.
+	if err := m.refuseIfDomainsUse(ctx, &v, "write", true); err != nil {
+		return err
 	}
 
 	s, err := m.openWriteSession(p, &v)

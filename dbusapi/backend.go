@@ -33,7 +33,7 @@ type Backend interface {
 
 	CreateOverlay(ctx context.Context, c backend.Caller, req backend.OverlayRequest) (backend.VolumeInfo, error)
 	Import(ctx context.Context, c backend.Caller, req backend.ImportRequest) (backend.JobInfo, error)
-	Delete(ctx context.Context, c backend.Caller, id string) error
+	DeleteWith(ctx context.Context, c backend.Caller, id string, opts backend.DeleteOptions) error
 	Resize(ctx context.Context, c backend.Caller, id string, virtualSize int64) error
 	Write(ctx context.Context, c backend.Caller, id string, offset int64, data []byte) error
 	Check(ctx context.Context, id string) (*qcow2.CheckResult, error)

@@ -223,6 +223,10 @@ func (f *fakeBackend) runImport(ctx context.Context, j *fakeJob, req backend.Imp
 	finish(backend.JobSucceeded, "")
 }
 
+func (f *fakeBackend) DeleteWith(ctx context.Context, c backend.Caller, id string, _ backend.DeleteOptions) error {
+	return f.Delete(ctx, c, id)
+}
+
 func (f *fakeBackend) Delete(_ context.Context, _ backend.Caller, id string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

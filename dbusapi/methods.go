@@ -274,8 +274,8 @@ func (o object) rescan(c *call, args []any) ([]any, *dbus.Error) {
 
 // volumeMethod is what every Volume method does first: check the
 // options argument, authorize the caller, and find the volume's ID.
-func (c *call) volumeMethod(method string, options any) (backend.Caller, string, *dbus.Error) {
-	opts, derr := parseOptions(method, options.(map[string]dbus.Variant))
+func (c *call) volumeMethod(method string, options any, known ...string) (backend.Caller, string, *dbus.Error) {
+	opts, derr := parseOptions(method, options.(map[string]dbus.Variant), known...)
 	if derr != nil {
 		return backend.Caller{}, "", derr
 	}
@@ -291,11 +291,16 @@ func (c *call) volumeMethod(method string, options any) (backend.Caller, string,
 }
 
 func (o object) deleteVolume(c *call, args []any) ([]any, *dbus.Error) {
-	caller, id, derr := c.volumeMethod("Delete", args[0])
+	caller, id, derr := c.volumeMethod("Delete", args[0], "force")
 	if derr != nil {
 		return nil, derr
 	}
-	if err := o.s.backend.Delete(o.s.ctx, caller, id); err != nil {
+	opts, _ := parseOptions("Delete", args[0].(map[string]dbus.Variant), "force")
+	force, derr := opts.bool("force")
+	if derr != nil {
+		return nil, derr
+	}
+	if err := o.s.backend.DeleteWith(o.s.ctx, caller, id, backend.DeleteOptions{Force: force}); err != nil {
 		return nil, toDBusError(err)
 	}
 	o.s.log.Info("deleted volume", "volume", id, "uid", caller.UID)

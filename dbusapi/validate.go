@@ -125,6 +125,19 @@ func (o options) interactive() (bool, *dbus.Error) {
 	return !b, nil
 }
 
+// bool returns a boolean option; false when absent.
+func (o options) bool(key string) (bool, *dbus.Error) {
+	v, ok := o.values[key]
+	if !ok {
+		return false, nil
+	}
+	b, ok := v.Value().(bool)
+	if !ok {
+		return false, o.wrongType(key, v, "b")
+	}
+	return b, nil
+}
+
 // uint returns an unsigned integer option (any of y q u t), or def.
 func (o options) uint(key string, def uint64) (uint64, *dbus.Error) {
 	v, ok := o.values[key]

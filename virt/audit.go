@@ -28,15 +28,33 @@ func (f CheckerFunc) CheckDomain(ctx context.Context, domainXML []byte) (bool, *
 
 // Auditor re-checks running domains against the policy: every running
 // domain after each (re)connection, a domain when it starts or resumes,
-// and a domain when a device is hot-plugged into it (which passes no
-// hook). It reports; stopping a running domain is not its business.
+// and a domain when a device is hot-plugged into it or a removable disk's
+// medium changes (neither passes a hook). It reports; with
+// PauseOnViolation it also pauses a running domain that gained a disk
+// the checker refuses (enforce mode).
 type Auditor struct {
 	checker  DomainChecker
 	log      *slog.Logger
 	onReport func(domain string, report *backend.DomainReport)
 
-	mu   sync.Mutex
-	conn *Conn
+	mu     sync.Mutex
+	conn   *Conn
+	pause  bool
+	signal func(subject, code, message string)
+}
+
+// CodeDomainPaused is the PolicyViolation code of a domain the Auditor
+// paused.
+const CodeDomainPaused = "domain-paused"
+
+// PauseOnViolation makes the Auditor pause a running domain that gains a
+// disk (hot-plug, media change) the checker does not allow, and send
+// signal(subject, CodeDomainPaused, message). Without it such a domain is
+// only reported. Call it before Bind.
+func (a *Auditor) PauseOnViolation(signal func(subject, code, message string)) {
+	a.mu.Lock()
+	a.pause, a.signal = true, signal
+	a.mu.Unlock()
 }
 
 // NewAuditor makes an Auditor. onReport (optional) gets every report,
@@ -51,7 +69,7 @@ func NewAuditor(checker DomainChecker, log *slog.Logger, onReport func(domain st
 // Handlers returns h with the Auditor's handlers added (chained after
 // any h already has), for Dial. Call Bind with the Conn Dial returns.
 func (a *Auditor) Handlers(h Handlers) Handlers {
-	connected, lifecycle, added := h.Connected, h.DomainLifecycle, h.DeviceAdded
+	connected, lifecycle, added, media := h.Connected, h.DomainLifecycle, h.DeviceAdded, h.MediaChanged
 	h.Connected = func(conn *libvirt.Connect, gen uint64) {
 		if connected != nil {
 			connected(conn, gen)
@@ -70,9 +88,52 @@ func (a *Auditor) Handlers(h Handlers) Handlers {
 		if added != nil {
 			added(domain, alias)
 		}
-		a.auditByName(domain)
+		a.auditGained(domain, "device "+alias+" was hot-plugged")
+	}
+	h.MediaChanged = func(domain, alias string) {
+		if media != nil {
+			media(domain, alias)
+		}
+		a.auditGained(domain, "the medium of "+alias+" changed")
 	}
 	return h
+}
+
+// auditGained re-checks a domain that gained a disk without a hook, and
+// pauses it when it is running, refused, and PauseOnViolation is set.
+func (a *Auditor) auditGained(name, what string) {
+	a.mu.Lock()
+	c, pause, signal := a.conn, a.pause, a.signal
+	a.mu.Unlock()
+	if c == nil {
+		return
+	}
+	err := c.Do(func(conn *libvirt.Connect) error {
+		dom, err := conn.LookupDomainByName(name)
+		if err != nil {
+			return fmt.Errorf("domain %q: %w", name, err)
+		}
+		defer dom.Free()
+		allowed, rep, err := a.audit(dom)
+		if err != nil || allowed || !pause {
+			return err
+		}
+		if state, _, err := dom.GetState(); err != nil || state != libvirt.DOMAIN_RUNNING {
+			return err
+		}
+		if err := dom.Suspend(); err != nil {
+			return fmt.Errorf("domain %q: pausing it after %s: %w", name, what, err)
+		}
+		msg := fmt.Sprintf("domain %s paused: %s and it breaks the no-probing policy (%d violation(s)); remove the disk or fix it, then virsh resume", name, what, len(rep.Violations))
+		a.log.Warn("running domain paused", "domain", name, "reason", what, "violations", len(rep.Violations))
+		if signal != nil {
+			signal("domain "+name, CodeDomainPaused, msg)
+		}
+		return nil
+	})
+	if err != nil {
+		a.log.Warn("auditing a domain failed", "domain", name, "err", err)
+	}
 }
 
 // Bind tells the Auditor which connection to look domains up on.
@@ -97,7 +158,7 @@ func (a *Auditor) AuditDomain(name string) (*backend.DomainReport, error) {
 			return fmt.Errorf("domain %q: %w", name, err)
 		}
 		defer dom.Free()
-		rep, err = a.audit(dom)
+		_, rep, err = a.audit(dom)
 		return err
 	})
 	return rep, err
@@ -117,7 +178,7 @@ func (a *Auditor) auditAll(conn *libvirt.Connect) {
 		return
 	}
 	for i := range doms {
-		if _, err := a.audit(&doms[i]); err != nil {
+		if _, _, err := a.audit(&doms[i]); err != nil {
 			a.log.Warn("auditing a domain failed", "err", err)
 		}
 		doms[i].Free()
@@ -126,18 +187,18 @@ func (a *Auditor) auditAll(conn *libvirt.Connect) {
 
 // audit checks the domain's live XML (with the backing chains libvirt
 // detected, so they are compared with the headers too).
-func (a *Auditor) audit(dom *libvirt.Domain) (*backend.DomainReport, error) {
+func (a *Auditor) audit(dom *libvirt.Domain) (allowed bool, rep *backend.DomainReport, err error) {
 	name, err := dom.GetName()
 	if err != nil {
-		return nil, err
+		return false, nil, err
 	}
 	xml, err := dom.GetXMLDesc(0)
 	if err != nil {
-		return nil, fmt.Errorf("domain %q: XML: %w", name, err)
+		return false, nil, fmt.Errorf("domain %q: XML: %w", name, err)
 	}
-	_, rep, err := a.checker.CheckDomain(context.Background(), []byte(xml))
+	allowed, rep, err = a.checker.CheckDomain(context.Background(), []byte(xml))
 	if err != nil {
-		return nil, fmt.Errorf("domain %q: %w", name, err)
+		return false, nil, fmt.Errorf("domain %q: %w", name, err)
 	}
 	for _, v := range rep.Violations {
 		a.log.Warn("running domain breaks the no-probing policy", "domain", name, "disk", v.Disk, "image", v.Image, "code", v.Code, "violation", v.Message)
@@ -145,5 +206,5 @@ func (a *Auditor) audit(dom *libvirt.Domain) (*backend.DomainReport, error) {
 	if a.onReport != nil {
 		a.onReport(name, rep)
 	}
-	return rep, nil
+	return allowed, rep, nil
 }

@@ -51,6 +51,9 @@ type Handlers struct {
 	DomainLifecycle func(domain string, event libvirt.DomainEventType, detail int)
 	// DeviceAdded: a device was hot-plugged into a running domain.
 	DeviceAdded func(domain, alias string)
+	// MediaChanged: a removable disk's medium changed or its tray moved
+	// (DISK_CHANGE and TRAY_CHANGE events); no hook sees either.
+	MediaChanged func(domain, alias string)
 	// BlockThreshold: a disk's write position crossed the threshold set
 	// with virDomainSetBlockThreshold.
 	BlockThreshold func(domain, dev, path string, threshold, excess uint64)
@@ -285,6 +288,24 @@ func (c *Conn) registerLocked(conn *libvirt.Connect) error {
 			c.queue(func() { h.DeviceAdded(name, alias) })
 		})
 		if err := add("device-added", id, err); err != nil {
+			return err
+		}
+	}
+	if h.MediaChanged != nil {
+		id, err := conn.DomainEventDiskChangeRegister(nil, func(_ *libvirt.Connect, d *libvirt.Domain, ev *libvirt.DomainEventDiskChange) {
+			name, _ := d.GetName()
+			alias := ev.DevAlias
+			c.queue(func() { h.MediaChanged(name, alias) })
+		})
+		if err := add("disk-change", id, err); err != nil {
+			return err
+		}
+		id, err = conn.DomainEventTrayChangeRegister(nil, func(_ *libvirt.Connect, d *libvirt.Domain, ev *libvirt.DomainEventTrayChange) {
+			name, _ := d.GetName()
+			alias := ev.DevAlias
+			c.queue(func() { h.MediaChanged(name, alias) })
+		})
+		if err := add("tray-change", id, err); err != nil {
 			return err
 		}
 	}

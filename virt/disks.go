@@ -1,13 +1,9 @@
 package virt
 
 import (
-	"bytes"
 	"context"
-	"encoding/xml"
 	"fmt"
-	"path/filepath"
 
-	"golang.org/x/sys/unix"
 	"libvirt.org/go/libvirt"
 
 	"github.com/volagent/volagent/backend"
@@ -25,101 +21,37 @@ type Volumes interface {
 	SignalPolicyViolation(subject, code, message string)
 }
 
-// domainDisk is one <disk> of a domain, as much as the integration needs.
-type domainDisk struct {
-	Type   string // file, block, volume, network, ...
-	Format string // <driver type>
-	Target string // e.g. "vda"
-	Path   string // file or dev source
-	Pool   string // volume source
-	Volume string
-}
-
-type disksXML struct {
-	Name  string `xml:"name"`
-	Disks []struct {
-		Type   string `xml:"type,attr"`
-		Driver struct {
-			Type string `xml:"type,attr"`
-		} `xml:"driver"`
-		Source struct {
-			File   string `xml:"file,attr"`
-			Dev    string `xml:"dev,attr"`
-			Pool   string `xml:"pool,attr"`
-			Volume string `xml:"volume,attr"`
-		} `xml:"source"`
-		Target struct {
-			Dev string `xml:"dev,attr"`
-		} `xml:"target"`
-	} `xml:"devices>disk"`
-}
-
-// parseDisks reads the disks of a domain XML libvirt gave us.
-func parseDisks(domainXML string) (name string, disks []domainDisk, err error) {
-	var d disksXML
-	if err := xml.NewDecoder(bytes.NewReader([]byte(domainXML))).Decode(&d); err != nil {
-		return "", nil, fmt.Errorf("domain XML: %w", err)
-	}
-	for _, x := range d.Disks {
-		path := x.Source.File
-		if path == "" {
-			path = x.Source.Dev
-		}
-		disks = append(disks, domainDisk{Type: x.Type, Format: x.Driver.Type, Target: x.Target.Dev, Path: path, Pool: x.Source.Pool, Volume: x.Source.Volume})
-	}
-	return d.Name, disks, nil
+// parseDisks reads the disks of a domain XML libvirt gave us, with the
+// backend's one domain XML parser.
+func parseDisks(domainXML string) (name string, disks []backend.DomainDisk, err error) {
+	return backend.DomainDisks([]byte(domainXML))
 }
 
 // diskPath is the local path of a disk, resolving a <disk type='volume'>
 // through its storage pool; "" when it has none.
-func diskPath(conn *libvirt.Connect, d domainDisk) string {
+func diskPath(conn *libvirt.Connect, d backend.DomainDisk) string {
 	if d.Path != "" || d.Pool == "" || d.Volume == "" {
 		return d.Path
 	}
-	pool, err := conn.LookupStoragePoolByName(d.Pool)
+	path, _ := volumePath(conn, d.Pool, d.Volume)
+	return path
+}
+
+// volumePath is a storage volume's path.
+func volumePath(conn *libvirt.Connect, pool, volume string) (string, error) {
+	p, err := conn.LookupStoragePoolByName(pool)
 	if err != nil {
-		return ""
+		return "", fmt.Errorf("storage pool %q: %w", pool, err)
 	}
-	defer pool.Free()
-	vol, err := pool.LookupStorageVolByName(d.Volume)
+	defer p.Free()
+	vol, err := p.LookupStorageVolByName(volume)
 	if err != nil {
-		return ""
+		return "", fmt.Errorf("storage pool %q: volume %q: %w", pool, volume, err)
 	}
 	defer vol.Free()
 	path, err := vol.GetPath()
 	if err != nil {
-		return ""
+		return "", fmt.Errorf("storage pool %q: volume %q: path: %w", pool, volume, err)
 	}
-	return path
-}
-
-// sameDevice reports whether a disk path and a volume's device are one
-// block device (the same device number, whatever the names: /dev/loopN,
-// /dev/VG/LV, /dev/mapper/VG-LV, /dev/dm-N, links, other nodes) or one
-// file (the same inode).
-func sameDevice(path, device string) bool {
-	if path == "" || device == "" {
-		return false
-	}
-	var a, b unix.Stat_t
-	if unix.Stat(path, &a) != nil || unix.Stat(device, &b) != nil {
-		return samePath(path, device)
-	}
-	if a.Mode&unix.S_IFMT == unix.S_IFBLK && b.Mode&unix.S_IFMT == unix.S_IFBLK {
-		return a.Rdev == b.Rdev
-	}
-	return a.Dev == b.Dev && a.Ino == b.Ino
-}
-
-// samePath reports whether a disk path names the file or device target,
-// directly or through symlinks.
-func samePath(path, target string) bool {
-	if path == "" || target == "" {
-		return false
-	}
-	if filepath.Clean(path) == filepath.Clean(target) {
-		return true
-	}
-	real, err := filepath.EvalSymlinks(path)
-	return err == nil && real == filepath.Clean(target)
+	return path, nil
 }

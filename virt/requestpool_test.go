@@ -2,15 +2,12 @@ package virt
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/volagent/volagent/backend"
 	"github.com/volagent/volagent/internal/looptest"
@@ -185,62 +182,5 @@ func TestRequestDirsTraversable(t *testing.T) {
 	}
 	if fi, _ := os.Stat(e.dir); fi.Mode().Perm() != RequestDirMode {
 		t.Fatalf("%s stays %#o", e.dir, fi.Mode().Perm())
-	}
-}
-
-// TestRequestDeleteInUseByAnyName: vol-delete is refused while a domain
-// names the volume's device by another name: a symlink elsewhere, or
-// another device node with the same device number (which no string
-// comparison or symlink resolution can match).
-func TestRequestDeleteInUseByAnyName(t *testing.T) {
-	e := newRequestPoolEnv(t)
-	testutil.StartLibvirtd(t, testutil.LibvirtdOptions{})
-	dev := looptest.Device(t, 4<<20, 512)
-	var st unix.Stat_t
-	if err := unix.Stat(dev, &st); err != nil {
-		t.Fatal(err)
-	}
-	aliases := t.TempDir()
-	symlink, node := filepath.Join(aliases, "symlink"), filepath.Join(aliases, "node")
-	if err := os.Symlink(dev, symlink); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mknod(node, unix.S_IFBLK|0o600, int(st.Rdev)); err != nil {
-		t.Fatal(err)
-	}
-	c, err := Dial(Options{URI: testutil.LibvirtURI, Logger: testLogger(t)}, Handlers{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	e.w.Bind(c)
-
-	v := backend.VolumeInfo{ID: backend.VolumeID(e.pool, "used"), Name: "used", Pool: e.pool, Format: "qcow2", DevicePath: dev}
-	e.fake.volumes[v.ID] = v
-	for i, alias := range []string{symlink, node} {
-		domain := fmt.Sprintf("%sdelete-alias-%d", testutil.TestDomainPrefix, i)
-		xmlPath := filepath.Join(t.TempDir(), domain+".xml")
-		disk := fmt.Sprintf("<disk type='block' device='disk'><driver name='qemu' type='qcow2'/><source dev='%s'/><target dev='vda' bus='virtio'/></disk>", alias)
-		if err := os.WriteFile(xmlPath, []byte(testutil.DomainXML(domain, disk)), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		testutil.MustVirsh(t, "define", xmlPath)
-		link := filepath.Join(e.dir, "used.qcow2")
-		e.w.links[e.pool]["used.qcow2"] = v.ID
-		// vol-delete unlinked the link; the watcher sees it gone.
-		e.w.linkRemoved(context.Background(), e.pool, "used.qcow2", v.ID)
-		_, deletes, violations := e.fake.counts()
-		if deletes != 0 || len(violations) != i+1 || !strings.HasPrefix(violations[i], "delete-refused:") {
-			t.Fatalf("domain naming the device as %s: deletes %d, violations %q", alias, deletes, violations)
-		}
-		if !isLinkTo(link, dev) {
-			t.Fatalf("the link was not restored: %q", linkTarget(link))
-		}
-		testutil.MustVirsh(t, "undefine", domain)
-	}
-	// No domain names it: deleted.
-	e.w.linkRemoved(context.Background(), e.pool, "used.qcow2", v.ID)
-	if _, deletes, _ := e.fake.counts(); deletes != 1 {
-		t.Fatalf("deletes %d after the domains went, want 1", deletes)
 	}
 }

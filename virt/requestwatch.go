@@ -565,8 +565,11 @@ func (w *RequestWatcher) refuse(pool, name, path string, cause error) {
 }
 
 // linkRemoved handles `virsh vol-delete` (libvirt unlinked the link):
-// the volume is deleted, unless a domain uses it or the backend refuses,
-// in which case the link comes back and the refusal is signalled.
+// the volume is deleted, unless the backend refuses (a domain names it
+// under any name of its device, it backs another volume, ...), in which
+// case the link stays and the refusal is signalled. The link is put back
+// before the backend decides, so a domain that names the volume by its
+// link is seen by the backend's one in-use check like any other name.
 func (w *RequestWatcher) linkRemoved(ctx context.Context, pool, name, id string) {
 	path := filepath.Join(w.Dir(pool), name)
 	v, err := w.vols.Volume(id)
@@ -574,66 +577,21 @@ func (w *RequestWatcher) linkRemoved(ctx context.Context, pool, name, id string)
 		delete(w.links[pool], name)
 		return
 	}
-	refuse := func(why string) {
-		if err := w.link(pool, name, v); err != nil {
-			w.log.Error("cannot restore the link of a volume whose deletion was refused", "pool", pool, "link", path, "err", err)
-		}
-		w.vols.SignalPolicyViolation(fmt.Sprintf("volume %s/%s", pool, v.Name), "delete-refused", why)
-		w.log.Warn("vol-delete refused; link restored", "pool", pool, "volume", id, "reason", why)
-		w.refreshPool(pool)
-	}
-	users, err := w.domainsUsing(pool, name, path, v)
-	switch {
-	case err != nil:
-		refuse(fmt.Sprintf("volume %q cannot be deleted now: which domains use it cannot be told: %v", v.Name, err))
-		return
-	case len(users) > 0:
-		refuse(fmt.Sprintf("volume %q is used by domain(s) %s", v.Name, strings.Join(users, ", ")))
-		return
+	if err := w.link(pool, name, v); err != nil {
+		w.log.Error("cannot restore the link of a volume before deciding its deletion", "pool", pool, "link", path, "err", err)
 	}
 	if err := w.vols.Delete(ctx, backend.Caller{UID: 0}, id); err != nil {
-		refuse(err.Error())
+		w.vols.SignalPolicyViolation(fmt.Sprintf("volume %s/%s", pool, v.Name), "delete-refused", err.Error())
+		w.log.Warn("vol-delete refused; link restored", "pool", pool, "volume", id, "reason", err)
+		w.refreshPool(pool)
 		return
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		w.log.Error("volume deleted, but its link could not be removed", "pool", pool, "link", path, "err", err)
 	}
 	delete(w.links[pool], name)
 	w.log.Info("volume deleted by vol-delete", "pool", pool, "volume", id, "device", v.DevicePath)
 	w.refreshPool(pool)
-}
-
-// domainsUsing lists the domains (running or only defined) with a disk on
-// the volume: by its link, libvirt's pool and volume name, or any name of
-// its device (compared as the kernel does: device numbers, not strings).
-func (w *RequestWatcher) domainsUsing(pool, name, link string, v backend.VolumeInfo) ([]string, error) {
-	c := w.currentConn()
-	if c == nil {
-		return nil, ErrDisconnected
-	}
-	var users []string
-	err := c.Do(func(conn *libvirt.Connect) error {
-		doms, err := conn.ListAllDomains(0)
-		if err != nil {
-			return err
-		}
-		for i := range doms {
-			defer doms[i].Free()
-			xml, err := doms[i].GetXMLDesc(0)
-			if err != nil {
-				return err
-			}
-			domName, disks, err := parseDisks(xml)
-			if err != nil {
-				return err
-			}
-			for _, d := range disks {
-				if (d.Pool == pool && d.Volume == name) || d.Path == link || sameDevice(d.Path, v.DevicePath) {
-					users = append(users, domName)
-					break
-				}
-			}
-		}
-		return nil
-	})
-	return users, err
 }
 
 func (w *RequestWatcher) currentConn() *Conn {

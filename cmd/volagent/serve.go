@@ -231,6 +231,9 @@ func startLibvirt(mgr *backend.Manager, cfg *backend.Config, opts serveOptions, 
 	vlog := log.With("component", "libvirt")
 	auditor := virt.NewAuditor(mgr, vlog, nil)
 	requests := virt.NewRequestWatcher(mgr, virt.RequestWatcherOptions{Pools: pools, BaseDir: opts.requestDir, ReconcileInterval: opts.reconcileInterval, Logger: vlog})
+	if cfg.Libvirt.OnViolation != backend.ViolationLog {
+		auditor.PauseOnViolation(mgr.SignalPolicyViolation)
+	}
 	thin := virt.NewThinController(mgr, vlog)
 	if err := requests.Start(); err != nil {
 		return nil, fmt.Errorf("libvirt request pools: %w", err)
@@ -244,12 +247,15 @@ func startLibvirt(mgr *backend.Manager, cfg *backend.Config, opts serveOptions, 
 	auditor.Bind(conn)
 	requests.Bind(conn)
 	thin.Bind(conn)
+	mgr.SetDomains(virt.NewDomains(conn))
 	log.Info("libvirt integration started", "uri", opts.libvirtURI, "request_dir", opts.requestDir, "pools", pools)
 	var once sync.Once
 	return func() {
 		once.Do(func() {
 			// The watcher first: it calls libvirt through conn.
 			requests.Close()
+			// mgr keeps its Domains: once closed they answer
+			// ErrDisconnected, and the Manager refuses what needs them.
 			conn.Close()
 			log.Info("libvirt integration stopped")
 		})

@@ -176,6 +176,18 @@ func (e *libvirtEnv) startDaemon() *libvirtDaemon {
 		}
 	})
 	e.daemon = d
+	// The pools may be running from an earlier daemon: the bus name says
+	// this one is up.
+	bus, err := dbus.Connect(e.bus.Address)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bus.Close()
+	e.waitFor("the daemon's bus name", func() bool {
+		var owned bool
+		err := bus.BusObject().Call("org.freedesktop.DBus.NameHasOwner", 0, dbusapi.BusName).Store(&owned)
+		return err == nil && owned
+	})
 	e.waitFor("the daemon's request pools in libvirt", func() bool {
 		for _, pool := range []string{libvirtLoopPool, libvirtLVMPool} {
 			out, _, err := testutil.Virsh("pool-info", pool)
@@ -376,6 +388,23 @@ func TestServeLibvirt(t *testing.T) {
 				t.Fatalf("reason %q does not name the backing", reason)
 			}
 			waitViolation("request "+pool+"/vm2.qcow2", "")
+
+			// A shut-off domain that names the volume only by its request
+			// link (which vol-delete unlinks first) blocks the deletion too.
+			holder := testutil.TestDomainPrefix + "link-holder-" + pool
+			holderXML := filepath.Join(t.TempDir(), holder+".xml")
+			disk := fmt.Sprintf("<disk type='block' device='disk'><driver name='qemu' type='qcow2'/><source dev='%s'/><target dev='vda' bus='virtio'/></disk>", good)
+			if err := os.WriteFile(holderXML, []byte(testutil.DomainXML(holder, disk)), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			testutil.MustVirsh(t, "define", holderXML)
+			t.Cleanup(func() { _, _, _ = testutil.Virsh("undefine", holder) })
+			testutil.MustVirsh(t, "vol-delete", "--pool", pool, "vm1.qcow2")
+			waitViolation("volume "+pool+"/vm1", "delete-refused")
+			if got := e.waitMaterialized(good); got != dev {
+				t.Fatalf("the restored link points to %q, want %q", got, dev)
+			}
+			testutil.MustVirsh(t, "undefine", holder)
 
 			// vol-delete removes the volume's device.
 			before := e.volumeCount(client)
