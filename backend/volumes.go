@@ -8,8 +8,6 @@ import (
 	"os"
 	"path/filepath"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/qcow2"
 )
@@ -235,31 +233,31 @@ func (m *Manager) commit(ctx context.Context, p *pool, op, name, dev string, met
 }
 
 // writeNewImage writes a qcow2 image onto the device at path as the CLI's
-// create does: an exclusive open, direct I/O where the device allows it,
-// one write of the metadata (opts.TargetZeroed: of its non-zero blocks),
-// a flush.
+// create does: an exclusive open holding qemu-img's writer locks (a
+// device qemu holds is refused, ErrBusy), direct I/O where the device
+// allows it, one write of the metadata (opts.TargetZeroed: of its
+// non-zero blocks), a flush.
 func writeNewImage(path string, capacity int64, opts qcow2.CreateOptions) (newImage, error) {
-	dev, err := hostblk.OpenDevice(path, hostblk.OpenOptions{Write: true, Exclusive: true, Direct: true})
-	if errors.Is(err, unix.EINVAL) {
-		dev, err = hostblk.OpenDevice(path, hostblk.OpenOptions{Write: true, Exclusive: true})
+	tgt, err := hostblk.OpenTarget(path, false)
+	if errors.Is(err, hostblk.ErrNoDirectIO) {
+		tgt, err = hostblk.OpenTarget(path, true)
+	}
+	if errors.Is(err, hostblk.ErrTargetBusy) {
+		return newImage{}, fmt.Errorf("%w: %w", ErrBusy, err)
 	}
 	if err != nil {
 		return newImage{}, err
 	}
-	defer dev.Close()
-	info, err := dev.Info()
+	defer tgt.Close()
+	if !tgt.BlockDevice {
+		return newImage{}, fmt.Errorf("%s: not a block device", path)
+	}
+	opts.BlockSize = tgt.BlockSize
+	layout, err := qcow2.Create(tgt.File, capacity, opts)
 	if err != nil {
 		return newImage{}, err
 	}
-	if info.ReadOnly {
-		return newImage{}, fmt.Errorf("%s: the device is read-only", path)
-	}
-	opts.BlockSize = info.LogicalBlockSize
-	layout, err := qcow2.Create(dev.File(), capacity, opts)
-	if err != nil {
-		return newImage{}, err
-	}
-	return newImage{layout: layout, deviceSize: info.Size}, nil
+	return newImage{layout: layout, deviceSize: tgt.Size}, nil
 }
 
 // resolveBacking applies the policy to an overlay's backing and reads its
@@ -382,8 +380,8 @@ func (m *Manager) policyRefusal(p *pool, subject string, refusal error) error {
 // Delete removes a volume and its device. Results: ErrNotFound; ErrBusy
 // if it backs another managed volume (by metadata or by the name in that
 // volume's header), an operation or job is using it, or its device is in
-// use (opened exclusively elsewhere, e.g. by a running VM, or held by the
-// kernel); ErrFailed. A crash during Delete leaves the volume marked
+// use (checkNotInUse: qemu's image locks, an exclusive open, kernel
+// holders); ErrFailed. A crash during Delete leaves the volume marked
 // "deleting", and the next Load finishes removing it.
 func (m *Manager) Delete(ctx context.Context, c Caller, id string) error {
 	v, p, done, err := m.beginVolumeOp("Delete", id)
@@ -411,11 +409,9 @@ func (m *Manager) Delete(ctx context.Context, c Caller, id string) error {
 	}
 	defer m.release(id)
 
-	if v.info.DevicePath != "" {
-		if u, err := hostblk.DeviceUsage(v.info.DevicePath); err == nil && u.InUse() {
-			return fmt.Errorf("%w: volume %q (%s): device %s is in use (opened exclusively elsewhere, e.g. by a running VM: %v; holders %v; loop devices %v)",
-				ErrBusy, v.info.Name, id, v.info.DevicePath, u.Claimed, u.Holders, u.LoopDevices)
-		}
+	// Known to be unused before it is marked for deletion.
+	if err := m.checkNotInUse(ctx, &v); err != nil {
+		return err
 	}
 	meta := v.meta
 	if err := m.setState(ctx, p, v.info.Name, meta, "", stateDeleting); err != nil {
@@ -464,7 +460,8 @@ func (m *Manager) dependentLocked(v *volume) string {
 // hold, Resize refuses with ErrInvalidArgument and says the largest size
 // it can reach. The device is not grown (the image is thin; writes grow
 // it). Shrinking is refused (ErrInvalidArgument); the same size is a
-// no-op. ErrBusy if the device is open exclusively elsewhere.
+// no-op. ErrBusy if the device is in use (checkNotInUse), e.g. by a
+// running guest: volagent never writes a header qemu has in memory.
 func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize int64) error {
 	v, p, done, err := m.beginVolumeOp("Resize", id)
 	if err != nil {
@@ -485,7 +482,11 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 	lock := m.opLock(id)
 	lock.Lock()
 	defer lock.Unlock()
+	if err := m.checkNotInUse(ctx, &v); err != nil {
+		return err
+	}
 
+	// resizeImage holds qemu-img's writer locks while it writes.
 	if err := resizeImage(v.info.DevicePath, virtualSize); err != nil {
 		return fmt.Errorf("volume %q (%s): %w", v.info.Name, id, err)
 	}
@@ -581,8 +582,8 @@ func (m *Manager) refresh(p *pool, v *volume) {
 // it. When the writer runs out of device, the device grows by ChunkSize
 // (more if the write needs it) and the write is retried. Results:
 // ErrInvalidArgument (a range outside the disk, more than MaxWriteSize
-// bytes); ErrBusy (the volume backs another volume, or its device is
-// open exclusively elsewhere); ErrNoSpace (the pool cannot grow the
+// bytes); ErrBusy (the volume backs another volume, or its device is in
+// use: checkNotInUse, and the writer locks the write holds); ErrNoSpace (the pool cannot grow the
 // device); ErrPolicyViolation (the image's chain is refused); ErrFailed.
 func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, data []byte) error {
 	v, p, done, err := m.beginVolumeOp("Write", id)
@@ -610,6 +611,9 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 	if busy != "" {
 		return fmt.Errorf("%w: volume %q (%s): %s; writing would change that volume's guest view", ErrBusy, v.info.Name, id, busy)
 	}
+	if err := m.checkNotInUse(ctx, &v); err != nil {
+		return err
+	}
 
 	s, err := m.openWriteSession(p, &v)
 	if err != nil {
@@ -631,9 +635,11 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 }
 
 // Check runs qcow2.Check on a volume's device (read-only, while other
-// operations of this Manager on the volume wait). Results: the check
-// result, counted as qemu-img check counts; ErrPolicyViolation if the
-// header is refused; ErrNotFound; ErrFailed for I/O errors.
+// operations of this Manager on the volume wait), holding qemu-img
+// check's reader locks. Results: the check result, counted as qemu-img
+// check counts; ErrBusy if another process writes the image (a running
+// guest); ErrPolicyViolation if the header is refused; ErrNotFound;
+// ErrFailed for I/O errors.
 func (m *Manager) Check(ctx context.Context, id string) (*qcow2.CheckResult, error) {
 	v, _, err := m.lookup(id)
 	if err != nil {
@@ -647,6 +653,15 @@ func (m *Manager) Check(ctx context.Context, id string) (*qcow2.CheckResult, err
 		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
 	}
 	defer d.Close()
+	// qemu-img check's locks: nobody writes the image while it is read.
+	il, err := hostblk.LockImage(d.File(), hostblk.ReaderLocks)
+	if err != nil {
+		if errors.Is(err, hostblk.ErrImageInUse) {
+			return nil, fmt.Errorf("%w: volume %q: %w", ErrBusy, v.info.Name, err)
+		}
+		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+	}
+	defer il.Release()
 	size, err := d.Size()
 	if err != nil {
 		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)

@@ -333,6 +333,22 @@ func ProbeImage(f *os.File) (ImageUsage, error) {
 	return u, nil
 }
 
+// Err is nil for an unused image, else an *ImageInUseError for path
+// that says what the others hold.
+func (u ImageUsage) Err(path string) error {
+	if !u.InUse() {
+		return nil
+	}
+	var conflicts []string
+	if u.Held != 0 {
+		conflicts = append(conflicts, "held: "+u.Held.String())
+	}
+	if u.Unshared != 0 {
+		conflicts = append(conflicts, "not shared: "+u.Unshared.String())
+	}
+	return &ImageInUseError{Path: path, Conflicts: conflicts, Holders: u.Holders}
+}
+
 // ProbeImagePath is ProbeImage on the file or device at path (opened
 // read-only for the probe and closed).
 func ProbeImagePath(path string) (ImageUsage, error) {
