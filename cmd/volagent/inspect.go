@@ -117,10 +117,10 @@ type inUseReport struct {
 }
 
 type holderReport struct {
-	PID     int      `json:"pid"`
-	Command string   `json:"command"`
-	Domain  string   `json:"domain,omitempty"`
-	Held    []string `json:"held"`
+	PID      int      `json:"pid"`
+	Command  string   `json:"command"`
+	Domain   string   `json:"domain,omitempty"`
+	Held     []string `json:"held"`
 	Unshared []string `json:"unshared"`
 }
 
