@@ -9,8 +9,6 @@ import (
 	"os"
 	"path/filepath"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/qcow2"
 )
@@ -239,31 +237,31 @@ func (m *Manager) commit(ctx context.Context, p *pool, op, name, dev string, met
 }
 
 // writeNewImage writes a qcow2 image onto the device at path as the CLI's
-// create does: an exclusive open, direct I/O where the device allows it,
-// one write of the metadata (opts.TargetZeroed: of its non-zero blocks),
-// a flush.
+// create does: an exclusive open holding qemu-img's writer locks (a
+// device qemu holds is refused, ErrBusy), direct I/O where the device
+// allows it, one write of the metadata (opts.TargetZeroed: of its
+// non-zero blocks), a flush.
 func writeNewImage(path string, capacity int64, opts qcow2.CreateOptions) (newImage, error) {
-	dev, err := hostblk.OpenDevice(path, hostblk.OpenOptions{Write: true, Exclusive: true, Direct: true})
-	if errors.Is(err, unix.EINVAL) {
-		dev, err = hostblk.OpenDevice(path, hostblk.OpenOptions{Write: true, Exclusive: true})
+	tgt, err := hostblk.OpenTarget(path, false)
+	if errors.Is(err, hostblk.ErrNoDirectIO) {
+		tgt, err = hostblk.OpenTarget(path, true)
+	}
+	if errors.Is(err, hostblk.ErrTargetBusy) {
+		return newImage{}, fmt.Errorf("%w: %w", ErrBusy, err)
 	}
 	if err != nil {
 		return newImage{}, err
 	}
-	defer dev.Close()
-	info, err := dev.Info()
+	defer tgt.Close()
+	if !tgt.BlockDevice {
+		return newImage{}, fmt.Errorf("%s: not a block device", path)
+	}
+	opts.BlockSize = tgt.BlockSize
+	layout, err := qcow2.Create(tgt.File, capacity, opts)
 	if err != nil {
 		return newImage{}, err
 	}
-	if info.ReadOnly {
-		return newImage{}, fmt.Errorf("%s: the device is read-only", path)
-	}
-	opts.BlockSize = info.LogicalBlockSize
-	layout, err := qcow2.Create(dev.File(), capacity, opts)
-	if err != nil {
-		return newImage{}, err
-	}
-	return newImage{layout: layout, deviceSize: info.Size}, nil
+	return newImage{layout: layout, deviceSize: tgt.Size}, nil
 }
 
 // resolveBacking applies the policy to an overlay's backing and reads its
@@ -423,8 +421,8 @@ type DeleteOptions struct {
 // Delete removes a volume and its device. Results: ErrNotFound; ErrBusy
 // if it backs another managed volume (by metadata or by the name in that
 // volume's header), an operation or job is using it, its device is in
-// use (opened exclusively elsewhere, e.g. by a running VM, or held by the
-// kernel), a libvirt domain names it (running or paused; a shut-off one
+// use (checkNotInUse: qemu's image locks, an exclusive open, kernel
+// holders), a libvirt domain names it (running or paused; a shut-off one
 // too, unless opts.Force), or libvirt cannot be asked; ErrFailed. A crash
 // during Delete leaves the volume marked "deleting", and the next Load
 // finishes removing it.
@@ -459,14 +457,12 @@ func (m *Manager) DeleteWith(ctx context.Context, c Caller, id string, opts Dele
 	}
 	defer m.release(id)
 
-	if v.info.DevicePath != "" {
-		if u, err := hostblk.DeviceUsage(v.info.DevicePath); err == nil && u.InUse() {
-			return fmt.Errorf("%w: volume %q (%s): device %s is in use (opened exclusively elsewhere, e.g. by a running VM: %v; holders %v; loop devices %v)",
-				ErrBusy, v.info.Name, id, v.info.DevicePath, u.Claimed, u.Holders, u.LoopDevices)
-		}
-	}
-	// Known unused before it is marked for deletion.
+	// Known to be unused before it is marked for deletion: the domain
+	// first, whose name says more than the qemu process holding the locks.
 	if err := m.refuseIfDomainsUse(ctx, &v, "delete", opts.Force); err != nil {
+		return err
+	}
+	if err := m.checkNotInUse(ctx, &v); err != nil {
 		return err
 	}
 	meta := v.meta
@@ -516,13 +512,15 @@ func (m *Manager) dependentLocked(v *volume) string {
 // hold, Resize refuses with ErrInvalidArgument and says the largest size
 // it can reach. The device is not grown (the image is thin; writes grow
 // it). Shrinking is refused (ErrInvalidArgument); the same size is a
-// no-op. ErrBusy if the device is open exclusively elsewhere.
+// no-op. ErrBusy if the device is in use (checkNotInUse) by anything but
+// a libvirt domain that has it as a disk: volagent never writes a header
+// qemu has in memory.
 //
 // When a running or paused libvirt domain has the volume as a disk,
-// volagent does not write the header under qemu: the device grows by what
-// qemu needs, and libvirt resizes the disk (virDomainBlockResize), so qemu
-// updates its own header and the guest sees the new size. A domain that
-// only names it (shut off) sees the new size at its next start.
+// the device grows by what qemu needs, and libvirt resizes the disk
+// (virDomainBlockResize), so qemu updates its own header and the guest
+// sees the new size. A domain that only names it (shut off) sees the new
+// size at its next start.
 func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize int64) error {
 	v, p, done, err := m.beginVolumeOp("Resize", id)
 	if err != nil {
@@ -544,10 +542,15 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 	lock.Lock()
 	defer lock.Unlock()
 
-	// A running domain's disk is resized by its qemu, through libvirt.
+	// A running domain's disk is resized by its qemu, through libvirt
+	// (its qemu holds the image locks checkNotInUse would refuse).
 	if handled, err := m.resizeUnderDomain(ctx, p, &v, virtualSize); handled {
 		return err
 	}
+	if err := m.checkNotInUse(ctx, &v); err != nil {
+		return err
+	}
+	// resizeImage holds qemu-img's writer locks while it writes.
 	if err := resizeImage(v.info.DevicePath, virtualSize); err != nil {
 		return fmt.Errorf("volume %q (%s): %w", v.info.Name, id, err)
 	}
@@ -643,8 +646,9 @@ func (m *Manager) refresh(p *pool, v *volume) {
 // it. When the writer runs out of device, the device grows by ChunkSize
 // (more if the write needs it) and the write is retried. Results:
 // ErrInvalidArgument (a range outside the disk, more than MaxWriteSize
-// bytes); ErrBusy (the volume backs another volume, its device is open
-// exclusively elsewhere, or a running or paused libvirt domain uses it); ErrNoSpace (the pool cannot grow the
+// bytes); ErrBusy (the volume backs another volume, a running or paused
+// libvirt domain uses it, or its device is in use: checkNotInUse, and the
+// writer locks the write holds); ErrNoSpace (the pool cannot grow the
 // device); ErrPolicyViolation (the image's chain is refused); ErrFailed.
 func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, data []byte) error {
 	v, p, done, err := m.beginVolumeOp("Write", id)
@@ -676,6 +680,9 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 	if err := m.refuseIfDomainsUse(ctx, &v, "write", true); err != nil {
 		return err
 	}
+	if err := m.checkNotInUse(ctx, &v); err != nil {
+		return err
+	}
 
 	s, err := m.openWriteSession(p, &v)
 	if err != nil {
@@ -697,9 +704,11 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 }
 
 // Check runs qcow2.Check on a volume's device (read-only, while other
-// operations of this Manager on the volume wait). Results: the check
-// result, counted as qemu-img check counts; ErrPolicyViolation if the
-// header is refused; ErrNotFound; ErrFailed for I/O errors.
+// operations of this Manager on the volume wait), holding qemu-img
+// check's reader locks. Results: the check result, counted as qemu-img
+// check counts; ErrBusy if another process writes the image (a running
+// guest); ErrPolicyViolation if the header is refused; ErrNotFound;
+// ErrFailed for I/O errors.
 func (m *Manager) Check(ctx context.Context, id string) (*qcow2.CheckResult, error) {
 	v, _, err := m.lookup(id)
 	if err != nil {
@@ -713,6 +722,15 @@ func (m *Manager) Check(ctx context.Context, id string) (*qcow2.CheckResult, err
 		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
 	}
 	defer d.Close()
+	// qemu-img check's locks: nobody writes the image while it is read.
+	il, err := hostblk.LockImage(d.File(), hostblk.ReaderLocks)
+	if err != nil {
+		if errors.Is(err, hostblk.ErrImageInUse) {
+			return nil, fmt.Errorf("%w: volume %q: %w", ErrBusy, v.info.Name, err)
+		}
+		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+	}
+	defer il.Release()
 	size, err := d.Size()
 	if err != nil {
 		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)

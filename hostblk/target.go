@@ -11,7 +11,8 @@ import (
 // Errors of OpenTarget.
 var (
 	// ErrTargetBusy: another writer holds the image (an exclusive open of
-	// the block device, or a lock on the file).
+	// the block device, a lock on the file, or qemu's image locks: then
+	// the error is also ErrImageInUse).
 	ErrTargetBusy = errors.New("image is held by another writer")
 	// ErrNoDirectIO: the target cannot do O_DIRECT (tmpfs, some network
 	// filesystems); ask for buffered I/O explicitly to use the page cache.
@@ -23,7 +24,8 @@ var (
 const maxDirectIOAlign = 64 << 10
 
 // Target is an image container opened for writing: a block device opened
-// exclusively, or a regular file holding an exclusive lock.
+// exclusively, or a regular file holding an exclusive lock; both hold
+// qemu-img's writer locks (WriterLocks) until Close.
 type Target struct {
 	File *os.File
 	Path string
@@ -37,6 +39,7 @@ type Target struct {
 	// Direct is true when the target is open with O_DIRECT.
 	Direct bool
 	dev    *Device
+	lock   *ImageLock
 }
 
 // ReadAt, WriteAt and Sync make a Target what the qcow2 writer writes on.
@@ -53,8 +56,9 @@ func (t *Target) ContainerSize() int64 {
 	return 0
 }
 
-// Close releases the target (and its exclusive claim or lock).
+// Close releases the target (and its exclusive claim and locks).
 func (t *Target) Close() error {
+	t.lock.Release()
 	if t.dev != nil {
 		return t.dev.Close()
 	}
@@ -63,7 +67,11 @@ func (t *Target) Close() error {
 
 // OpenTarget opens the image container at path read-write for one writer:
 // a block device with O_EXCL (a second writer, or a mount, gets
-// ErrTargetBusy) or a regular file with flock(LOCK_EX|LOCK_NB). Both are
+// ErrTargetBusy) or a regular file with flock(LOCK_EX|LOCK_NB). Before it
+// returns, and so before anything is written, it takes qemu-img's writer
+// locks (WriterLocks): an image qemu holds is refused with an
+// *ImageInUseError (ErrImageInUse and ErrTargetBusy) that names the
+// holder, and qemu refuses to open the image until Close. Both are
 // opened with O_DIRECT unless buffered is true; a target that cannot do
 // O_DIRECT fails with ErrNoDirectIO. BlockSize is queried, never assumed:
 // BLKSSZGET for devices, statx's direct I/O alignment (or st_blksize) for
@@ -93,6 +101,13 @@ func openDeviceTarget(path string, buffered bool) (*Target, error) {
 		}
 		return nil, err
 	}
+	// The locks come first, so the size is read when nobody else may
+	// change it.
+	lock, err := LockImage(dev.File(), WriterLocks)
+	if err != nil {
+		dev.Close()
+		return nil, err
+	}
 	info, err := dev.Info()
 	if err != nil {
 		dev.Close()
@@ -103,7 +118,7 @@ func openDeviceTarget(path string, buffered bool) (*Target, error) {
 		return nil, fmt.Errorf("%s: the block device is read-only", path)
 	}
 	return &Target{File: dev.File(), Path: path, Size: info.Size, BlockSize: info.LogicalBlockSize,
-		BlockDevice: true, Direct: !buffered, dev: dev}, nil
+		BlockDevice: true, Direct: !buffered, dev: dev, lock: lock}, nil
 }
 
 func openFileTarget(path string, buffered bool) (*Target, error) {
@@ -126,6 +141,11 @@ func openFileTarget(path string, buffered bool) (*Target, error) {
 		}
 		return nil, &os.PathError{Op: "flock", Path: path, Err: err}
 	}
+	lock, err := LockImage(f, WriterLocks)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		f.Close()
@@ -135,7 +155,7 @@ func openFileTarget(path string, buffered bool) (*Target, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: not a regular file", path)
 	}
-	return &Target{File: f, Path: path, Size: st.Size, BlockSize: fileBlockSize(fd, &st), Direct: !buffered}, nil
+	return &Target{File: f, Path: path, Size: st.Size, BlockSize: fileBlockSize(fd, &st), Direct: !buffered, lock: lock}, nil
 }
 
 // fileBlockSize is the alignment direct I/O on the file needs: statx's

@@ -99,12 +99,14 @@ type qemuCheckResult struct {
 }
 
 // qemuCheck runs qemu-img check on a qcow2 image (exit 0 clean, 2
-// corruptions, 3 leaks only; anything else fails the test).
+// corruptions, 3 leaks only; anything else fails the test). It shares the
+// image (-U): tests judge images whose target is still open, holding
+// qemu-img's writer locks, after the writer was closed.
 func qemuCheck(t testing.TB, image string) qemuCheckResult {
 	t.Helper()
 	testutil.RequireTool(t, "qemu-img")
 	var stdout, stderr bytes.Buffer
-	cmd := exec.Command("qemu-img", "check", "-f", "qcow2", "--output=json", image)
+	cmd := exec.Command("qemu-img", "check", "-U", "-f", "qcow2", "--output=json", image)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
 	var exit *exec.ExitError
@@ -124,7 +126,7 @@ func requireClean(t testing.TB, image string) {
 	t.Helper()
 	res := qemuCheck(t, image)
 	if res != (qemuCheckResult{}) {
-		out, _ := exec.Command("qemu-img", "check", "-f", "qcow2", image).CombinedOutput()
+		out, _ := exec.Command("qemu-img", "check", "-U", "-f", "qcow2", image).CombinedOutput()
 		t.Fatalf("qemu-img check %s: %+v\n%s", image, res, out)
 	}
 	requireCheckAgrees(t, image, res)
@@ -227,10 +229,11 @@ type guestModel []byte
 func (m guestModel) write(p []byte, off int64) { copy(m[off:], p) }
 func (m guestModel) zero(off, n int64)         { clear(m[off : off+n]) }
 
-// compareWithQemu checks that qemu reads exactly the model from image.
+// compareWithQemu checks that qemu reads exactly the model from image
+// (shared: the target may still be open).
 func compareWithQemu(t testing.TB, image string, model []byte) {
 	t.Helper()
-	got := testutil.QemuGuestBytes(t, "qcow2", image)
+	got := testutil.QemuGuestBytesShared(t, "qcow2", image)
 	if len(got) != len(model) {
 		t.Fatalf("qemu sees %d bytes, want %d", len(got), len(model))
 	}

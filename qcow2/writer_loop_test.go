@@ -87,7 +87,14 @@ func TestWriterOnLoopDevices(t *testing.T) {
 					t.Fatal(err)
 				}
 				requireClean(t, dev)
-				testutil.QemuIO(t, "qcow2", dev, reads...)
+				// Read-only and shared: the target is still open.
+				readArgs := []string{"-r", "-U", "-f", "qcow2"}
+				for _, r := range reads {
+					readArgs = append(readArgs, "-c", r)
+				}
+				if out := testutil.Run(t, "qemu-io", append(readArgs, dev)...); bytes.Contains(out, []byte("failed")) || bytes.Contains(out, []byte("Pattern verification")) {
+					t.Fatalf("qemu-io reads: %s", out)
+				}
 				compareWithQemu(t, dev, model)
 			})
 		}
@@ -163,7 +170,7 @@ func TestWriterNeverShowsStaleData(t *testing.T) {
 				t.Fatal(err)
 			}
 			requireClean(t, dev)
-			got := testutil.QemuGuestBytes(t, "qcow2", dev)
+			got := testutil.QemuGuestBytesShared(t, "qcow2", dev)
 			if i := bytes.IndexByte(got, stale); i >= 0 {
 				t.Fatalf("stale byte %#x visible at guest offset %d", stale, i)
 			}

@@ -12,13 +12,14 @@ import (
 )
 
 type checkFlags struct {
-	json bool
+	json       bool
+	forceShare bool
 }
 
 func init() {
 	var fl checkFlags
 	cmd := &cobra.Command{
-		Use:   "check [--json] IMAGE",
+		Use:   "check [--json] [--force-share] IMAGE",
 		Short: "Check a qcow2 image's refcounts for leaks and corruption (a read-only qemu-img check)",
 		Long: `Check reads the qcow2 image IMAGE, a file or a block device, rebuilds the
 reference count of every host cluster from the image's tables (header, L1
@@ -32,6 +33,11 @@ of the active tables. Findings are counted as qemu counts them:
                 flag is wrong; further writes may destroy data
   leaks         a cluster's refcount exceeds its references; wasted space
   check errors  something could not be examined
+
+IMAGE is held with qemu-img check's reader locks: an image another process
+writes (a running guest) is refused, since its refcounts change under the
+check; --force-share (-U, as qemu-img's) checks it anyway, with a warning
+that the result may be inconsistent.
 
 IMAGE is opened read-only and nothing is ever written. Nothing else is
 opened: a backing file the image names is neither opened nor checked. The
@@ -47,10 +53,11 @@ corrupt or refused.`,
   volagent check overlay.qcow2 || echo "status $?: 3 leaks or refused, 2 corrupt"`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return runCheck(cmd.OutOrStdout(), args[0], fl)
+			return runCheck(cmd.OutOrStdout(), cmd.ErrOrStderr(), args[0], fl)
 		},
 	}
 	cmd.Flags().BoolVar(&fl.json, "json", false, "print the result as JSON")
+	cmd.Flags().BoolVarP(&fl.forceShare, "force-share", "U", false, "check IMAGE even while another process writes it (the result may be inconsistent)")
 	rootCmd.AddCommand(cmd)
 }
 
@@ -77,12 +84,15 @@ type checkProblem struct {
 	Message    string `json:"message"`
 }
 
-func runCheck(out io.Writer, path string, fl checkFlags) error {
+func runCheck(out, warn io.Writer, path string, fl checkFlags) error {
 	f, size, err := openImageReadOnly(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
+	if err := lockForReading(f, path, fl.forceShare, warn); err != nil {
+		return err
+	}
 
 	rep := &checkReport{Path: path, Problems: []checkProblem{}}
 	res, err := qcow2.Check(f, size)

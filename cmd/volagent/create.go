@@ -50,7 +50,9 @@ binary suffix: K, M, G, T, P (KiB, MiB, ... also accepted). The virtual size
 must be a multiple of 512.
 
 A block device is opened exclusively (a mounted or otherwise claimed device
-is refused) and with direct I/O where possible; the metadata is written in
+is refused) holding qemu-img's writer locks (a device a running guest or
+another qemu holds is refused, naming it; qemu cannot open it meanwhile),
+and with direct I/O where possible; the metadata is written in
 one write aligned to the device's logical block size, then flushed. The
 device must be writable and large enough for the metadata. Only the
 metadata clusters are written; the rest of the device is left as it is,
@@ -301,13 +303,29 @@ func openBacking(path string) (*os.File, int64, error) {
 // truncates an existing one when overwrite is set. A new file that could not
 // be written is removed.
 func createOnFile(path string, overwrite bool, opts qcow2.CreateOptions, rep *createReport) (*qcow2.CreateLayout, error) {
-	flags := os.O_WRONLY | os.O_CREATE | os.O_EXCL
+	// Read-write: qemu's locks are read locks, which need read access.
+	flags := os.O_RDWR | os.O_CREATE | os.O_EXCL
 	if overwrite {
-		flags = os.O_WRONLY | os.O_TRUNC
+		flags = os.O_RDWR
 	}
 	f, err := os.OpenFile(path, flags|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
 	if err != nil {
 		return nil, err
+	}
+	// qemu-img's writer locks before the file is truncated: an image a
+	// guest holds is refused, not overwritten.
+	if _, err := hostblk.LockImage(f, hostblk.WriterLocks); err != nil {
+		f.Close()
+		if !overwrite {
+			os.Remove(path)
+		}
+		return nil, err
+	}
+	if overwrite {
+		if err := f.Truncate(0); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
 	}
 	rep.TargetType, rep.LogicalBlockSize = "file", qcow2.DefaultBlockSize
 	// The refcount table covers what the file may grow to, so qemu never
@@ -342,38 +360,34 @@ func syncDir(dir string) {
 	}
 }
 
-// createOnDevice writes the image onto a block device opened exclusively,
-// with O_DIRECT unless the device refuses it.
+// createOnDevice writes the image onto a block device opened exclusively
+// and holding qemu-img's writer locks (hostblk.OpenTarget: a device a
+// guest holds is refused, naming it), with O_DIRECT unless the device
+// refuses it.
 func createOnDevice(path string, opts qcow2.CreateOptions, rep *createReport) (*qcow2.CreateLayout, error) {
-	dev, err := hostblk.OpenDevice(path, hostblk.OpenOptions{Write: true, Exclusive: true, Direct: true})
-	rep.DirectIO = true
-	if errors.Is(err, unix.EINVAL) {
+	tgt, err := hostblk.OpenTarget(path, false)
+	if errors.Is(err, hostblk.ErrNoDirectIO) {
 		// Some stacked devices do not do O_DIRECT; aligned buffered writes
 		// followed by fsync are as durable.
-		dev, err = hostblk.OpenDevice(path, hostblk.OpenOptions{Write: true, Exclusive: true})
-		rep.DirectIO = false
+		tgt, err = hostblk.OpenTarget(path, true)
 	}
 	switch {
-	case errors.Is(err, hostblk.ErrDeviceBusy):
+	case errors.Is(err, hostblk.ErrImageInUse):
+		return nil, err
+	case errors.Is(err, hostblk.ErrTargetBusy):
 		return nil, fmt.Errorf("%s: refusing a device in use (mounted, or held open exclusively by another program or by the kernel): %w", path, err)
 	case errors.Is(err, unix.EROFS) || errors.Is(err, unix.EACCES):
 		return nil, fmt.Errorf("%s: the device is read-only: %w", path, err)
 	case err != nil:
 		return nil, err
 	}
-	defer dev.Close()
-	info, err := dev.Info()
-	if err != nil {
-		return nil, err
-	}
-	rep.TargetType, rep.TargetSize, rep.LogicalBlockSize = "block-device", info.Size, info.LogicalBlockSize
-	if info.ReadOnly {
-		return nil, fmt.Errorf("%s: the device is read-only", path)
-	}
-	opts.BlockSize = info.LogicalBlockSize
-	layout, err := qcow2.Create(dev.File(), info.Size, opts)
+	defer tgt.Close()
+	rep.DirectIO = tgt.Direct
+	rep.TargetType, rep.TargetSize, rep.LogicalBlockSize = "block-device", tgt.Size, tgt.BlockSize
+	opts.BlockSize = tgt.BlockSize
+	layout, err := qcow2.Create(tgt.File, tgt.Size, opts)
 	if errors.Is(err, qcow2.ErrTargetTooSmall) {
-		return nil, fmt.Errorf("%s: device of %d bytes is too small: %w", path, info.Size, err)
+		return nil, fmt.Errorf("%s: device of %d bytes is too small: %w", path, tgt.Size, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)

@@ -25,6 +25,7 @@ type exportOptions struct {
 	allowBacking []string
 	format       string
 	force        bool
+	forceShare   bool
 }
 
 func init() { rootCmd.AddCommand(newExportCmd()) }
@@ -48,8 +49,14 @@ and renamed into place when complete, so a failure leaves nothing behind;
 zero runs become holes, so the output is sparse. An existing OUTPUT is only
 replaced with --force. New files are created with mode 0600.
 
-Exit status: 0 success, 2 usage or I/O error, 3 image refused (malformed,
-hostile, or against the policy).`,
+IMAGE is held with qemu-img's reader locks while it is read: an image
+another process writes (a running guest, qemu-img, volagent import) is
+refused, and nobody can start writing it until export ends. With
+--force-share (-U, as qemu-img's) an image in use is read anyway, with a
+warning: the result may be inconsistent.
+
+Exit status: 0 success, 2 usage or I/O error (including an image in use),
+3 image refused (malformed, hostile, or against the policy).`,
 		Example: `  # The guest's disk through its chain, backing files allowed under /var/lib/images:
   volagent export --allow-backing /var/lib/images /dev/vg0/vm1-overlay vm1.raw
 
@@ -68,6 +75,7 @@ hostile, or against the policy).`,
 	f.StringArrayVar(&opts.allowBacking, "allow-backing", nil, "directory under which backing files may be opened (repeatable)")
 	f.StringVar(&opts.format, "format", "qcow2", "format of IMAGE: qcow2 or raw (never probed)")
 	f.BoolVar(&opts.force, "force", false, "replace OUTPUT if it exists")
+	f.BoolVarP(&opts.forceShare, "force-share", "U", false, "read IMAGE even while another process writes it (the result may be inconsistent)")
 	return cmd
 }
 
@@ -84,6 +92,15 @@ func runExport(opts exportOptions, image, output string, stdout, warn io.Writer)
 			return fmt.Errorf("--allow-backing %q: %w", r, err)
 		}
 		roots = append(roots, abs)
+	}
+	// qemu's reader locks on IMAGE, held until the export is done.
+	lockFile, err := qcow2.OpenImageFile(image)
+	if err != nil {
+		return err
+	}
+	defer lockFile.Close()
+	if err := lockForReading(lockFile, image, opts.forceShare, warn); err != nil {
+		return err
 	}
 	disk, err := qcow2.OpenChain(image, opts.format, &qcow2.Gate{AllowedRoots: roots})
 	if err != nil {

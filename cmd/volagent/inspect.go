@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/qcow2"
 )
 
@@ -33,6 +34,11 @@ The format is never guessed: --format says what PATH is (default qcow2).
 With --format raw, inspect reports whether the raw content starts with an
 image header; such a disk would be misread by any tool that probes formats
 (a guest can write such a header into its own raw disk).
+
+Inspect takes no lock (it reads only the header) and reports whether the
+image is in use: which of qemu's image locks other processes hold on it
+(a running guest, qemu-img, volagent import) and which processes they
+are. A header read while another process writes may be stale.
 
 With --allow-backing, a backing file name must resolve (against the image's
 directory when relative, symlinks not followed) under one of the given
@@ -75,19 +81,83 @@ func runInspect(out io.Writer, path string, fl inspectFlags) error {
 	if err != nil {
 		return err
 	}
+	use, err := inUse(f)
+	if err != nil {
+		return fmt.Errorf("%s: finding out whether the image is in use: %w", path, err)
+	}
 	if fl.json {
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")
-		if err := enc.Encode(rep); err != nil {
+		if err := enc.Encode(inspectOutput{inspectReport: rep, InUse: use}); err != nil {
 			return err
 		}
 	} else {
 		printInspectText(out, rep)
+		printInUse(out, use)
 	}
 	if rep.Verdict == "refused" {
 		return refused(fmt.Errorf("%s: refused with %d violation(s)", path, len(rep.Violations)))
 	}
 	return nil
+}
+
+// inspectOutput is inspect's JSON: the header report and "in-use".
+type inspectOutput struct {
+	*inspectReport
+	InUse inUseReport `json:"in-use"`
+}
+
+// inUseReport says which of qemu's image locks others hold on the image,
+// and who.
+type inUseReport struct {
+	InUse    bool           `json:"in-use"`
+	Held     []string       `json:"held"`     // permissions others hold
+	Unshared []string       `json:"unshared"` // permissions others do not share
+	Holders  []holderReport `json:"holders"`
+}
+
+type holderReport struct {
+	PID      int      `json:"pid"`
+	Command  string   `json:"command"`
+	Domain   string   `json:"domain,omitempty"`
+	Held     []string `json:"held"`
+	Unshared []string `json:"unshared"`
+}
+
+// inUse probes qemu's image locks on f without taking any.
+func inUse(f *os.File) (inUseReport, error) {
+	u, err := hostblk.ProbeImage(f)
+	if err != nil {
+		return inUseReport{}, err
+	}
+	r := inUseReport{InUse: u.InUse(), Held: nonNil(u.Held.Names()), Unshared: nonNil(u.Unshared.Names()), Holders: []holderReport{}}
+	for _, h := range u.Holders {
+		r.Holders = append(r.Holders, holderReport{PID: h.PID, Command: h.Command, Domain: h.Domain, Held: nonNil(h.Held.Names()), Unshared: nonNil(h.Unshared.Names())})
+	}
+	return r, nil
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+func printInUse(out io.Writer, r inUseReport) {
+	if !r.InUse {
+		fmt.Fprintf(out, "in use: no\n")
+		return
+	}
+	who := "another process (not found in /proc)"
+	if len(r.Holders) > 0 {
+		names := make([]string, len(r.Holders))
+		for i, h := range r.Holders {
+			names[i] = hostblk.Holder{PID: h.PID, Command: h.Command, Domain: h.Domain}.String()
+		}
+		who = strings.Join(names, ", ")
+	}
+	fmt.Fprintf(out, "in use: yes, by %q; held: %s; not shared: %s\n", who, strings.Join(r.Held, ", "), strings.Join(r.Unshared, ", "))
 }
 
 // openImageReadOnly opens a regular file or block device that the user named

@@ -74,3 +74,17 @@ func QemuGuestBytes(t testing.TB, format, image string) []byte {
 	}
 	return b
 }
+
+// QemuGuestBytesShared is QemuGuestBytes with -U (force-share): for an
+// image volagent still holds open (with qemu-img's writer locks) after its
+// writer was closed and flushed.
+func QemuGuestBytesShared(t testing.TB, format, image string) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "qemu-guest.raw")
+	QemuImg(t, "convert", "-U", "-f", format, "-O", "raw", image, out)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
