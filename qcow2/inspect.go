@@ -7,8 +7,9 @@ import (
 
 // Inspect judges the image in r (size bytes, at path, given as format "qcow2"
 // or "raw") without opening anything else: for qcow2 the header facts and
-// every violation, with the backing name checked against roots lexically
-// when roots are given; for raw whether the content starts with an image
+// every violation, with the backing name resolved as the kernel would walk
+// it (lstat and readlink only: the named file is never opened) and checked
+// against roots when roots are given; for raw whether the content starts with an image
 // header. The error is nil for any verdict; it is non-nil only for a bad
 // format argument or an I/O error, when there is no verdict.
 func Inspect(r io.ReaderAt, size int64, path, format string, roots []string) (*Report, error) {
@@ -108,17 +109,19 @@ func inspectQcow2(f io.ReaderAt, size int64, path string, roots []string, rep *R
 	if err != nil && violations == nil {
 		return err
 	}
-	if h.HasBacking() && len(roots) > 0 {
+	if h.HasBacking() && len(roots) > 0 && len(ValidateBackingName(h.BackingFile)) == 0 {
+		// Walked with lstat and readlink as the kernel would walk it, so
+		// the report names the file qemu would open; nothing is opened.
 		gate := Gate{AllowedRoots: roots}
-		resolved, gerr := gate.CheckLexical(path, h.BackingFile)
+		resolved, gerr := gate.Resolve(path, h.BackingFile)
 		rep.Qcow2.BackingResolved = resolved
-		if gerr != nil {
-			// Name violations are already in the header's verdict.
-			for _, v := range Violations(gerr) {
-				if v.Err == ErrNotAllowed {
-					violations = append(violations, v)
-				}
-			}
+		switch {
+		case gerr == nil:
+		case IsRefusal(gerr):
+			violations = append(violations, Violations(gerr)...)
+		default:
+			violations = append(violations, &FieldError{Field: "backing_file", Value: h.BackingFile, Err: ErrNotAllowed,
+				Reason: fmt.Sprintf("cannot be resolved (%v); only a name that resolves under an allowed root is approved", gerr)})
 		}
 	}
 	if len(violations) == 0 {
