@@ -34,9 +34,10 @@ With --format raw, inspect reports whether the raw content starts with an
 image header; such a disk would be misread by any tool that probes formats
 (a guest can write such a header into its own raw disk).
 
-With --allow-backing, a backing file name must resolve (against the image's
-directory when relative, symlinks not followed) under one of the given
-directories.
+With --allow-backing, a backing file name must resolve under one of the
+given directories: relative to the image's directory as qemu combines it,
+walked as the kernel walks it (symlinks and ".." in order) with lstat and
+readlink only, so the named file is never opened.
 
 Exit status: 0 accepted, 3 refused (malformed, hostile or against the
 policy), 2 usage or I/O error.`,
