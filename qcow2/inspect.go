@@ -69,7 +69,8 @@ type Facts struct {
 	BackingFormat         string          `json:"backing-format,omitempty"`
 	BackingResolved       string          `json:"backing-resolved,omitempty"`
 	DataFile              string          `json:"data-file,omitempty"`
-	Extensions            []ExtensionFact `json:"extensions"`
+	Extensions            []ExtensionFact `json:"extensions"` // the first MaxListedExtensions
+	ExtensionCount        int             `json:"extension-count"`
 }
 
 type ExtensionFact struct {
@@ -78,6 +79,9 @@ type ExtensionFact struct {
 	Length uint32 `json:"length"`
 }
 
+// ReportViolation is one violation. A report lists at most
+// MaxViolations of them; the last one then has field "violations" and
+// says how many more were found.
 type ReportViolation struct {
 	Code    string `json:"code"`
 	Field   string `json:"field"`
@@ -141,7 +145,7 @@ func factsOf(h *Header) *Facts {
 		RefcountTableOffset: h.RefcountTableOffset, RefcountTableClusters: h.RefcountTableClusters,
 		Snapshots:   h.NbSnapshots,
 		BackingFile: h.BackingFile, BackingFormat: h.BackingFormat, DataFile: h.DataFile,
-		Extensions: []ExtensionFact{},
+		Extensions: []ExtensionFact{}, ExtensionCount: h.ExtensionCount,
 	}
 	for _, e := range h.Extensions {
 		facts.Extensions = append(facts.Extensions, ExtensionFact{Type: fmt.Sprintf("%#08x", e.Type), Name: extensionName(e.Type), Length: e.Length})

@@ -151,6 +151,9 @@ func printInspectText(out io.Writer, rep *inspectReport) {
 			for i, e := range q.Extensions {
 				names[i] = fmt.Sprintf("%s (%s, %d bytes)", e.Type, e.Name, e.Length)
 			}
+			if more := q.ExtensionCount - len(q.Extensions); more > 0 {
+				names = append(names, fmt.Sprintf("and %d more", more))
+			}
 			w("header extensions: %s\n", strings.Join(names, ", "))
 		}
 	}
