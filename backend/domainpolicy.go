@@ -236,10 +236,10 @@ func managedSet(paths []string) map[string]bool {
 }
 
 func isManaged(set map[string]bool, path string) bool {
-	if set[filepath.Clean(path)] {
+	if set[path] {
 		return true
 	}
-	real, err := filepath.EvalSymlinks(path)
+	real, err := qcow2.ResolvePath(path) // as the kernel walks it: never cleaned first
 	return err == nil && set[real]
 }
 

@@ -319,14 +319,15 @@ func (g *Gate) Open(imagePath, name string) (*os.File, string, error) {
 }
 
 // openPath opens p with O_PATH as open(2) would walk it, refusing /proc
-// magic links; kernels without openat2 (before 5.6) get plain openat, the
-// walk having already refused magic links.
+// magic links. Where openat2 is missing (kernels before 5.6) or filtered
+// (a seccomp filter answering EPERM) it uses plain openat: the walk has
+// already refused magic links, and Open checks what was opened anyway.
 func openPath(p string) (int, error) {
 	fd, err := unix.Openat2(unix.AT_FDCWD, p, &unix.OpenHow{
 		Flags:   unix.O_PATH | unix.O_CLOEXEC,
 		Resolve: unix.RESOLVE_NO_MAGICLINKS,
 	})
-	if err == unix.ENOSYS {
+	if err == unix.ENOSYS || err == unix.EPERM {
 		fd, err = unix.Open(p, unix.O_PATH|unix.O_CLOEXEC, 0)
 	}
 	if err != nil {
