@@ -292,10 +292,10 @@ func managedSet(paths []string) map[string]bool {
 }
 
 func isManaged(set map[string]bool, path string) bool {
-	if set[filepath.Clean(path)] {
+	if set[path] {
 		return true
 	}
-	real, err := filepath.EvalSymlinks(path)
+	real, err := qcow2.ResolvePath(path) // as the kernel walks it: never cleaned first
 	return err == nil && set[real]
 }
 
@@ -507,11 +507,7 @@ func (r *DomainReport) judgeImage(disk string, f *os.File, link *ChainLink, gate
 		}
 		return false, nil, ChainLink{}
 	}
-	nextPath := h.BackingFile
-	if !filepath.IsAbs(nextPath) {
-		nextPath = filepath.Join(filepath.Dir(link.Path), nextPath)
-	}
-	return false, bf, ChainLink{Path: nextPath, Resolved: resolved, Format: h.BackingFormat}
+	return false, bf, ChainLink{Path: qcow2.BackingPath(link.Path, h.BackingFile), Resolved: resolved, Format: h.BackingFormat}
 }
 
 // compareBackingStore checks the XML's explicit chain against the one the
@@ -560,15 +556,16 @@ func (r *DomainReport) compareBackingStore(disk string, chain []ChainLink, compl
 }
 
 // samePath reports whether the XML's path names the recorded backing:
-// equal as written, or the same file once symlinks are resolved.
+// equal as written, or the same file once walked as the kernel walks it
+// (a lexical clean would equate "l/../x" with "x" through a symlink l).
 func samePath(xmlPath string, link ChainLink) bool {
 	if xmlPath == "" {
 		return false
 	}
-	if filepath.Clean(xmlPath) == filepath.Clean(link.Path) {
+	if xmlPath == link.Path {
 		return true
 	}
-	real, err := filepath.EvalSymlinks(xmlPath)
+	real, err := qcow2.ResolvePath(xmlPath)
 	return err == nil && link.Resolved != "" && real == link.Resolved
 }
 

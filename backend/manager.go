@@ -504,7 +504,7 @@ func (m *Manager) Inspect(ctx context.Context, r io.ReaderAt, size int64, name, 
 	}
 	rep, err := qcow2.Inspect(r, size, name, format, nil)
 	if err != nil {
-		return nil, fmt.Errorf("%w: inspecting %s: %v", ErrFailed, name, err)
+		return nil, fmt.Errorf("%w: inspecting %s: %w", ErrFailed, name, err)
 	}
 	return rep, nil
 }

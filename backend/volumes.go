@@ -312,7 +312,12 @@ func (m *Manager) resolveBacking(p *pool, req OverlayRequest) (resolvedBacking, 
 		if req.BackingFormat != "raw" && req.BackingFormat != "qcow2" {
 			return b, fmt.Errorf("%w: backing format %q: give raw or qcow2 (volagent never guesses a format)", ErrInvalidArgument, req.BackingFormat)
 		}
-		b.name, b.format, b.metaName = filepath.Clean(req.BackingPath), req.BackingFormat, filepath.Clean(req.BackingPath)
+		if filepath.Clean(req.BackingPath) != req.BackingPath {
+			// The kernel takes ".." after the symlinks before it; a cleaned
+			// name could be a different file from the one asked for.
+			return b, fmt.Errorf("%w: backing path %q: not a clean path (no . or .. components, no doubled or trailing slash)", ErrInvalidArgument, req.BackingPath)
+		}
+		b.name, b.format, b.metaName = req.BackingPath, req.BackingFormat, req.BackingPath
 		if _, err := os.Stat(b.name); errors.Is(err, os.ErrNotExist) {
 			return b, fmt.Errorf("%w: backing path %q does not exist", ErrNotFound, b.name)
 		}

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 
 	"github.com/godbus/dbus/v5"
@@ -50,14 +51,73 @@ func runHelper(mode, arg string) int {
 		}
 		fmt.Println(report)
 		return 0
+	case "inspect-many":
+		return inspectMany(conn, arg)
 	}
 	fmt.Println("unknown helper mode", mode)
 	return 2
 }
 
+// inspectMany calls Inspect on file from 16 goroutines at once, round
+// after round, until its standard input closes. It prints "started" once
+// the first round is out, "round N" after each, and at the end how the
+// calls ended.
+func inspectMany(conn *dbus.Conn, file string) int {
+	f, err := os.Open(file)
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	stop := make(chan struct{})
+	go func() { io.Copy(io.Discard, os.Stdin); close(stop) }()
+	var mu sync.Mutex
+	ended := map[string]int{}
+	for round := 0; ; round++ {
+		var wg sync.WaitGroup
+		for range 16 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var report string
+				err := conn.Object(BusName, ManagerPath).Call(ManagerIface+".Inspect", 0, dbus.UnixFD(f.Fd()), "qcow2", map[string]dbus.Variant{}).Store(&report)
+				kind := "ok"
+				if err != nil {
+					kind = dbusErrorName(err)
+				}
+				mu.Lock()
+				ended[kind]++
+				mu.Unlock()
+			}()
+		}
+		if round == 0 {
+			fmt.Println("started")
+		}
+		wg.Wait()
+		fmt.Println("round", round+1)
+		select {
+		case <-stop:
+			fmt.Println(ended)
+			return 0
+		default:
+		}
+	}
+}
+
 // runAsNobody runs the test binary as a helper under UID 65534 and returns
 // its output.
 func runAsNobody(t *testing.T, bus *dbustest.Bus, mode, arg string) string {
+	t.Helper()
+	cmd := nobodyHelper(t, bus, mode, arg)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("helper as nobody: %v\n%s", err, out)
+	}
+	return string(out)
+}
+
+// nobodyHelper is the command that runs the test binary as a helper
+// under UID 65534 (not started).
+func nobodyHelper(t *testing.T, bus *dbustest.Bus, mode, arg string) *exec.Cmd {
 	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
@@ -86,9 +146,5 @@ func runAsNobody(t *testing.T, bus *dbustest.Bus, mode, arg string) string {
 	cmd := exec.Command("setpriv", "--reuid="+uid, "--regid="+uid, "--clear-groups", helper)
 	cmd.Env = append(os.Environ(), helperEnv+"="+mode, "DBUS_SYSTEM_BUS_ADDRESS="+bus.Address)
 	cmd.Args = append(cmd.Args, arg)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("helper as nobody: %v\n%s", err, out)
-	}
-	return string(out)
+	return cmd
 }

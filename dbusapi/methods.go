@@ -2,10 +2,12 @@ package dbusapi
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/godbus/dbus/v5"
 	"golang.org/x/sys/unix"
@@ -226,8 +228,10 @@ func (o object) importImage(c *call, args []any) ([]any, *dbus.Error) {
 }
 
 // inspect is open to every caller: it reads only the descriptor the caller
-// passed, which the caller could read itself.
-func (o object) inspect(_ *call, args []any) ([]any, *dbus.Error) {
+// passed, which the caller could read itself. What a caller can make it
+// cost is bounded: InspectLimits turns per UID and in all, a deadline on
+// reading the descriptor, and a report of bounded size (qcow2's caps).
+func (o object) inspect(c *call, args []any) ([]any, *dbus.Error) {
 	format := args[1].(string)
 	opts, derr := parseOptions("Inspect", args[2].(map[string]dbus.Variant), "name")
 	if derr != nil {
@@ -240,13 +244,31 @@ func (o object) inspect(_ *call, args []any) ([]any, *dbus.Error) {
 	if err := validateFormat("format", format); err != nil {
 		return nil, invalidArgument("Inspect: %v", err)
 	}
+	uid, err := callerUID(o.s.ctx, c.conn, c.sender)
+	if err != nil {
+		return nil, failed("Inspect: cannot identify the caller %s: %v", c.sender, err)
+	}
+	release, derr := o.s.inspects.enter(uid)
+	if derr != nil {
+		return nil, derr
+	}
 	f := takeFD(args, 0, "inspect-fd")
-	defer f.Close()
-	src, err := openPassedFile(f, "fd")
+	r := &deadlineReader{f: f, deadline: time.Now().Add(o.s.inspects.limits.ReadTimeout)}
+	// A hung read (or stat) keeps the call's turn and the descriptor
+	// until it returns; the caller gets its answer at the deadline.
+	defer r.afterReads(func() { f.Close(); release() })
+	var src *sourceFile
+	err = r.do(func() (err error) { src, err = openPassedFile(f, "fd"); return err })
+	if errors.Is(err, ErrReadTimeout) {
+		return nil, failed("Inspect: %v; the descriptor passed must answer within %s", err, o.s.inspects.limits.ReadTimeout)
+	}
 	if err != nil {
 		return nil, invalidArgument("Inspect: %v", err)
 	}
-	rep, err := o.s.backend.Inspect(o.s.ctx, src.f, src.size, name, format)
+	rep, err := o.s.backend.Inspect(o.s.ctx, r, src.size, name, format)
+	if errors.Is(err, ErrReadTimeout) {
+		return nil, failed("Inspect: %v; the descriptor passed must answer reads within %s", err, o.s.inspects.limits.ReadTimeout)
+	}
 	if err != nil {
 		return nil, toDBusError(err)
 	}

@@ -24,6 +24,7 @@ type Options struct {
 	Logger       *slog.Logger  // nil: slog.Default()
 	Authorizer   Authorizer    // nil: UnixAuthorizer{}
 	JobRetention time.Duration // 0: DefaultJobRetention
+	Inspect      InspectLimits // zero: the defaults
 }
 
 // Server exports a Backend on one D-Bus connection. It is the connection's
@@ -45,6 +46,8 @@ type Server struct {
 	volumes map[string]backend.VolumeInfo // by path element
 	jobs    map[string]*jobEntry          // by path element
 	stopped bool
+
+	inspects *inspectGate
 
 	unsubscribe func()
 	stopping    chan struct{} // closed by Stop
@@ -80,6 +83,7 @@ func NewServer(b Backend, opts Options) *Server {
 		volumes:  map[string]backend.VolumeInfo{},
 		jobs:     map[string]*jobEntry{},
 		stopping: make(chan struct{}),
+		inspects: newInspectGate(opts.Inspect),
 	}
 }
 

@@ -37,10 +37,15 @@ type harness struct {
 // policy (and, with allowAll, a policy that lets everyone call anything).
 func startServer(t *testing.T, allowAll bool) *harness {
 	t.Helper()
+	return startServerWith(t, allowAll, InspectLimits{})
+}
+
+func startServerWith(t *testing.T, allowAll bool, limits InspectLimits) *harness {
+	t.Helper()
 	testutil.RequireRoot(t)
 	bus := dbustest.Start(t, dbustest.Options{Policies: []string{policyFile}, AllowAll: allowAll})
 	fake := newFakeBackend()
-	srv := NewServer(fake, Options{Version: "test-1", JobRetention: time.Minute, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	srv := NewServer(fake, Options{Version: "test-1", JobRetention: time.Minute, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Inspect: limits})
 	conn, err := dbus.Connect(bus.Address, dbus.WithHandler(srv))
 	if err != nil {
 		t.Fatal(err)

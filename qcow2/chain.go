@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 
 	"golang.org/x/sys/unix"
 )
@@ -124,11 +123,7 @@ func openLayers(top chainLayer, gate *Gate) ([]chainLayer, error) {
 		if err != nil {
 			return layers, fmt.Errorf("%s: %w", cur.path, err)
 		}
-		next := h.BackingFile
-		if !filepath.IsAbs(next) {
-			next = filepath.Join(filepath.Dir(cur.path), next)
-		}
-		cur = chainLayer{file: f, path: next, name: h.BackingFile, format: h.BackingFormat}
+		cur = chainLayer{file: f, path: BackingPath(cur.path, h.BackingFile), name: h.BackingFile, format: h.BackingFormat}
 	}
 }
 

@@ -39,6 +39,12 @@ func TestWriteFuzzSeeds(t *testing.T) {
 	for _, c := range hostile.Write(t, bases) {
 		writeSeed(t, dir, c.Name, c.Path, 4096)
 	}
+	// Many extensions, violations and snapshots: the parser's caps.
+	costly := filepath.Join(bases.Dir, "costly")
+	if err := os.WriteFile(costly, hostile.CostlyImage(12, 200), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	writeSeed(t, dir, "costly-4k", costly, 1<<20)
 }
 
 // writeSeed writes the first limit bytes of the file at path as a seed.

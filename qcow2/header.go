@@ -33,6 +33,14 @@ const (
 	maxBitmapDirectorySize = 1024 * maxBitmaps
 	maxRefcountOrder       = 6 // 64-bit refcounts (qemu)
 	minExtendedL2Bits      = 14
+
+	// Bounds on what one header makes volagent keep, whatever it holds:
+	// a 2 MiB header cluster can carry 262144 empty extensions, and the
+	// daemon inspects images for unprivileged callers.
+	MaxListedExtensions = 64  // Header.Extensions keeps the first ones; ExtensionCount counts all
+	MaxViolations       = 64  // a ValidationError lists these and then says how many more
+	maxFeatureNames     = 192 // 64 bits of each of the 3 feature kinds
+	snapshotReadChunk   = 64 << 10
 )
 
 // Offsets of the header fields (qcow2.txt, "Header"), named as in
@@ -119,7 +127,10 @@ type Header struct {
 	DataFile      string // from the external data file extension (always refused)
 	FeatureNames  []FeatureName
 	Bitmaps       *BitmapsExtension
-	Extensions    []ExtensionInfo // every extension in file order, unknown ones too
+	// Extensions are the first MaxListedExtensions extensions in file
+	// order, unknown ones too; ExtensionCount counts every one.
+	Extensions     []ExtensionInfo
+	ExtensionCount int
 
 	// ImageSize is the size of the container (file or device) the header was
 	// read from; every table was checked to lie below it.
@@ -219,16 +230,44 @@ func ReadHeader(r io.ReaderAt, imageSize int64) (*Header, error) {
 		return nil, err
 	}
 	if len(v.violations) > 0 {
-		return h, &ValidationError{Violations: v.violations}
+		return h, &ValidationError{Violations: v.result()}
 	}
 	return h, nil
 }
 
 type validator struct {
 	violations []*FieldError
+	unlisted   int // violations past MaxViolations, counted only
 }
 
-func (v *validator) add(e *FieldError) { v.violations = append(v.violations, e) }
+// listing reports whether a violation found now would be listed; past
+// MaxViolations it only counts it, so the caller need not even build it
+// (a header with a million faults then costs what one with 64 does).
+func (v *validator) listing() bool {
+	if len(v.violations) < MaxViolations {
+		return true
+	}
+	v.unlisted++
+	return false
+}
+
+func (v *validator) add(e *FieldError) {
+	if len(v.violations) >= MaxViolations {
+		v.unlisted++
+		return
+	}
+	v.violations = append(v.violations, e)
+}
+
+// result is the violations found, the last one saying how many more
+// there were past MaxViolations.
+func (v *validator) result() []*FieldError {
+	if v.unlisted == 0 {
+		return v.violations
+	}
+	return append(v.violations, fieldErr(ErrTooLarge, "violations", v.unlisted,
+		"and %d more violations not listed (at most %d are)", v.unlisted, MaxViolations))
+}
 
 // readFull reads len(p) bytes at off, turning a short read into io.ErrUnexpectedEOF.
 func readFull(r io.ReaderAt, p []byte, off int64) error {
@@ -375,24 +414,36 @@ func (v *validator) checkFeatures(h *Header) {
 // checkTable validates a table of entries*entryLen bytes at offset: within
 // qemu's limit, cluster aligned, not in the header cluster, inside the image.
 func (v *validator) checkTable(h *Header, name string, offset, entries, entryLen, maxBytes uint64, imageSize int64) {
+	v.checkTableNamed(h, func() string { return name }, offset, entries, entryLen, maxBytes, imageSize)
+}
+
+// checkTableNamed is checkTable with the name built only for a violation
+// that is listed.
+func (v *validator) checkTableNamed(h *Header, name func() string, offset, entries, entryLen, maxBytes uint64, imageSize int64) {
 	if entries == 0 {
 		return
 	}
 	if entries > maxBytes/entryLen {
-		v.add(fieldErr(ErrTooLarge, name+" size", entries, "more than %d bytes", maxBytes))
+		if v.listing() {
+			v.add(fieldErr(ErrTooLarge, name()+" size", entries, "more than %d bytes", maxBytes))
+		}
 		return
 	}
 	size := entries * entryLen
 	end, carry := bits.Add64(offset, size, 0)
+	bad := offset%uint64(h.ClusterSize()) != 0 || offset == 0 || carry != 0 || end > math.MaxInt64 || end > uint64(imageSize)
+	if !bad || !v.listing() {
+		return
+	}
 	switch {
 	case offset%uint64(h.ClusterSize()) != 0:
-		v.add(fieldErr(ErrInvalidHeader, name+" offset", offset, "not aligned to the cluster size %d", h.ClusterSize()))
+		v.add(fieldErr(ErrInvalidHeader, name()+" offset", offset, "not aligned to the cluster size %d", h.ClusterSize()))
 	case offset == 0:
-		v.add(fieldErr(ErrInvalidHeader, name+" offset", offset, "overlaps the header"))
+		v.add(fieldErr(ErrInvalidHeader, name()+" offset", offset, "overlaps the header"))
 	case carry != 0 || end > math.MaxInt64:
-		v.add(fieldErr(ErrTooLarge, name+" offset", offset, "offset plus size %d overflows", size))
+		v.add(fieldErr(ErrTooLarge, name()+" offset", offset, "offset plus size %d overflows", size))
 	case end > uint64(imageSize):
-		v.add(fieldErr(ErrOutOfBounds, name+" offset", offset, "table of %d bytes ends at %d, past the end of the image (%d bytes)", size, end, imageSize))
+		v.add(fieldErr(ErrOutOfBounds, name()+" offset", offset, "table of %d bytes ends at %d, past the end of the image (%d bytes)", size, end, imageSize))
 	}
 }
 
@@ -423,7 +474,7 @@ func (v *validator) parseExtensions(h *Header, first []byte, clusterSize uint64)
 	if h.BackingFileOffset != 0 && h.BackingFileOffset < end {
 		end = h.BackingFileOffset
 	}
-	seen := map[uint32]bool{}
+	var seen [len(knownExtensions)]bool // unknown types may repeat; only known ones are tracked
 	off := uint64(h.HeaderLength)
 	for off < end {
 		if off+8 > end {
@@ -449,22 +500,37 @@ func (v *validator) parseExtensions(h *Header, first []byte, clusterSize uint64)
 			return
 		}
 		data := first[dataOff : dataOff+uint64(length)]
-		h.Extensions = append(h.Extensions, ExtensionInfo{Type: typ, Offset: dataOff, Length: length})
-		if seen[typ] && isKnownExtension(typ) {
-			v.add(fieldErr(ErrInvalidExtension, "extension type", hex(typ), "appears more than once; tools would disagree on which counts"))
+		h.ExtensionCount++
+		if len(h.Extensions) < MaxListedExtensions {
+			h.Extensions = append(h.Extensions, ExtensionInfo{Type: typ, Offset: dataOff, Length: length})
 		}
-		seen[typ] = true
+		if k := knownExtensionIndex(typ); k >= 0 {
+			if seen[k] {
+				if v.listing() {
+					v.add(fieldErr(ErrInvalidExtension, "extension type", hex(typ), "appears more than once; tools would disagree on which counts"))
+				}
+				// Refused already; parsing each copy again would let one
+				// header make thousands of violations.
+				off = dataOff + padded
+				continue
+			}
+			seen[k] = true
+		}
 		v.parseExtension(h, typ, data)
 		off = dataOff + padded
 	}
 }
 
-func isKnownExtension(typ uint32) bool {
-	switch typ {
-	case ExtBackingFormat, ExtFeatureTable, ExtBitmaps, ExtCrypto, ExtDataFile:
-		return true
+var knownExtensions = [...]uint32{ExtBackingFormat, ExtFeatureTable, ExtBitmaps, ExtCrypto, ExtDataFile}
+
+// knownExtensionIndex is typ's index in knownExtensions, or -1.
+func knownExtensionIndex(typ uint32) int {
+	for i, k := range knownExtensions {
+		if k == typ {
+			return i
+		}
 	}
-	return false
+	return -1
 }
 
 func (v *validator) parseExtension(h *Header, typ uint32, data []byte) {
@@ -472,16 +538,21 @@ func (v *validator) parseExtension(h *Header, typ uint32, data []byte) {
 	switch typ {
 	case ExtBackingFormat:
 		if len(data) > maxBackingFormatLength {
-			v.add(fieldErr(ErrInvalidExtension, "backing_format length", len(data), "at most %d bytes", maxBackingFormatLength))
+			if v.listing() {
+				v.add(fieldErr(ErrInvalidExtension, "backing_format length", len(data), "at most %d bytes", maxBackingFormatLength))
+			}
 			return
 		}
 		if !isPrintableName(data) {
+			if !v.listing() {
+				return
+			}
 			v.add(fieldErr(ErrInvalidExtension, "backing_format", string(data), "contains bytes other than printable ASCII"))
 			return
 		}
 		h.BackingFormat = string(data)
 	case ExtFeatureTable:
-		for i := 0; i+48 <= len(data); i += 48 {
+		for i := 0; i+48 <= len(data) && len(h.FeatureNames) < maxFeatureNames; i += 48 {
 			name := data[i+2 : i+48]
 			if n := bytes.IndexByte(name, 0); n >= 0 {
 				name = name[:n]
@@ -585,12 +656,13 @@ func (v *validator) walkSnapshots(r io.ReaderAt, h *Header, imageSize int64) err
 	limit := min(uint64(imageSize), h.SnapshotsOffset+maxSnapshotTableBytes)
 	var fixed [40]byte
 	var end uint64
+	table := chunkReader{r: r, limit: int64(limit), buf: make([]byte, min(snapshotReadChunk, limit-off))}
 	for i := uint32(0); i < h.NbSnapshots; i++ {
 		if off+40 > limit {
 			v.add(fieldErr(ErrOutOfBounds, "snapshot_table", i, "snapshot entry %d at %d runs past the image or the %d-byte table limit", i, off, maxSnapshotTableBytes))
 			return nil
 		}
-		if err := readFull(r, fixed[:], int64(off)); err != nil {
+		if err := table.readAt(fixed[:], int64(off)); err != nil {
 			return fmt.Errorf("reading snapshot entry %d at %d: %w", i, off, err)
 		}
 		l1Offset := be.Uint64(fixed[0:])
@@ -602,7 +674,7 @@ func (v *validator) walkSnapshots(r io.ReaderAt, h *Header, imageSize int64) err
 			v.add(fieldErr(ErrTooLarge, fmt.Sprintf("snapshot %d extra_data_size", i), extraSize, "at most %d", maxSnapshotExtraData))
 			return nil
 		}
-		v.checkTable(h, fmt.Sprintf("snapshot %d l1_table", i), l1Offset, uint64(l1Size), 8, maxL1Bytes, imageSize)
+		v.checkTableNamed(h, func() string { return fmt.Sprintf("snapshot %d l1_table", i) }, l1Offset, uint64(l1Size), 8, maxL1Bytes, imageSize)
 		entry := 40 + uint64(extraSize) + uint64(idSize) + uint64(nameSize)
 		end = off + entry
 		off += (entry + 7) &^ 7 // entries are 8-byte aligned; the last one is not padded
@@ -610,6 +682,36 @@ func (v *validator) walkSnapshots(r io.ReaderAt, h *Header, imageSize int64) err
 	if end > limit {
 		v.add(fieldErr(ErrOutOfBounds, "snapshot_table", h.NbSnapshots, "the table ends at %d, past the image or the table limit", end))
 	}
+	return nil
+}
+
+// chunkReader reads small records from a region ending at limit through
+// one bounded buffer, so a table of 65536 entries costs a few reads, not
+// one system call each.
+type chunkReader struct {
+	r     io.ReaderAt
+	limit int64
+	buf   []byte
+	start int64 // file offset of buf[0]
+	n     int   // valid bytes in buf
+}
+
+func (c *chunkReader) readAt(p []byte, off int64) error {
+	if off < c.start || off+int64(len(p)) > c.start+int64(c.n) {
+		want := c.buf[:min(int64(len(c.buf)), c.limit-off)]
+		if len(want) < len(p) {
+			return io.ErrUnexpectedEOF
+		}
+		n, err := c.r.ReadAt(want, off)
+		c.start, c.n = off, n
+		if n < len(p) {
+			if err == nil || err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+	copy(p, c.buf[off-c.start:])
 	return nil
 }
 

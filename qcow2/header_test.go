@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 
 	"github.com/volagent/volagent/internal/hostile"
@@ -331,6 +332,12 @@ func TestDetectImageHeader(t *testing.T) {
 func FuzzReadHeader(f *testing.F) {
 	f.Fuzz(func(t *testing.T, img []byte) {
 		h, err := qcow2.ReadHeader(bytes.NewReader(img), int64(len(img)))
+		if h != nil && (len(h.Extensions) > qcow2.MaxListedExtensions || len(h.Extensions) > h.ExtensionCount) {
+			t.Fatalf("%d extensions listed of %d", len(h.Extensions), h.ExtensionCount)
+		}
+		if n := len(qcow2.Violations(err)); n > qcow2.MaxViolations+1 {
+			t.Fatalf("%d violations listed; at most %d and a count", n, qcow2.MaxViolations)
+		}
 		if err != nil {
 			for _, v := range qcow2.Violations(err) {
 				if v.Field == "" {
@@ -352,4 +359,42 @@ func FuzzReadHeader(f *testing.F) {
 			t.Fatalf("accepted a data file, encryption or the corrupt bit")
 		}
 	})
+}
+
+// TestReadHeaderBoundsCostlyImages: a header packed with extensions,
+// violations and snapshots is parsed with bounded allocation, and what is
+// kept says how much more there was.
+func TestReadHeaderBoundsCostlyImages(t *testing.T) {
+	img := hostile.Costly()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	h, err := qcow2.ReadHeader(bytes.NewReader(img), int64(len(img)))
+	runtime.ReadMemStats(&after)
+	if h == nil || !qcow2.IsRefusal(err) {
+		t.Fatalf("ReadHeader: %v", err)
+	}
+	// The 2 MiB header cluster, one 64 KiB snapshot buffer and small change.
+	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 8<<20 {
+		t.Errorf("ReadHeader allocated %d MiB for one header", alloc>>20)
+	}
+	if h.ExtensionCount != hostile.CostlyExtensions || len(h.Extensions) != qcow2.MaxListedExtensions {
+		t.Errorf("ExtensionCount %d, %d listed; want %d, %d", h.ExtensionCount, len(h.Extensions), hostile.CostlyExtensions, qcow2.MaxListedExtensions)
+	}
+	vs := qcow2.Violations(err)
+	if len(vs) != qcow2.MaxViolations+1 {
+		t.Fatalf("%d violations listed; want %d and a count of the rest", len(vs), qcow2.MaxViolations+1)
+	}
+	last := vs[len(vs)-1]
+	// One per backing format extension (the first is not printable, the others repeat it), one per snapshot.
+	want := (hostile.CostlyExtensions+1)/2 + hostile.CostlySnapshots - qcow2.MaxViolations
+	if last.Field != "violations" || last.Value != want || !strings.Contains(last.Error(), fmt.Sprintf("and %d more", want)) {
+		t.Errorf("last violation %v; want it to say and %d more", last, want)
+	}
+	rep, err := qcow2.Inspect(bytes.NewReader(img), int64(len(img)), "costly", "qcow2", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Qcow2.Extensions) != qcow2.MaxListedExtensions || rep.Qcow2.ExtensionCount != hostile.CostlyExtensions || len(rep.Violations) != qcow2.MaxViolations+1 {
+		t.Errorf("report: %d extensions listed of %d, %d violations", len(rep.Qcow2.Extensions), rep.Qcow2.ExtensionCount, len(rep.Violations))
+	}
 }

@@ -7,8 +7,9 @@ import (
 
 // Inspect judges the image in r (size bytes, at path, given as format "qcow2"
 // or "raw") without opening anything else: for qcow2 the header facts and
-// every violation, with the backing name checked against roots lexically
-// when roots are given; for raw whether the content starts with an image
+// every violation, with the backing name resolved as the kernel would walk
+// it (lstat and readlink only: the named file is never opened) and checked
+// against roots when roots are given; for raw whether the content starts with an image
 // header. The error is nil for any verdict; it is non-nil only for a bad
 // format argument or an I/O error, when there is no verdict.
 func Inspect(r io.ReaderAt, size int64, path, format string, roots []string) (*Report, error) {
@@ -68,7 +69,8 @@ type Facts struct {
 	BackingFormat         string          `json:"backing-format,omitempty"`
 	BackingResolved       string          `json:"backing-resolved,omitempty"`
 	DataFile              string          `json:"data-file,omitempty"`
-	Extensions            []ExtensionFact `json:"extensions"`
+	Extensions            []ExtensionFact `json:"extensions"` // the first MaxListedExtensions
+	ExtensionCount        int             `json:"extension-count"`
 }
 
 type ExtensionFact struct {
@@ -77,6 +79,9 @@ type ExtensionFact struct {
 	Length uint32 `json:"length"`
 }
 
+// ReportViolation is one violation. A report lists at most
+// MaxViolations of them; the last one then has field "violations" and
+// says how many more were found.
 type ReportViolation struct {
 	Code    string `json:"code"`
 	Field   string `json:"field"`
@@ -108,17 +113,19 @@ func inspectQcow2(f io.ReaderAt, size int64, path string, roots []string, rep *R
 	if err != nil && violations == nil {
 		return err
 	}
-	if h.HasBacking() && len(roots) > 0 {
+	if h.HasBacking() && len(roots) > 0 && len(ValidateBackingName(h.BackingFile)) == 0 {
+		// Walked with lstat and readlink as the kernel would walk it, so
+		// the report names the file qemu would open; nothing is opened.
 		gate := Gate{AllowedRoots: roots}
-		resolved, gerr := gate.CheckLexical(path, h.BackingFile)
+		resolved, gerr := gate.Resolve(path, h.BackingFile)
 		rep.Qcow2.BackingResolved = resolved
-		if gerr != nil {
-			// Name violations are already in the header's verdict.
-			for _, v := range Violations(gerr) {
-				if v.Err == ErrNotAllowed {
-					violations = append(violations, v)
-				}
-			}
+		switch {
+		case gerr == nil:
+		case IsRefusal(gerr):
+			violations = append(violations, Violations(gerr)...)
+		default:
+			violations = append(violations, &FieldError{Field: "backing_file", Value: h.BackingFile, Err: ErrNotAllowed,
+				Reason: fmt.Sprintf("cannot be resolved (%v); only a name that resolves under an allowed root is approved", gerr)})
 		}
 	}
 	if len(violations) == 0 {
@@ -138,7 +145,7 @@ func factsOf(h *Header) *Facts {
 		RefcountTableOffset: h.RefcountTableOffset, RefcountTableClusters: h.RefcountTableClusters,
 		Snapshots:   h.NbSnapshots,
 		BackingFile: h.BackingFile, BackingFormat: h.BackingFormat, DataFile: h.DataFile,
-		Extensions: []ExtensionFact{},
+		Extensions: []ExtensionFact{}, ExtensionCount: h.ExtensionCount,
 	}
 	for _, e := range h.Extensions {
 		facts.Extensions = append(facts.Extensions, ExtensionFact{Type: fmt.Sprintf("%#08x", e.Type), Name: extensionName(e.Type), Length: e.Length})

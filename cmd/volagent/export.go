@@ -40,8 +40,9 @@ OUTPUT (a file, or - for standard output).
 
 IMAGE is read as --format (default qcow2); it is never probed. Its backing
 files are opened with the format each header records, and only if they lie
-under a directory given with --allow-backing (repeatable; symlinks are
-resolved first). Without --allow-backing an image with a backing file is
+under a directory given with --allow-backing (repeatable), judged by the
+file the kernel opens for the name: symlinks and ".." are taken in order,
+as qemu would, never cleaned lexically first. Without --allow-backing an image with a backing file is
 refused.
 
 A regular OUTPUT file is written to a temporary file in the same directory

@@ -40,9 +40,10 @@ image is in use: which of qemu's image locks other processes hold on it
 (a running guest, qemu-img, volagent import) and which processes they
 are. A header read while another process writes may be stale.
 
-With --allow-backing, a backing file name must resolve (against the image's
-directory when relative, symlinks not followed) under one of the given
-directories.
+With --allow-backing, a backing file name must resolve under one of the
+given directories: relative to the image's directory as qemu combines it,
+walked as the kernel walks it (symlinks and ".." in order) with lstat and
+readlink only, so the named file is never opened.
 
 Exit status: 0 accepted, 3 refused (malformed, hostile or against the
 policy), 2 usage or I/O error.`,
@@ -219,6 +220,9 @@ func printInspectText(out io.Writer, rep *inspectReport) {
 			names := make([]string, len(q.Extensions))
 			for i, e := range q.Extensions {
 				names[i] = fmt.Sprintf("%s (%s, %d bytes)", e.Type, e.Name, e.Length)
+			}
+			if more := q.ExtensionCount - len(q.Extensions); more > 0 {
+				names = append(names, fmt.Sprintf("and %d more", more))
 			}
 			w("header extensions: %s\n", strings.Join(names, ", "))
 		}

@@ -132,7 +132,8 @@ func TestInspectUsageErrors(t *testing.T) {
 }
 
 // TestInspectOpensNothingElse proves under strace that inspecting an image
-// never touches a file the image names: hostile images whose backing name
+// never opens, reads or follows a file the image names (it may lstat and
+// readlink the name, which is how it resolves it as the kernel would): hostile images whose backing name
 // or data file point at an existing decoy, and accepted overlays whose
 // backing is the decoy, by absolute and by relative name.
 func TestInspectOpensNothingElse(t *testing.T) {
@@ -159,9 +160,13 @@ func TestInspectOpensNothingElse(t *testing.T) {
 		if !strings.Contains(string(trace), c.Path) {
 			t.Fatalf("%s: strace log does not show %s being opened; tracing failed\n%s", c.Name, c.Path, trace)
 		}
-		// Any system call on the decoy, by absolute or relative name.
-		if touched := decoyCall.FindAllString(string(trace), -1); touched != nil {
-			t.Errorf("%s: inspect touched the decoy: %q\n%s", c.Name, touched, grepLines(string(trace), "decoy"))
+		// Any system call on the decoy, by absolute or relative name, but
+		// the lstat and readlink that resolve a backing name as the kernel
+		// would walk it: they read the directory entry, never the file.
+		for _, line := range strings.Split(string(trace), "\n") {
+			if decoyCall.MatchString(line) && !walkCall.MatchString(line) {
+				t.Errorf("%s: inspect touched the decoy: %s", c.Name, line)
+			}
 		}
 		if strings.Contains(string(out), "decoy: must never be opened") {
 			t.Errorf("%s: inspect printed the decoy's content", c.Name)
@@ -171,12 +176,6 @@ func TestInspectOpensNothingElse(t *testing.T) {
 
 var decoyCall = regexp.MustCompile(`(/|")decoy"`)
 
-func grepLines(s, substr string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.Contains(l, substr) {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
-}
+// walkCall is a system call that looks at a name without opening or
+// following it.
+var walkCall = regexp.MustCompile(`^\d+\s+(lstat|readlink|readlinkat)\(|^\d+\s+(newfstatat|fstatat64|statx)\(.*AT_SYMLINK_NOFOLLOW`)
