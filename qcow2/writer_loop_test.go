@@ -287,6 +287,7 @@ func TestWriterRefcountGrowthOn4KDevice(t *testing.T) {
 			if err := w.Close(); err != nil {
 				t.Fatal(err)
 			}
+			tgt.Close() // releases qemu's image locks for qemu to judge
 			requireDeviceClean(t, dev)
 			compareWithQemu(t, dev, model)
 		})

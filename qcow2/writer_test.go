@@ -726,7 +726,7 @@ func TestWriterEveryRefcountWidth(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			w, _ := openFileWriter(t, image)
+			w, tgt := openFileWriter(t, image)
 			randomWorkload(t, w, model, uint64(bits)+40, 40)
 			// 512-byte blocks of 32- and 64-bit refcounts cover 64 and 32
 			// KiB: the first 512-byte table (64 blocks) no longer suffices.
@@ -736,6 +736,7 @@ func TestWriterEveryRefcountWidth(t *testing.T) {
 			if err := w.Close(); err != nil {
 				t.Fatal(err)
 			}
+			tgt.Close() // releases qemu's image locks for qemu to judge
 			requireClean(t, image)
 			compareWithQemu(t, image, model)
 			// qemu allocates after volagent: its refcounts must agree.
