@@ -63,7 +63,7 @@ func (m *Manager) Import(ctx context.Context, c Caller, req ImportRequest) (JobI
 	if err != nil {
 		return JobInfo{}, err
 	}
-	if err := validateVolumeName(req.Name); err != nil {
+	if err := ValidateVolumeName(req.Name); err != nil {
 		return JobInfo{}, err
 	}
 	src, err := m.openImportSource(p, req)
