@@ -162,20 +162,6 @@ func (m managedObjects) poolNames() map[string]string {
 	return names
 }
 
-// shortBytes prints a size for a table column: "10 GiB", "512 B".
-func shortBytes(n uint64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
-	v, i := float64(n), 0
-	for v >= 1024 && i < len(units)-1 {
-		v /= 1024
-		i++
-	}
-	if i == 0 {
-		return fmt.Sprintf("%d B", n)
-	}
-	return fmt.Sprintf("%.4g %s", v, units[i])
-}
-
 // quoteIfNeeded shows a string that came from an image (a backing name)
 // safely on a terminal.
 func quoteIfNeeded(s string) string {

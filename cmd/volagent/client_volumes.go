@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/volagent/volagent/dbusapi"
+	"github.com/volagent/volagent/internal/bytesize"
 )
 
 func init() { rootCmd.AddCommand(newVolumesCmd()) }
@@ -64,7 +65,7 @@ func runVolumes(out io.Writer, fl clientFlags) error {
 			backing = quoteIfNeeded(v.BackingName) + " (" + quoteIfNeeded(v.BackingFormat) + ")"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Pool, v.Role, v.Format,
-			shortBytes(v.VirtualSize), shortBytes(v.HighestAllocated), v.DevicePath, backing)
+			bytesize.Format(v.VirtualSize), bytesize.Format(v.HighestAllocated), v.DevicePath, backing)
 	}
 	return tw.Flush()
 }
