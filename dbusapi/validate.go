@@ -10,6 +10,7 @@ import (
 	"github.com/godbus/dbus/v5"
 
 	"github.com/volagent/volagent/backend"
+	"github.com/volagent/volagent/qcow2"
 )
 
 // validateNames checks a pool and a volume name from a caller with the
@@ -39,11 +40,11 @@ func validateBackingPath(p string) error {
 	return nil
 }
 
-// validateFormat checks an image format from a caller: never guessed, so
-// it must be one of the two volagent knows.
+// validateFormat checks an image format from a caller (qcow2.ParseFormat:
+// never guessed, so it must be one of the two volagent knows).
 func validateFormat(field, format string) error {
-	if format != "raw" && format != "qcow2" {
-		return fmt.Errorf("%s %q: must be \"raw\" or \"qcow2\" (formats are never guessed)", field, format)
+	if _, err := qcow2.ParseFormat(format); err != nil {
+		return fmt.Errorf("%s: %w", field, err)
 	}
 	return nil
 }
