@@ -138,6 +138,8 @@ type volumeJSON struct {
 	BackingName      string `json:"backing-name"`
 	BackingFormat    string `json:"backing-format"`
 	Role             string `json:"role"`
+	// Problem is why the daemon will not use the volume; "" when usable.
+	Problem string `json:"problem"`
 }
 
 func volumeFromProps(o objectProps, pools map[string]string) volumeJSON {
@@ -150,6 +152,7 @@ func volumeFromProps(o objectProps, pools map[string]string) volumeJSON {
 		DevicePath: o.str("DevicePath"), Format: o.str("Format"), VirtualSize: o.u64("VirtualSize"),
 		DeviceSize: o.u64("DeviceSize"), HighestAllocated: o.u64("HighestAllocated"),
 		BackingName: o.str("BackingName"), BackingFormat: o.str("BackingFormat"), Role: o.str("Role"),
+		Problem: o.str("Problem"),
 	}
 }
 
