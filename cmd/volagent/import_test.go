@@ -267,7 +267,7 @@ func TestImportKilled(t *testing.T) {
 		}
 		durable := make(chan int64, 1)
 		firstDurable := make(chan struct{}) // closed at the first durable point
-		go func() { // the last durable-bytes reported before the kill
+		go func() {                         // the last durable-bytes reported before the kill
 			var last int64
 			signalled := false
 			sc := bufio.NewScanner(stdout)
