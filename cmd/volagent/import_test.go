@@ -266,8 +266,9 @@ func TestImportKilled(t *testing.T) {
 			t.Fatal(err)
 		}
 		durable := make(chan int64, 1)
-		firstDurable := make(chan struct{}) // closed at the first durable point
-		go func() {                         // the last durable-bytes reported before the kill
+		// closed at the first durable point
+		firstDurable := make(chan struct{})
+		go func() { // the last durable-bytes reported before the kill
 			var last int64
 			signalled := false
 			sc := bufio.NewScanner(stdout)
