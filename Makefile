@@ -10,7 +10,10 @@ PKGS     := ./...
 FUZZTIME ?= 10s
 FUZZTIME_LONG ?= 10m
 
-.PHONY: all deps build demo test unit lint fuzz fuzz-short bench clean fuzz-seeds packages package-test
+# The daemon's packages: make test runs them with the race detector.
+RACE_PKGS := ./backend ./dbusapi ./virt
+
+.PHONY: all deps build demo test check unit lint fuzz fuzz-short bench clean fuzz-seeds packages package-test
 
 all: build
 
@@ -30,8 +33,16 @@ lint: deps
 	$(GO) vet $(PKGS)
 	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum are not tidy: run go mod tidy"; $(GO) mod tidy -diff; exit 1; }
 
+# The tests anyone can run: no root, no system tools, with -race, as an
+# ordinary user (nobody when run as root). scripts/check-needs-root.txt
+# names the tests left to make test.
+check:
+	@scripts/check.sh
+
+# Every test; the daemon's packages with the race detector.
 unit: deps
-	$(GO) test -count=1 -timeout 45m $(PKGS)
+	$(GO) test -count=1 -timeout 45m $$($(GO) list $(PKGS) | grep -v -x -F $(foreach p,$(RACE_PKGS),-e $$($(GO) list $(p))))
+	$(GO) test -race -count=1 -timeout 45m $(RACE_PKGS)
 
 # Each fuzz target runs briefly on top of its seed corpus in testdata/.
 fuzz-short: deps
@@ -40,7 +51,7 @@ fuzz-short: deps
 fuzz: deps
 	@scripts/fuzz.sh $(FUZZTIME_LONG)
 
-test: lint build unit fuzz-short package-test
+test: lint build check unit fuzz-short package-test
 
 bench: build
 	@scripts/bench.sh $(BIN)

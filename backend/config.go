@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"time"
 
@@ -110,8 +109,6 @@ type rawPool struct {
 	ChunkSize    any      `toml:"chunk_size"`
 	Policy       string   `toml:"policy"`
 }
-
-var poolNamePattern = regexp.MustCompile(`^[a-zA-Z0-9_-]{1,32}$`)
 
 // LoadConfig reads and parses the configuration file at path. Errors name
 // the file, the key and the value.
@@ -251,12 +248,12 @@ func (rp rawPool) build() (PoolConfig, error) {
 		Directory: rp.Directory, Policy: PolicyMode(rp.Policy),
 	}
 	if !poolNamePattern.MatchString(rp.Name) {
-		return pc, fmt.Errorf("name: %q: want 1 to 32 characters of [a-zA-Z0-9_-]", rp.Name)
+		return pc, fmt.Errorf("name: %q: want 1 to %d characters of %s", rp.Name, MaxPoolNameLength, PoolNameChars)
 	}
 	switch pc.Type {
 	case PoolLVM:
-		if err := validateLVMName(rp.VolumeGroup); err != nil {
-			return pc, fmt.Errorf("volume_group: %q: %v", rp.VolumeGroup, err)
+		if err := hostblk.ValidateVGName(rp.VolumeGroup); err != nil {
+			return pc, fmt.Errorf("volume_group: %q: %w", rp.VolumeGroup, err)
 		}
 		if rp.Activation == "" {
 			return pc, fmt.Errorf("activation: missing: give %q or %q (it is never guessed)", hostblk.ActivationDeviceMapper, hostblk.ActivationLoop)

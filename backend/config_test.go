@@ -159,15 +159,28 @@ func TestParseConfigBad(t *testing.T) {
 
 func TestVolumeNames(t *testing.T) {
 	for _, ok := range []string{"a", "vm1-disk0", "base.raw", "A_b+c", strings.Repeat("x", 64)} {
-		if err := validateVolumeName(ok); err != nil {
+		if err := ValidateVolumeName(ok); err != nil {
 			t.Errorf("%q refused: %v", ok, err)
 		}
 	}
 	for _, bad := range []string{"", ".", "..", "../etc", "a/b", "-a", "_a", ".hidden", "a b", strings.Repeat("x", 65),
 		"snapshot", "snapshot1", "pvmove0", "a_mlog", "x_rimage_0", "vm_tmeta", "é"} {
-		err := validateVolumeName(bad)
+		err := ValidateVolumeName(bad)
 		if err == nil {
 			t.Errorf("%q accepted", bad)
+			continue
+		}
+		mustErrIs(t, err, ErrInvalidArgument)
+	}
+	for _, ok := range []string{"a", "fast", "pool_1-B", strings.Repeat("p", MaxPoolNameLength)} {
+		if err := ValidatePoolName(ok); err != nil {
+			t.Errorf("pool name %q refused: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "a.b", "a+b", "a b", "a/b", "..", strings.Repeat("p", MaxPoolNameLength+1)} {
+		err := ValidatePoolName(bad)
+		if err == nil {
+			t.Errorf("pool name %q accepted", bad)
 			continue
 		}
 		mustErrIs(t, err, ErrInvalidArgument)

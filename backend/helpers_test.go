@@ -341,7 +341,10 @@ func (e *env) leftovers() (volumes []string, loops []string) {
 // waitJob waits up to a minute for a job to finish.
 func waitJob(t *testing.T, m *Manager, id uint64) JobInfo {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	// A bound, not a measure: under -race on a loaded 2-core machine an
+	// import that grows an LV many times (each lvextend takes seconds)
+	// needs more than a minute.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	info, err := m.waitJob(ctx, id)
 	if err != nil {

@@ -63,7 +63,7 @@ func (m *Manager) Import(ctx context.Context, c Caller, req ImportRequest) (JobI
 	if err != nil {
 		return JobInfo{}, err
 	}
-	if err := validateVolumeName(req.Name); err != nil {
+	if err := ValidateVolumeName(req.Name); err != nil {
 		return JobInfo{}, err
 	}
 	src, err := m.openImportSource(p, req)
@@ -113,42 +113,43 @@ func (m *Manager) openImportSource(p *pool, req ImportRequest) (importSource, er
 	if err != nil {
 		return nil, fmt.Errorf("%w: import source: %v", ErrFailed, err)
 	}
-	switch req.SourceFormat {
-	case "raw":
+	format, err := qcow2.ParseFormat(req.SourceFormat)
+	if err != nil {
+		return nil, fmt.Errorf("%w: import source for %q: source format: %w", ErrInvalidArgument, req.Name, err)
+	}
+	if format == qcow2.FormatRaw {
 		head := make([]byte, qcow2.DetectSize)
 		n, err := req.Source.ReadAt(head, 0)
 		if err != nil && err != io.EOF {
 			return nil, fmt.Errorf("%w: reading the import source: %v", ErrFailed, err)
 		}
-		if format := qcow2.DetectImageHeader(head[:n]); format != "" {
-			refusal := &qcow2.FieldError{Field: "first sector", Value: format, Err: qcow2.ErrHeaderInRaw,
-				Reason: "the raw source starts with a " + format + " header; was it meant to be imported as " + format + "?"}
+		if found := qcow2.DetectImageHeader(head[:n]); found != "" {
+			refusal := &qcow2.FieldError{Field: "first sector", Value: found, Err: qcow2.ErrHeaderInRaw,
+				Reason: "the raw source starts with a " + found + " header; was it meant to be imported as " + found + "?"}
 			if err := m.policyRefusal(p, fmt.Sprintf("import source for %q", req.Name), refusal); err != nil {
 				return nil, err
 			}
 		}
 		return rawSource{f: req.Source, size: size}, nil
-	case "qcow2":
-		h, err := qcow2.ReadHeader(req.Source, size)
-		if err != nil {
-			if qcow2.IsRefusal(err) {
-				return nil, fmt.Errorf("%w: import source for %q: qcow2 header refused (an image volagent cannot read is refused in audit mode too): %v", ErrPolicyViolation, req.Name, err)
-			}
-			return nil, fmt.Errorf("%w: reading the import source: %v", ErrFailed, err)
-		}
-		if h.HasBacking() {
-			return nil, fmt.Errorf("%w: import source for %q names backing file %q (%s); import self-contained images (qemu-img convert flattens one)", ErrInvalidArgument, req.Name, h.BackingFile, h.BackingFormat)
-		}
-		img, err := qcow2.OpenImage(req.Source, size, nil)
-		if err != nil {
-			if qcow2.IsRefusal(err) {
-				return nil, fmt.Errorf("%w: import source for %q: %v", ErrPolicyViolation, req.Name, err)
-			}
-			return nil, fmt.Errorf("%w: import source for %q: %v", ErrFailed, req.Name, err)
-		}
-		return img, nil
 	}
-	return nil, fmt.Errorf("%w: source format %q: give raw or qcow2 (volagent never guesses a format)", ErrInvalidArgument, req.SourceFormat)
+	h, err := qcow2.ReadHeader(req.Source, size)
+	if err != nil {
+		if qcow2.IsRefusal(err) {
+			return nil, fmt.Errorf("%w: import source for %q: qcow2 header refused (an image volagent cannot read is refused in audit mode too): %v", ErrPolicyViolation, req.Name, err)
+		}
+		return nil, fmt.Errorf("%w: reading the import source: %v", ErrFailed, err)
+	}
+	if h.HasBacking() {
+		return nil, fmt.Errorf("%w: import source for %q names backing file %q (%s); import self-contained images (qemu-img convert flattens one)", ErrInvalidArgument, req.Name, h.BackingFile, h.BackingFormat)
+	}
+	img, err := qcow2.OpenImage(req.Source, size, nil)
+	if err != nil {
+		if qcow2.IsRefusal(err) {
+			return nil, fmt.Errorf("%w: import source for %q: %v", ErrPolicyViolation, req.Name, err)
+		}
+		return nil, fmt.Errorf("%w: import source for %q: %v", ErrFailed, req.Name, err)
+	}
+	return img, nil
 }
 
 // runImport is the import job: make the volume, copy, flush, commit.

@@ -496,8 +496,8 @@ func (m *Manager) gateFor(p *pool) *qcow2.Gate {
 // "qcow2" or "raw"; ErrFailed for an I/O error. A refused image is a
 // Report with Verdict "refused", not an error.
 func (m *Manager) Inspect(ctx context.Context, r io.ReaderAt, size int64, name, format string) (*qcow2.Report, error) {
-	if format != "qcow2" && format != "raw" {
-		return nil, fmt.Errorf("%w: format %q: want qcow2 or raw (volagent never guesses a format)", ErrInvalidArgument, format)
+	if _, err := qcow2.ParseFormat(format); err != nil {
+		return nil, fmt.Errorf("%w: format: %w", ErrInvalidArgument, err)
 	}
 	if size < 0 {
 		return nil, fmt.Errorf("%w: size %d: must not be negative", ErrInvalidArgument, size)

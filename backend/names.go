@@ -8,10 +8,35 @@ import (
 	"strings"
 )
 
+// The one rule for volume and pool names. dbusapi applies it to callers'
+// arguments (ValidateVolumeName, ValidatePoolName), the configuration to
+// pool names, the backend to every volume it makes; the introspection XML
+// states the same limits (a dbusapi test reads the XML and compares them
+// with these constants). hostblk checks only what LVM and the file system
+// themselves require (hostblk/lvm.go validateName), a looser, lower-level
+// rule that also covers names volagent did not choose (VGs, other LVs).
+const (
+	// MaxVolumeNameLength bounds volume names: LVM allows 127 characters
+	// per LV name, libvirt shows the name in its paths, and a refused
+	// request adds ".refused.reason"; 64 leaves room for all of them.
+	MaxVolumeNameLength = 64
+	// MaxPoolNameLength bounds pool names; a pool name is a D-Bus path
+	// element, a libvirt pool name and a directory name.
+	MaxPoolNameLength = 32
+	// VolumeNameChars and PoolNameChars are the characters allowed, as
+	// the error messages and the documentation show them.
+	VolumeNameChars = "[a-zA-Z0-9_.+-]"
+	PoolNameChars   = "[a-zA-Z0-9_-]"
+)
+
 // volumeNamePattern is the set of names every layer below accepts: LVM LV
 // names, loop-pool file names (which must not start with '.'), and
-// libvirt volume names (no '/', not "." or "..").
-var volumeNamePattern = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.+-]{0,63}$`)
+// libvirt volume names (no '/', not "." or ".."). The first character is
+// a letter or digit: '-' would read as an option, '.' hides a file, and
+// '+' or '_' are refused too so that no name looks like LVM's own.
+var volumeNamePattern = regexp.MustCompile(fmt.Sprintf(`^[a-zA-Z0-9]%s{0,%d}$`, VolumeNameChars, MaxVolumeNameLength-1))
+
+var poolNamePattern = regexp.MustCompile(fmt.Sprintf(`^%s{1,%d}$`, PoolNameChars, MaxPoolNameLength))
 
 // originPattern bounds OverlayRequest.Origin to what an LVM tag holds
 // unencoded.
@@ -28,11 +53,14 @@ var (
 	}
 )
 
-// validateVolumeName checks a volume name a caller gave; the error wraps
-// ErrInvalidArgument.
-func validateVolumeName(name string) error {
+// ValidateVolumeName checks a volume name a caller gave: 1 to
+// MaxVolumeNameLength characters of VolumeNameChars, starting with a
+// letter or digit, and nothing LVM reserves. The error wraps
+// ErrInvalidArgument and names the value.
+func ValidateVolumeName(name string) error {
 	if !volumeNamePattern.MatchString(name) {
-		return fmt.Errorf("%w: volume name %q: want 1 to 64 characters of [a-zA-Z0-9_.+-], starting with a letter or digit", ErrInvalidArgument, name)
+		return fmt.Errorf("%w: volume name %q: want 1 to %d characters of %s, starting with a letter or digit",
+			ErrInvalidArgument, name, MaxVolumeNameLength, VolumeNameChars)
 	}
 	for _, p := range lvmReservedPrefixes {
 		if strings.HasPrefix(name, p) {
@@ -47,23 +75,12 @@ func validateVolumeName(name string) error {
 	return nil
 }
 
-// validateLVMName applies LVM's rules for volume group names.
-func validateLVMName(name string) error {
-	switch {
-	case name == "":
-		return fmt.Errorf("missing")
-	case len(name) > 127:
-		return fmt.Errorf("longer than 127 characters")
-	case name[0] == '-' || name == "." || name == "..":
-		return fmt.Errorf("not allowed by LVM")
-	}
-	for i := 0; i < len(name); i++ {
-		c := name[i]
-		ok := 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
-			c == '+' || c == '_' || c == '.' || c == '-'
-		if !ok {
-			return fmt.Errorf("character %q not allowed (LVM allows [a-zA-Z0-9+_.-])", c)
-		}
+// ValidatePoolName checks a pool name (from the configuration or a
+// caller): 1 to MaxPoolNameLength characters of PoolNameChars. The error
+// wraps ErrInvalidArgument and names the value.
+func ValidatePoolName(name string) error {
+	if !poolNamePattern.MatchString(name) {
+		return fmt.Errorf("%w: pool name %q: want 1 to %d characters of %s", ErrInvalidArgument, name, MaxPoolNameLength, PoolNameChars)
 	}
 	return nil
 }

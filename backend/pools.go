@@ -8,6 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/internal/bytesize"
 	"github.com/volagent/volagent/qcow2"
 )
 
@@ -210,7 +211,7 @@ func (m *Manager) createDevice(ctx context.Context, p *pool, op, name string, si
 		}
 		if int64(vg.Free) < size {
 			return "", "", fmt.Errorf("%w: pool %q: volume group %q has %s free, the volume needs %s (initial size)",
-				ErrNoSpace, p.cfg.Name, p.cfg.VolumeGroup, humanBytes(int64(vg.Free)), humanBytes(size))
+				ErrNoSpace, p.cfg.Name, p.cfg.VolumeGroup, bytesize.Format(vg.Free), bytesize.Format(size))
 		}
 		tags, err := meta.Tags()
 		if err != nil {
@@ -224,7 +225,7 @@ func (m *Manager) createDevice(ctx context.Context, p *pool, op, name string, si
 		case errors.Is(err, hostblk.ErrLVExists):
 			return "", "", fmt.Errorf("%w: pool %q: a logical volume named %q already exists in volume group %q (not a volagent volume, or one being made)", ErrInvalidArgument, p.cfg.Name, name, p.cfg.VolumeGroup)
 		case errors.Is(err, hostblk.ErrNoSpace):
-			return "", "", fmt.Errorf("%w: pool %q: volume group %q cannot hold %s more (contiguous=%v): %v", ErrNoSpace, p.cfg.Name, p.cfg.VolumeGroup, humanBytes(size), p.act.Mode() == hostblk.ActivationLoop, err)
+			return "", "", fmt.Errorf("%w: pool %q: volume group %q cannot hold %s more (contiguous=%v): %v", ErrNoSpace, p.cfg.Name, p.cfg.VolumeGroup, bytesize.Format(size), p.act.Mode() == hostblk.ActivationLoop, err)
 		case err != nil:
 			return "", "", fmt.Errorf("%w: pool %q: creating LV %q: %v", ErrFailed, p.cfg.Name, name, err)
 		}
@@ -394,28 +395,14 @@ func (m *Manager) poolFull(ctx context.Context, p *pool, v *volume, size int64, 
 	}
 	left := "unknown free space"
 	if capacity, free, err := m.poolSpace(context.WithoutCancel(ctx), p); err == nil {
-		left = fmt.Sprintf("%s free of %s", humanBytes(free), humanBytes(capacity))
+		left = fmt.Sprintf("%s free of %s", bytesize.Format(free), bytesize.Format(capacity))
 	}
 	if p.cfg.Type == PoolLVM && p.act.Mode() == hostblk.ActivationLoop {
 		// Free extents elsewhere in the volume group do not help.
 		left += "; loop activation can only grow a volume into the extents right after it"
 	}
 	return fmt.Errorf("%w: %s is full: volume %q needs its device grown from %s to %s, and the pool has %s (%v)",
-		ErrNoSpace, where, v.info.Name, humanBytes(v.info.DeviceSize), humanBytes(size), left, cause)
+		ErrNoSpace, where, v.info.Name, bytesize.Format(v.info.DeviceSize), bytesize.Format(size), left, cause)
 }
 
 func roundUp(x, a int64) int64 { return (x + a - 1) / a * a }
-
-// humanBytes shows a size the way the error messages want it: "2.0 GiB".
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for q := n / unit; q >= unit && exp < 5; q /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}

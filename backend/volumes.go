@@ -66,7 +66,7 @@ func (m *Manager) CreateOverlay(ctx context.Context, c Caller, req OverlayReques
 	if err != nil {
 		return VolumeInfo{}, err
 	}
-	if err := validateVolumeName(req.Name); err != nil {
+	if err := ValidateVolumeName(req.Name); err != nil {
 		return VolumeInfo{}, err
 	}
 	if req.VirtualSize < 0 || req.VirtualSize%512 != 0 {

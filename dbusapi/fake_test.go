@@ -190,12 +190,15 @@ func (f *fakeBackend) runImport(ctx context.Context, j *fakeJob, req backend.Imp
 		info := j.info
 		f.emit(backend.Event{Kind: backend.EventJobCompleted, Job: &info})
 	}
+	f.mu.Lock()
+	step, total := f.importStep, j.info.TotalBytes
+	f.mu.Unlock()
 	buf := make([]byte, 1024)
 	var off int64
-	for off < j.info.TotalBytes {
-		if f.importStep != nil {
+	for off < total {
+		if step != nil {
 			select {
-			case <-f.importStep:
+			case <-step:
 			case <-ctx.Done():
 			}
 		}

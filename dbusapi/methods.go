@@ -87,10 +87,7 @@ func (o object) createOverlay(c *call, args []any) ([]any, *dbus.Error) {
 	if cluster > 1<<21 {
 		return nil, invalidArgument("CreateOverlay: cluster-size %d is larger than qcow2's 2 MiB", cluster)
 	}
-	if err := ValidateName("pool", pool); err != nil {
-		return nil, invalidArgument("CreateOverlay: %v", err)
-	}
-	if err := ValidateName("name", name); err != nil {
+	if err := validateNames(pool, name); err != nil {
 		return nil, invalidArgument("CreateOverlay: %v", err)
 	}
 	req := backend.OverlayRequest{Pool: pool, Name: name, VirtualSize: size, ClusterSize: int(cluster)}
@@ -201,10 +198,7 @@ func (o object) importImage(c *call, args []any) ([]any, *dbus.Error) {
 	if err != nil {
 		return nil, invalidArgument("Import: %v", err)
 	}
-	if err := ValidateName("pool", pool); err != nil {
-		return nil, invalidArgument("Import: %v", err)
-	}
-	if err := ValidateName("name", name); err != nil {
+	if err := validateNames(pool, name); err != nil {
 		return nil, invalidArgument("Import: %v", err)
 	}
 	if err := validateFormat("source_format", format); err != nil {

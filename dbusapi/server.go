@@ -454,6 +454,7 @@ func volumeProps(v backend.VolumeInfo) map[string]dbus.Variant {
 		"BackingName":      dbus.MakeVariant(v.BackingName),
 		"BackingFormat":    dbus.MakeVariant(v.BackingFormat),
 		"Role":             dbus.MakeVariant(string(v.Role)),
+		"Problem":          dbus.MakeVariant(v.Problem),
 	}
 }
 

@@ -341,7 +341,9 @@ func TestVolumeLifeCycleAndSignals(t *testing.T) {
 
 func TestImportJobLifeCycle(t *testing.T) {
 	h := startServer(t, false)
+	h.fake.mu.Lock() // the import goroutine reads it; the bus gives no happens-before the race detector sees
 	h.fake.importStep = make(chan struct{})
+	h.fake.mu.Unlock()
 	sigs := h.signals(t)
 	src := filepath.Join(t.TempDir(), "src.raw")
 	content := bytes.Repeat([]byte("volagent"), 512) // 4 KiB: 4 steps
@@ -379,7 +381,10 @@ func TestImportJobLifeCycle(t *testing.T) {
 	if done.Body[0] != true || done.Body[1] != "" {
 		t.Errorf("Completed%v", done.Body)
 	}
-	if got := h.fake.jobs[1].data; !bytes.Equal(got, content) {
+	h.fake.mu.Lock()
+	got := h.fake.jobs[1].data
+	h.fake.mu.Unlock()
+	if !bytes.Equal(got, content) {
 		t.Errorf("the backend read %d bytes through the descriptor, want the %d of the file", len(got), len(content))
 	}
 	// The ended job stays, for clients that look late.

@@ -8,52 +8,19 @@ import (
 	"strings"
 
 	"github.com/godbus/dbus/v5"
+
+	"github.com/volagent/volagent/backend"
+	"github.com/volagent/volagent/qcow2"
 )
 
-// MaxNameLength bounds volume and pool names. LVM allows 127 characters
-// per LV name; the backend adds its own prefix and suffixes, and libvirt
-// shows names in its own paths, so callers get well under half of it.
-const MaxNameLength = 64
-
-// lvmReservedSubstrings appear in the names LVM gives its hidden sub-LVs;
-// lvcreate refuses any name that contains one.
-var lvmReservedSubstrings = []string{
-	"_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_wcorig", "_iorig",
-	"_imeta", "_idata", "_mimage", "_mlog", "_pmspare", "_rimage", "_rmeta",
-	"_tdata", "_tmeta", "_vdata", "_vorigin",
-}
-
-// ValidateName checks a volume or pool name from a caller: 1 to
-// MaxNameLength characters of [A-Za-z0-9+_.-], not starting with "-" or
-// ".", and nothing LVM reserves, so that the name is valid as an LV name,
-// a file name and a libvirt volume name, and can never traverse a path.
-func ValidateName(field, name string) error {
-	if name == "" {
-		return fmt.Errorf("%s is empty", field)
+// validateNames checks a pool and a volume name from a caller with the
+// backend's one rule for names (backend/names.go), before anything else
+// happens, so a bad name never reaches a path, a tag or an lvm command.
+func validateNames(pool, name string) error {
+	if err := backend.ValidatePoolName(pool); err != nil {
+		return err
 	}
-	if len(name) > MaxNameLength {
-		return fmt.Errorf("%s %q is %d characters long; at most %d are allowed", field, name, len(name), MaxNameLength)
-	}
-	for i := 0; i < len(name); i++ {
-		c := name[i]
-		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
-			c == '+' || c == '_' || c == '.' || c == '-'
-		if !ok {
-			return fmt.Errorf("%s %q: character %q is not allowed; use letters, digits and + _ . -", field, name, c)
-		}
-	}
-	if name[0] == '-' || name[0] == '.' {
-		return fmt.Errorf("%s %q must not start with %q", field, name, name[0])
-	}
-	if strings.HasPrefix(name, "snapshot") || strings.HasPrefix(name, "pvmove") {
-		return fmt.Errorf("%s %q: LVM reserves names starting with \"snapshot\" and \"pvmove\"", field, name)
-	}
-	for _, r := range lvmReservedSubstrings {
-		if strings.Contains(name, r) {
-			return fmt.Errorf("%s %q: LVM reserves names containing %q", field, name, r)
-		}
-	}
-	return nil
+	return backend.ValidateVolumeName(name)
 }
 
 // validateBackingPath checks that a backing path from a caller is absolute
@@ -73,11 +40,11 @@ func validateBackingPath(p string) error {
 	return nil
 }
 
-// validateFormat checks an image format from a caller: never guessed, so
-// it must be one of the two volagent knows.
+// validateFormat checks an image format from a caller (qcow2.ParseFormat:
+// never guessed, so it must be one of the two volagent knows).
 func validateFormat(field, format string) error {
-	if format != "raw" && format != "qcow2" {
-		return fmt.Errorf("%s %q: must be \"raw\" or \"qcow2\" (formats are never guessed)", field, format)
+	if _, err := qcow2.ParseFormat(format); err != nil {
+		return fmt.Errorf("%s: %w", field, err)
 	}
 	return nil
 }

@@ -539,9 +539,16 @@ func sizeArg(size uint64) string { return strconv.FormatUint(size, 10) + "b" }
 
 // validateLVName applies LVM's name rules, so a bad name fails with a clear
 // error here instead of an lvm usage error, and can never become an option.
+// These are LVM's own limits for any LV or VG, including ones volagent did
+// not name; the stricter rule for the names volagent gives its volumes and
+// pools is backend.ValidateVolumeName.
 func validateLVName(name string) error { return validateName("logical volume", name) }
 
 func validateVGName(name string) error { return validateName("volume group", name) }
+
+// ValidateVGName checks a volume group name against LVM's rules (for the
+// configuration, before any lvm command runs).
+func ValidateVGName(name string) error { return validateVGName(name) }
 
 func validateNames(vg, lv string) error {
 	if err := validateVGName(vg); err != nil {

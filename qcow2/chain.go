@@ -40,8 +40,8 @@ type chainLayer struct {
 //
 // Every error names the image it concerns.
 func OpenChain(path, format string, gate *Gate) (Disk, error) {
-	if format != "raw" && format != "qcow2" {
-		return nil, fmt.Errorf("unknown image format %q: volagent reads raw and qcow2", format)
+	if _, err := ParseFormat(format); err != nil {
+		return nil, fmt.Errorf("opening %s: format: %w", path, err)
 	}
 	if gate == nil {
 		gate = &Gate{}

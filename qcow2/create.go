@@ -279,8 +279,9 @@ func checkCreateOptions(opts CreateOptions) (CreateOptions, error) {
 	case opts.BackingFormat == "":
 		return opts, fmt.Errorf("%w: backing format = \"\": backing file %q needs an explicit format (raw or qcow2); volagent never guesses one",
 			ErrBackingFormatMissing, opts.BackingFile)
-	case opts.BackingFormat != "raw" && opts.BackingFormat != "qcow2":
-		return opts, fmt.Errorf("%w: backing format = %q: only raw and qcow2 are accepted", ErrBackingFormat, opts.BackingFormat)
+	}
+	if _, err := ParseFormat(opts.BackingFormat); err != nil {
+		return opts, fmt.Errorf("%w: backing format: %w", ErrBackingFormat, err)
 	}
 	if errs := ValidateBackingName(opts.BackingFile); len(errs) > 0 {
 		return opts, &ValidationError{Violations: errs}
@@ -391,17 +392,19 @@ func satMul(a, b int64) int64 {
 // validated it (its violations come back as ReadHeader's *ValidationError).
 // r is the backing file or device and containerSize its size in bytes.
 func BackingVirtualSize(r io.ReaderAt, containerSize int64, format string) (int64, error) {
-	switch format {
-	case "raw":
-		return roundUp(containerSize, 512), nil
-	case "qcow2":
-		h, err := ReadHeader(r, containerSize)
-		if err != nil {
-			return 0, err
-		}
-		return int64(h.Size), nil
-	case "":
+	if format == "" {
 		return 0, fmt.Errorf("%w: backing format = \"\": give raw or qcow2; volagent never guesses one", ErrBackingFormatMissing)
 	}
-	return 0, fmt.Errorf("%w: backing format = %q: only raw and qcow2 are accepted", ErrBackingFormat, format)
+	f, err := ParseFormat(format)
+	if err != nil {
+		return 0, fmt.Errorf("%w: backing format: %w", ErrBackingFormat, err)
+	}
+	if f == FormatRaw {
+		return roundUp(containerSize, 512), nil
+	}
+	h, err := ReadHeader(r, containerSize)
+	if err != nil {
+		return 0, err
+	}
+	return int64(h.Size), nil
 }

@@ -634,11 +634,9 @@ func (v *validator) checkBacking(h *Header) {
 	if !h.HasBacking() {
 		return
 	}
-	switch h.BackingFormat {
-	case "":
+	if h.BackingFormat == "" {
 		v.add(fieldErr(ErrBackingFormatMissing, "backing_format", "", "the image names backing file %q without recording its format; recreate it with qemu-img create -F raw|qcow2 or rebase with qemu-img rebase -u -F", h.BackingFile))
-	case "raw", "qcow2":
-	default:
+	} else if _, err := ParseFormat(h.BackingFormat); err != nil {
 		v.add(fieldErr(ErrBackingFormat, "backing_format", h.BackingFormat, "only raw and qcow2 backing files are accepted"))
 	}
 }

@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -87,6 +88,11 @@ type RequestWatcher struct {
 	kick chan string // a pool to rescan ("" for all)
 	stop context.CancelFunc
 	done chan struct{}
+
+	// scans counts completed directory scans, so a test can wait for a
+	// scan that began after what it did (a positive signal that nothing
+	// more happened, instead of a sleep).
+	scans atomic.Uint64
 
 	// Owned by the run goroutine.
 	links   map[string]map[string]string // pool -> link name -> volume ID
@@ -331,6 +337,7 @@ func (w *RequestWatcher) scan(ctx context.Context, pool string) {
 			w.process(ctx, pool, e.Name())
 		}
 	}
+	w.scans.Add(1)
 }
 
 // process handles one entry: a link is learnt (and re-pointed if its

@@ -103,6 +103,19 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// waitFreshScan asks for a rescan and waits until a scan that began after
+// this call has completed: whatever it was to do about the state before
+// the call, it has done.
+func waitFreshScan(t *testing.T, w *RequestWatcher) {
+	t.Helper()
+	// Scans running now may have begun before the call and complete up to
+	// one pass over the pools; the kicked pass after them began after.
+	n := uint64(len(w.opts.Pools))
+	start := w.scans.Load()
+	w.trigger("")
+	eventually(t, "a complete rescan of the request pools", func() bool { return w.scans.Load() >= start+2*n })
+}
+
 func linkTarget(path string) string {
 	target, _ := os.Readlink(path)
 	return target
@@ -183,7 +196,7 @@ func TestRequestWatcher(t *testing.T) {
 	eventually(t, "vm1.qcow2 linked", func() bool { return linkTarget(vm1) == "/dev/fake-vm1" })
 	// Pool refreshes and periodic scans repeat nothing.
 	testutil.MustVirsh(t, "pool-refresh", pool)
-	time.Sleep(2500 * time.Millisecond)
+	waitFreshScan(t, w)
 	if creates, _, _ := fake.counts(); creates != 1 {
 		t.Fatalf("%d overlays created for one request", creates)
 	}
@@ -209,7 +222,7 @@ func TestRequestWatcher(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "the deletion", func() bool { _, err := fake.Volume(backend.VolumeID(pool, "vm1")); return err != nil })
-	time.Sleep(1500 * time.Millisecond)
+	waitFreshScan(t, w)
 	if _, err := os.Lstat(vm1); err == nil {
 		t.Fatal("the link of a deleted volume came back")
 	}

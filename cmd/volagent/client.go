@@ -138,6 +138,8 @@ type volumeJSON struct {
 	BackingName      string `json:"backing-name"`
 	BackingFormat    string `json:"backing-format"`
 	Role             string `json:"role"`
+	// Problem is why the daemon will not use the volume; "" when usable.
+	Problem string `json:"problem"`
 }
 
 func volumeFromProps(o objectProps, pools map[string]string) volumeJSON {
@@ -150,6 +152,7 @@ func volumeFromProps(o objectProps, pools map[string]string) volumeJSON {
 		DevicePath: o.str("DevicePath"), Format: o.str("Format"), VirtualSize: o.u64("VirtualSize"),
 		DeviceSize: o.u64("DeviceSize"), HighestAllocated: o.u64("HighestAllocated"),
 		BackingName: o.str("BackingName"), BackingFormat: o.str("BackingFormat"), Role: o.str("Role"),
+		Problem: o.str("Problem"),
 	}
 }
 
@@ -160,20 +163,6 @@ func (m managedObjects) poolNames() map[string]string {
 		names[string(p.path)] = p.str("Name")
 	}
 	return names
-}
-
-// shortBytes prints a size for a table column: "10 GiB", "512 B".
-func shortBytes(n uint64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
-	v, i := float64(n), 0
-	for v >= 1024 && i < len(units)-1 {
-		v /= 1024
-		i++
-	}
-	if i == 0 {
-		return fmt.Sprintf("%d B", n)
-	}
-	return fmt.Sprintf("%.4g %s", v, units[i])
 }
 
 // quoteIfNeeded shows a string that came from an image (a backing name)

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/volagent/volagent/dbusapi"
+	"github.com/volagent/volagent/internal/bytesize"
 )
 
 func init() { rootCmd.AddCommand(newJobsCmd()) }
@@ -110,7 +111,7 @@ func runJobs(out, errOut io.Writer, args []string, fl jobsFlags) error {
 		fmt.Fprintln(tw, "JOB\tOPERATION\tSTATE\tPROGRESS\tDONE\tRATE\tUID\tMESSAGE")
 		for _, j := range jobs {
 			fmt.Fprintf(tw, "%d\t%s\t%s\t%.1f%%\t%s/%s\t%s/s\t%d\t%s\n", j.ID, j.Operation, j.State, j.Progress*100,
-				shortBytes(j.Bytes), shortBytes(j.TotalBytes), shortBytes(uint64(j.Rate)), j.StartedBy, j.Message)
+				bytesize.Format(j.Bytes), bytesize.Format(j.TotalBytes), bytesize.Format(j.Rate), j.StartedBy, j.Message)
 		}
 		return tw.Flush()
 	}
@@ -313,7 +314,7 @@ func (v *jobView) draw(paths []dbus.ObjectPath, jobs map[dbus.ObjectPath]*jobJSO
 			fmt.Fprintln(v.out, b)
 		} else {
 			fmt.Fprintf(v.out, "job %d %s: %s %.1f%% (%s of %s, %s/s)%s\n", j.ID, j.Operation, j.State, j.Progress*100,
-				shortBytes(j.Bytes), shortBytes(j.TotalBytes), shortBytes(uint64(j.Rate)), messageSuffix(j.Message))
+				bytesize.Format(j.Bytes), bytesize.Format(j.TotalBytes), bytesize.Format(j.Rate), messageSuffix(j.Message))
 		}
 	}
 }
@@ -342,7 +343,7 @@ func barLine(j jobJSON) string {
 	filled = max(0, min(width, filled))
 	bar := strings.Repeat("#", filled) + strings.Repeat(".", width-filled)
 	line := fmt.Sprintf("job %d %-9s [%s] %5.1f%%  %s/%s  %s/s", j.ID, j.Operation, bar, j.Progress*100,
-		shortBytes(j.Bytes), shortBytes(j.TotalBytes), shortBytes(uint64(j.Rate)))
+		bytesize.Format(j.Bytes), bytesize.Format(j.TotalBytes), bytesize.Format(j.Rate))
 	if j.State != "running" {
 		line += "  " + j.State + messageSuffix(j.Message)
 	}

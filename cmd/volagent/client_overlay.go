@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/volagent/volagent/dbusapi"
+	"github.com/volagent/volagent/internal/bytesize"
 )
 
 func init() {
@@ -124,7 +125,7 @@ func runOverlayCreate(out io.Writer, fl overlayCreateFlags) error {
 	if fl.json {
 		return printJSON(out, v)
 	}
-	fmt.Fprintf(out, "created %s/%s: %s on %s, backing %s (%s)\n", v.Pool, v.Name, shortBytes(v.VirtualSize),
+	fmt.Fprintf(out, "created %s/%s: %s on %s, backing %s (%s)\n", v.Pool, v.Name, bytesize.Format(v.VirtualSize),
 		v.DevicePath, quoteIfNeeded(v.BackingName), quoteIfNeeded(v.BackingFormat))
 	fmt.Fprintf(out, "object: %s\n", vol)
 	return nil

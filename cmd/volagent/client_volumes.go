@@ -4,12 +4,15 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"text/tabwriter"
+	"unicode/utf8"
 
 	"github.com/godbus/dbus/v5"
 	"github.com/spf13/cobra"
 
 	"github.com/volagent/volagent/dbusapi"
+	"github.com/volagent/volagent/internal/bytesize"
 )
 
 func init() { rootCmd.AddCommand(newVolumesCmd()) }
@@ -20,8 +23,12 @@ func newVolumesCmd() *cobra.Command {
 		Use:   "volumes [--json] [--bus-address ADDRESS]",
 		Short: "List the daemon's volumes (and import new ones: volumes import)",
 		Long: `volumes lists the volumes the volagent daemon manages, in every pool,
-with their format, sizes and recorded backing. It asks the daemon over
-D-Bus; reading is open to every user.
+with their format, sizes and recorded backing, and, under PROBLEM, why the
+daemon will not use or write a volume ("-" when it is usable: a volume
+whose header it refuses or whose metadata is corrupt is listed, never
+hidden, so that you can inspect and delete it). It asks the daemon over
+D-Bus; reading is open to every user. --json prints the same fields,
+"problem" being "" for a usable volume.
 
 Exit status: 0 success, 2 error (e.g. the daemon is not running).`,
 		Args: cobra.NoArgs,
@@ -52,21 +59,41 @@ func runVolumes(out io.Writer, fl clientFlags) error {
 	if fl.json {
 		return printJSON(out, vols)
 	}
+	return printVolumes(out, vols)
+}
+
+// printVolumes prints the volumes table. PROBLEM comes last: it is free
+// text (why the daemon will not use the volume), "-" for a usable one.
+func printVolumes(out io.Writer, vols []volumeJSON) error {
 	if len(vols) == 0 {
 		fmt.Fprintln(out, "no volumes")
 		return nil
 	}
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tPOOL\tROLE\tFORMAT\tVIRTUAL\tALLOCATED\tDEVICE\tBACKING")
+	fmt.Fprintln(tw, "NAME\tPOOL\tROLE\tFORMAT\tVIRTUAL\tALLOCATED\tDEVICE\tBACKING\tPROBLEM")
 	for _, v := range vols {
 		backing := "-"
 		if v.BackingName != "" {
 			backing = quoteIfNeeded(v.BackingName) + " (" + quoteIfNeeded(v.BackingFormat) + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Pool, v.Role, v.Format,
-			shortBytes(v.VirtualSize), shortBytes(v.HighestAllocated), v.DevicePath, backing)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Pool, v.Role, v.Format,
+			bytesize.Format(v.VirtualSize), bytesize.Format(v.HighestAllocated), v.DevicePath, backing, problemText(v.Problem))
 	}
 	return tw.Flush()
+}
+
+// problemText shows a volume's problem on a terminal: it can quote a
+// backing name from a hostile header, so control characters are escaped.
+func problemText(p string) string {
+	if p == "" {
+		return "-"
+	}
+	for _, r := range p {
+		if r < ' ' || r == 0x7f || r == utf8.RuneError {
+			return strconv.Quote(p)
+		}
+	}
+	return p
 }
 
 type volumesImportFlags struct {

@@ -252,7 +252,10 @@ func TestImportKilled(t *testing.T) {
 
 	r := rand.New(rand.NewPCG(11, 12))
 	sawDurable := false
-	for i := range 6 {
+	// Kills 0-5 land at random moments; kill 6 lands right after the first
+	// durable point is reported, so the durability check always runs.
+	const kills = 7
+	for i := range kills {
 		testutil.QemuImg(t, "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", dev, fmt.Sprint(size))
 		cmd := exec.Command(bin, "import", "--json", "--allow-backing", dir, source, dev)
 		stdout, err := cmd.StdoutPipe()
@@ -263,8 +266,11 @@ func TestImportKilled(t *testing.T) {
 			t.Fatal(err)
 		}
 		durable := make(chan int64, 1)
+		// closed at the first durable point
+		firstDurable := make(chan struct{})
 		go func() { // the last durable-bytes reported before the kill
 			var last int64
+			signalled := false
 			sc := bufio.NewScanner(stdout)
 			for sc.Scan() {
 				var ev struct {
@@ -273,11 +279,29 @@ func TestImportKilled(t *testing.T) {
 				if json.Unmarshal(sc.Bytes(), &ev) == nil {
 					last = max(last, ev.Durable)
 				}
+				if last > 0 && !signalled {
+					close(firstDurable)
+					signalled = true
+				}
 			}
 			durable <- last
 		}()
 		delay := full/5 + time.Duration(r.Int64N(int64(full)))*7/10
-		time.Sleep(delay)
+		if i == kills-1 {
+			// Not a sleep standing in for synchronisation: the random
+			// moment is the point of kills 0-5. This one waits for the
+			// positive signal instead.
+			begun := time.Now()
+			select {
+			case <-firstDurable:
+			case <-time.After(5*full + 30*time.Second):
+				cmd.Process.Kill()
+				t.Fatalf("kill %d: import --json reported no durable-bytes within %v (a full import takes %v)", i, 5*full+30*time.Second, full)
+			}
+			delay = time.Since(begun)
+		} else {
+			time.Sleep(delay)
+		}
 		cmd.Process.Signal(syscall.SIGKILL)
 		flushed := <-durable
 		err = cmd.Wait()
@@ -303,7 +327,7 @@ func TestImportKilled(t *testing.T) {
 		}
 	}
 	if !sawDurable {
-		t.Log("no kill came after a durable point this time")
+		t.Fatal("no kill came after a durable point, not even the one that waits for it: the durability of reported progress went unchecked")
 	}
 }
 

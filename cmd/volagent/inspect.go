@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/volagent/volagent/hostblk"
+	"github.com/volagent/volagent/internal/bytesize"
 	"github.com/volagent/volagent/qcow2"
 )
 
@@ -182,7 +183,7 @@ func printInspectText(out io.Writer, rep *inspectReport) {
 	w := func(format string, args ...any) { fmt.Fprintf(out, format, args...) }
 	w("image: %q\n", rep.Path)
 	w("format: %s (as given, not probed)\n", rep.Format)
-	w("image size: %s\n", humanBytes(rep.ImageSize))
+	w("image size: %s (%d bytes)\n", bytesize.Format(rep.ImageSize), rep.ImageSize)
 	if rep.Format == "raw" {
 		if rep.DetectedHeader == "" {
 			w("leading image header: none\n")
@@ -192,7 +193,7 @@ func printInspectText(out io.Writer, rep *inspectReport) {
 	}
 	if q := rep.Qcow2; q != nil {
 		w("qcow2 version: %d\n", q.Version)
-		w("virtual size: %s\n", humanBytes(int64(q.VirtualSize)))
+		w("virtual size: %s (%d bytes)\n", bytesize.Format(q.VirtualSize), q.VirtualSize)
 		w("cluster size: %d\n", q.ClusterSize)
 		w("refcount bits: %d\n", q.RefcountBits)
 		w("compression type: %s\n", q.CompressionType)
@@ -235,18 +236,4 @@ func printInspectText(out io.Writer, rep *inspectReport) {
 	for _, v := range rep.Violations {
 		w("  - [%s] %s\n", v.Code, strings.ToValidUTF8(v.Message, "\uFFFD"))
 	}
-}
-
-// humanBytes prints a size as qemu-img does: "10 MiB (10485760 bytes)".
-func humanBytes(n int64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
-	v, i := float64(n), 0
-	for v >= 1024 && i < len(units)-1 {
-		v /= 1024
-		i++
-	}
-	if i == 0 {
-		return fmt.Sprintf("%d B", n)
-	}
-	return fmt.Sprintf("%.3g %s (%d bytes)", v, units[i], n)
 }

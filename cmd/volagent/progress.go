@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/volagent/volagent/internal/bytesize"
 )
 
 // progressInterval is how often progress is reported at most.
@@ -86,7 +88,7 @@ func (p *progress) update(done int64) {
 		filled := int(p.percent(done) * width / 100)
 		rate := float64(done) / max(secs, 1e-9)
 		fmt.Fprintf(p.terminal, "\r[%s%s] %5.1f%% %s/%s %s/s ", strings.Repeat("#", filled), strings.Repeat("-", width-filled),
-			p.percent(done), progressSize(float64(done)), progressSize(float64(p.total)), progressSize(rate))
+			p.percent(done), bytesize.Format(done), bytesize.Format(p.total), bytesize.Format(rate))
 		p.drawn = true
 	}
 }
@@ -124,14 +126,4 @@ func (p *progress) abandon() {
 func (p *progress) emit(ev progressEvent) {
 	b, _ := json.Marshal(ev)
 	fmt.Fprintf(p.jsonOut, "%s\n", b)
-}
-
-func progressSize(n float64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB"}
-	i := 0
-	for n >= 1024 && i < len(units)-1 {
-		n /= 1024
-		i++
-	}
-	return fmt.Sprintf("%.1f %s", n, units[i])
 }

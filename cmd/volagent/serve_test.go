@@ -469,7 +469,18 @@ func TestServeLoopPool(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { monitor.Process.Kill(); monitor.Wait() })
-	time.Sleep(300 * time.Millisecond) // let the monitor attach
+	// The monitor has attached once it shows a call made after it started:
+	// ping the daemon until a Ping appears in its output.
+	pinger := e.client()
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(monOut.String(), `"member":"Ping"`); {
+		if time.Now().After(deadline) {
+			t.Fatalf("busctl monitor shows no Ping after 30s of pinging; output:\n%s", monOut.String())
+		}
+		if err := pinger.Object(dbusapi.BusName, dbusapi.ManagerPath).Call("org.freedesktop.DBus.Peer.Ping", 0).Err; err != nil {
+			t.Fatalf("Ping: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond) // pacing between polls, not a wait for the monitor
+	}
 
 	// overlay create over a file, through the client subcommand.
 	out, errOut, code := e.cli("overlay", "create", "--pool", "fast", "--name", "vm1", "--backing", base, "--backing-format", "raw", "--json")

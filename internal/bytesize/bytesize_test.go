@@ -18,3 +18,24 @@ func TestParse(t *testing.T) {
 		}
 	}
 }
+
+func TestFormat(t *testing.T) {
+	for _, c := range []struct {
+		n    float64
+		want string
+	}{
+		{-5, "0 B"}, {0, "0 B"}, {512, "512 B"}, {1023, "1023 B"}, {1024, "1.0 KiB"}, {1536, "1.5 KiB"},
+		{64 << 10, "64.0 KiB"}, {1 << 30, "1.0 GiB"}, {(1 << 30) - 1, "1.0 GiB"}, {20 << 30, "20.0 GiB"},
+		{3 << 40, "3.0 TiB"}, {1 << 60, "1.0 EiB"}, {1 << 62, "4.0 EiB"},
+	} {
+		if got := Format(c.n); got != c.want {
+			t.Errorf("Format(%v) = %q, want %q", c.n, got, c.want)
+		}
+	}
+	if got := Format(int64(1) << 20); got != "1.0 MiB" {
+		t.Errorf("Format(int64 1 MiB) = %q", got)
+	}
+	if got := Format(^uint64(0)); got != "16.0 EiB" {
+		t.Errorf("Format(max uint64) = %q", got)
+	}
+}
