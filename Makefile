@@ -5,6 +5,7 @@
 export PATH := /usr/local/go/bin:$(PATH)
 GO       ?= go
 BIN      := bin/volagent
+DAEMON   := bin/volagentd
 PKGS     := ./...
 # Seconds each fuzz target runs in `make test`; `make fuzz` runs longer.
 FUZZTIME ?= 10s
@@ -20,12 +21,15 @@ all: build
 deps:
 	@scripts/install-deps.sh
 
+# volagent is static (no cgo: it starts in a millisecond, and the hook runs
+# it at every domain start); volagentd links libvirt.
 build: deps
-	$(GO) build -o $(BIN) ./cmd/volagent
+	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/volagent
+	CGO_ENABLED=1 $(GO) build -o $(DAEMON) ./cmd/volagentd
 
 # The main job: build, make a demo image with volagent itself, inspect it.
 demo: build
-	@scripts/demo.sh $(BIN)
+	@scripts/demo.sh $(BIN) $(DAEMON)
 
 lint: deps
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -54,7 +58,7 @@ fuzz: deps
 test: lint build check unit fuzz-short package-test
 
 bench: build
-	@scripts/bench.sh $(BIN)
+	@scripts/bench.sh $(BIN) $(DAEMON)
 
 clean:
 	rm -rf bin dist

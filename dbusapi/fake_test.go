@@ -4,7 +4,7 @@ package dbusapi
 // in memory and emits the events a real Manager emits, so that these tests
 // exercise the D-Bus side (signatures, authorization, signals, errors,
 // file descriptors) fast and deterministically. The real backend is
-// exercised end to end by cmd/volagent's tests against `volagent serve`.
+// exercised end to end by cmd/volagent's tests against `volagentd`.
 
 import (
 	"context"

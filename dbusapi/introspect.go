@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"sync"
 
 	"github.com/godbus/dbus/v5"
 	"github.com/godbus/dbus/v5/introspect"
@@ -17,8 +18,11 @@ import (
 //go:embed org.volagent.VolAgent1.xml
 var IntrospectionXML []byte
 
-// apiInterfaces are the interfaces of IntrospectionXML by name.
-var apiInterfaces = mustParseInterfaces(IntrospectionXML)
+// apiInterfaces are the interfaces of IntrospectionXML by name, parsed on
+// first use: the volagent command links this package for its clients and
+// must not pay for the parse at every start (the hook runs at every domain
+// start).
+var apiInterfaces = sync.OnceValue(func() map[string]introspect.Interface { return mustParseInterfaces(IntrospectionXML) })
 
 func mustParseInterfaces(data []byte) map[string]introspect.Interface {
 	var node introspect.Node
@@ -35,7 +39,7 @@ func mustParseInterfaces(data []byte) map[string]introspect.Interface {
 // methodSignatures returns the input and output signatures of a method
 // of the API, as the XML declares them.
 func methodSignatures(iface, method string) (in, out string, ok bool) {
-	for _, m := range apiInterfaces[iface].Methods {
+	for _, m := range apiInterfaces()[iface].Methods {
 		if m.Name != method {
 			continue
 		}
@@ -90,7 +94,7 @@ func introspectionOf(path dbus.ObjectPath, apiIface string, children []string) s
 		if apiIface == ManagerIface {
 			node.Interfaces = append(node.Interfaces, objectManagerData)
 		}
-		node.Interfaces = append(node.Interfaces, apiInterfaces[apiIface])
+		node.Interfaces = append(node.Interfaces, apiInterfaces()[apiIface])
 	}
 	sort.Strings(children)
 	for _, c := range children {

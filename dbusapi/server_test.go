@@ -140,7 +140,7 @@ func TestHandlersMatchIntrospectionXML(t *testing.T) {
 			served = append(served, name)
 		}
 		var declared []string
-		for _, m := range apiInterfaces[iface].Methods {
+		for _, m := range apiInterfaces()[iface].Methods {
 			declared = append(declared, m.Name)
 		}
 		sort.Strings(served)
@@ -148,7 +148,7 @@ func TestHandlersMatchIntrospectionXML(t *testing.T) {
 		if !slices.Equal(served, declared) {
 			t.Errorf("%s: handlers %v, XML methods %v", iface, served, declared)
 		}
-		for _, m := range apiInterfaces[iface].Methods {
+		for _, m := range apiInterfaces()[iface].Methods {
 			in, _, _ := methodSignatures(iface, m.Name)
 			if m.Name != "Inspect" && kind != kindNode && !strings.HasSuffix(in, "a{sv}") {
 				t.Errorf("%s.%s does not end with an a{sv} options argument: (%s)", iface, m.Name, in)
@@ -165,7 +165,7 @@ func TestHandlersMatchIntrospectionXML(t *testing.T) {
 	srv.mu.RUnlock()
 	for iface, served := range props {
 		declared := map[string]string{}
-		for _, p := range apiInterfaces[iface].Properties {
+		for _, p := range apiInterfaces()[iface].Properties {
 			declared[p.Name] = p.Type
 			if p.Access != "read" {
 				t.Errorf("%s.%s: access %q; every property is read-only", iface, p.Name, p.Access)
@@ -181,7 +181,7 @@ func TestHandlersMatchIntrospectionXML(t *testing.T) {
 		}
 	}
 	// Every element the XML documents carries a DocString.
-	for _, i := range apiInterfaces {
+	for _, i := range apiInterfaces() {
 		check := func(what string, anns []introspect.Annotation) {
 			for _, a := range anns {
 				if a.Name == "org.freedesktop.DBus.DocString" && a.Value != "" {
@@ -223,7 +223,7 @@ func TestServedIntrospection(t *testing.T) {
 		for _, i := range node.Interfaces {
 			if i.Name == iface {
 				found = true
-				want, _ := xml.Marshal(apiInterfaces[iface])
+				want, _ := xml.Marshal(apiInterfaces()[iface])
 				got, _ := xml.Marshal(i)
 				if !bytes.Equal(want, got) {
 					t.Errorf("%s on %s differs from the XML:\n got %s\nwant %s", iface, path, got, want)

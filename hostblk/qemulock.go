@@ -19,6 +19,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"sort"
@@ -420,6 +421,9 @@ func FindHolders(f *os.File, excludeSelf bool) ([]Holder, error) {
 		return nil, &os.PathError{Op: "fstat", Path: f.Name(), Err: err}
 	}
 	isBlock := st.Mode&unix.S_IFMT == unix.S_IFBLK
+	if !anyQemuLocks(st, isBlock) {
+		return nil, nil
+	}
 	self, selfFd := os.Getpid(), int(f.Fd())
 	procs, err := os.ReadDir("/proc")
 	if err != nil {
@@ -483,24 +487,11 @@ func qemuLockBytes(fdinfo []byte, st unix.Stat_t, isBlock bool, statFd func() (u
 		if !ok {
 			continue
 		}
-		fields := strings.Fields(rest)
-		// "1:" OFDLCK ADVISORY READ -1 maj:min:ino start end
-		if len(fields) < 8 {
+		l, ok := parseLockLine(rest)
+		if !ok {
 			continue
 		}
-		id := strings.Split(fields[5], ":")
-		start, err1 := strconv.ParseInt(fields[6], 10, 64)
-		end, err2 := strconv.ParseInt(fields[7], 10, 64)
-		if len(id) != 3 || err1 != nil || err2 != nil {
-			continue
-		}
-		maj, e1 := strconv.ParseUint(id[0], 16, 32)
-		min, e2 := strconv.ParseUint(id[1], 16, 32)
-		ino, e3 := strconv.ParseUint(id[2], 10, 64)
-		if e1 != nil || e2 != nil || e3 != nil {
-			continue
-		}
-		same := unix.Mkdev(uint32(maj), uint32(min)) == st.Dev && ino == st.Ino
+		same := l.dev == st.Dev && l.ino == st.Ino
 		if !same && isBlock {
 			if !checkedNode {
 				checkedNode = true
@@ -514,15 +505,70 @@ func qemuLockBytes(fdinfo []byte, st unix.Stat_t, isBlock bool, statFd func() (u
 			continue
 		}
 		for i := Perm(0); i < numPerms; i++ {
-			if start <= lockPermBase+int64(i) && lockPermBase+int64(i) <= end {
+			if l.start <= lockPermBase+int64(i) && lockPermBase+int64(i) <= l.end {
 				held |= PermSet(i)
 			}
-			if start <= lockSharedBase+int64(i) && lockSharedBase+int64(i) <= end {
+			if l.start <= lockSharedBase+int64(i) && lockSharedBase+int64(i) <= l.end {
 				unshared |= PermSet(i)
 			}
 		}
 	}
 	return held, unshared
+}
+
+// lockLine is one lock as /proc/locks and fdinfo's "lock:" lines show it.
+type lockLine struct {
+	ofd        bool
+	dev, ino   uint64
+	start, end int64
+}
+
+// parseLockLine reads "1: OFDLCK ADVISORY READ -1 08:01:123 100 100"
+// (the kernel prints the device as hex major:minor, the inode in decimal,
+// and EOF for a lock to the end of the file).
+func parseLockLine(line string) (lockLine, bool) {
+	fields := strings.Fields(line)
+	if len(fields) < 8 {
+		return lockLine{}, false
+	}
+	id := strings.Split(fields[5], ":")
+	start, err1 := strconv.ParseInt(fields[6], 10, 64)
+	end, err2 := strconv.ParseInt(fields[7], 10, 64)
+	if fields[7] == "EOF" {
+		end, err2 = math.MaxInt64, nil
+	}
+	if len(id) != 3 || err1 != nil || err2 != nil {
+		return lockLine{}, false
+	}
+	maj, e1 := strconv.ParseUint(id[0], 16, 32)
+	min, e2 := strconv.ParseUint(id[1], 16, 32)
+	ino, e3 := strconv.ParseUint(id[2], 10, 64)
+	if e1 != nil || e2 != nil || e3 != nil {
+		return lockLine{}, false
+	}
+	return lockLine{ofd: fields[1] == "OFDLCK", dev: unix.Mkdev(uint32(maj), uint32(min)), ino: ino, start: start, end: end}, true
+}
+
+// anyQemuLocks reads /proc/locks, one read for the whole host, and
+// reports whether any OFD lock covers qemu's lock bytes on the image whose
+// stat is st; for a block device, on any inode at all (another node of
+// the same device, in a private /dev, has an inode of its own). Only then
+// is the per-process scan of fdinfo worth its hundreds of opens.
+func anyQemuLocks(st unix.Stat_t, isBlock bool) bool {
+	b, err := os.ReadFile("/proc/locks")
+	if err != nil {
+		return true // cannot tell: scan
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		l, ok := parseLockLine(line)
+		if !ok || !l.ofd || l.end < lockPermBase || l.start > lockSharedBase+int64(numPerms)-1 {
+			continue
+		}
+		if isBlock || l.dev == st.Dev && l.ino == st.Ino {
+			return true
+		}
+	}
+	return false
 }
 
 // processIdentity is the base name of the process's argv[0] (comm is cut

@@ -3,7 +3,7 @@
 # the same images, and prints one line per benchmark:
 #   inspect: volagent 2.1ms, qemu-img info 15.3ms, ratio 0.14 (goal <= 0.5)
 #
-# Usage: scripts/bench.sh bin/volagent   (make bench; needs root for loop devices)
+# Usage: scripts/bench.sh bin/volagent bin/volagentd   (make bench; needs root for loop devices)
 # BENCH_RUNS sets the runs per command (default 30); times are the median
 # wall time of whole processes, taken with bash's $EPOCHREALTIME so that no
 # timer process is forked inside the measured interval. BENCH_ONLY="a b"
@@ -16,11 +16,12 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib/private-bus.sh"
 
-if [ $# -ne 1 ]; then
-	echo "usage: $0 path/to/volagent" >&2
+if [ $# -ne 2 ]; then
+	echo "usage: $0 path/to/volagent path/to/volagentd" >&2
 	exit 2
 fi
 volagent=$(realpath "$1")
+volagentd=$(realpath "$2")
 runs=${BENCH_RUNS:-30}
 if [ "$(id -u)" -ne 0 ]; then
 	echo "bench: needs root (loop devices); run: sudo make bench" >&2
@@ -80,7 +81,7 @@ remove_new_loop_devices() {
 }
 
 loop_devices=()
-daemon_pids=() # volagent serve and dbus-daemon processes, stopped by cleanup
+daemon_pids=() # volagentd and dbus-daemon processes, stopped by cleanup
 cleanup() {
 	local dev
 	stop_daemons
@@ -140,7 +141,7 @@ bench_inspect() {
 	local ours theirs
 	ours=$(median_ms "$volagent" inspect "$image") || return 1
 	theirs=$(median_ms qemu-img info --output=json "$image") || return 1
-	report inspect "$ours" "qemu-img info" "$theirs" 0.5
+	report inspect "$ours" "qemu-img info" "$theirs" 0.25
 }
 
 # create: writing an overlay onto a loop device, against qemu-img create
@@ -153,7 +154,7 @@ bench_create() {
 	local ours theirs
 	ours=$(median_ms "$volagent" create --backing "$base" --backing-format raw "$loop_device") || return 1
 	theirs=$(median_ms qemu-img create -q -f qcow2 -b "$base" -F raw "$loop_device") || return 1
-	report create "$ours" "qemu-img create" "$theirs" 0.5
+	report create "$ours" "qemu-img create" "$theirs" 0.3
 }
 
 # import: sequential allocating writes of 1 GiB into a fresh overlay, by
@@ -283,11 +284,11 @@ start_daemon() {
 	EOF
 	start_private_bus "$dir" "$dir/system.d" || return 1
 	daemon_pids=("$bus_pid" "${daemon_pids[@]}")
-	"$volagent" serve --config "$dir/volagent.toml" --bus-address "$bus" 2>"$dir/serve.log" &
+	"$volagentd" --config "$dir/volagent.toml" --bus-address "$bus" 2>"$dir/serve.log" &
 	serve_pid=$!
 	daemon_pids=("$serve_pid" "${daemon_pids[@]}") # stopped before the bus
 	benchtool wait -bus "$bus" -timeout 60s ||
-		{ echo "bench: volagent serve: $(tail -c 1000 "$dir/serve.log")" >&2; return 1; }
+		{ echo "bench: volagentd: $(tail -c 1000 "$dir/serve.log")" >&2; return 1; }
 }
 
 # dbus-create: CreateOverlay over D-Bus from call to reply (the daemon
@@ -306,6 +307,32 @@ bench_dbus_create() {
 		r = o / t
 		printf "dbus-create: volagent %.1fms, qemu-img create %.1fms, ratio %.2f (goal <= 0.3)%s\n",
 			o, t, r, (r > 0.3 ? " MISSED" : "")
+	}'
+}
+
+# hook: the libvirt qemu hook's verdict ("prepare begin") for a domain with
+# three volagent disks, from process start to exit, the daemon's
+# CheckDomain included: the static volagent binary, D-Bus, the daemon's
+# policy over the three overlays. Goal: median <= 10 ms.
+bench_hook() {
+	start_daemon hook 4M || return 1
+	local base="$images/base.raw" disks="" i reply volume device ours targets=(vda vdb vdc)
+	truncate -s 1G "$base"
+	for i in 1 2 3; do
+		reply=$(busctl --address="$bus" call org.volagent.VolAgent1 /org/volagent/VolAgent1 \
+			org.volagent.VolAgent1.Manager CreateOverlay ssssta{sv} bench "hook$i" "$base" raw 0 0) || return 1
+		volume=$(awk '{ gsub(/"/, "", $2); print $2 }' <<<"$reply")
+		device=$(busctl --address="$bus" get-property org.volagent.VolAgent1 "$volume" \
+			org.volagent.VolAgent1.Volume DevicePath | awk '{ gsub(/"/, "", $2); print $2 }')
+		disks+="<disk type='block' device='disk'><driver name='qemu' type='qcow2'/><source dev='$device'/><target dev='${targets[i - 1]}' bus='virtio'/></disk>"
+	done
+	printf "<domain type='kvm'><name>bench-hook</name><memory>65536</memory><os><type arch='x86_64'>hvm</type></os><devices>%s</devices></domain>\n" "$disks" >"$work/hook-domain.xml"
+	hook_once() { "$volagent" hook qemu --bus-address "$bus" --config /dev/null bench-hook prepare begin - <"$work/hook-domain.xml"; }
+	hook_once >/dev/null 2>"$work/hook.err" || { echo "bench: the hook refused the domain: $(head -c 500 "$work/hook.err")" >&2; return 1; }
+	ours=$(median_ms hook_once) || return 1
+	stop_daemons
+	awk -v o="$ours" 'BEGIN {
+		printf "hook: verdict for a domain with three volagent disks, median %.1fms (goal <= 10ms)%s\n", o, (o > 10 ? " MISSED" : "")
 	}'
 }
 
@@ -348,7 +375,7 @@ bench_idle_rss() {
 	}'
 }
 
-BENCHMARKS=(inspect create import cow_latency subcluster_cow_latency dbus_create dbus_inspect idle_rss)
+BENCHMARKS=(inspect create hook import cow_latency subcluster_cow_latency dbus_create dbus_inspect idle_rss)
 # BENCH_ONLY="dbus_create idle_rss" runs just those.
 if [ -n "${BENCH_ONLY:-}" ]; then
 	read -ra BENCHMARKS <<<"$BENCH_ONLY"

@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/private-bus.sh
 bin=$PWD/${1:-bin/volagent}
+daemon=$PWD/${2:-bin/volagentd}
 work=$(mktemp -d /var/tmp/volagent-demo.XXXXXX)
 daemon_pid= bus_pid=
 
@@ -59,8 +60,8 @@ chunk_size = "64M"
 policy = "enforce"
 EOF
 
-step volagent serve --config "$work/volagent.toml" '&'
-"$bin" serve --config "$work/volagent.toml" 2>"$work/daemon.log" &
+step volagentd --config "$work/volagent.toml" '&'
+"$daemon" --config "$work/volagent.toml" 2>"$work/daemon.log" &
 daemon_pid=$!
 wait_for_volagent "$address" "$daemon_pid" "$work/daemon.log"
 bc() { busctl --address="$address" "$@"; }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds dist/volagent_<version>-1_amd64.deb and dist/volagent-<version>-1.x86_64.rpm
-# with nfpm from packaging/nfpm.yaml: a stripped PIE binary, man pages, the
-# changelog, and shared-library dependencies read from the binary itself.
+# with nfpm from packaging/nfpm.yaml: the daemon volagentd (a stripped PIE
+# binary linking libvirt), the static volagent command, man pages, the
+# changelog, and shared-library dependencies read from the daemon itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,9 +15,11 @@ mkdir -p "$staging"
 # Reproducible: dates come from the last commit.
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 
-CGO_ENABLED=1 go build -trimpath -buildmode=pie -ldflags "-s -w" -o "$staging/volagent" ./cmd/volagent
+CGO_ENABLED=1 go build -trimpath -buildmode=pie -ldflags "-s -w" -o "$staging/volagentd" ./cmd/volagentd
+# Static: no dynamic loader, no libvirt, so the hook starts in a millisecond.
+CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$staging/volagent" ./cmd/volagent
 
-for page in packaging/man/volagent.8 packaging/man/volagent.toml.5; do
+for page in packaging/man/volagent.8 packaging/man/volagentd.8 packaging/man/volagent.toml.5; do
 	gzip -9n <"$page" >"$staging/$(basename "$page").gz"
 done
 
@@ -34,7 +37,7 @@ cp "$staging/changelog.Debian.gz" "$staging/changelog.gz"
 # Shared-library dependencies, per format: Debian packages that ship the
 # libraries the binary needs (libc6 with the newest GLIBC symbol version it
 # uses), and RPM's own soname dependencies.
-needed=$(objdump -p "$staging/volagent" | awk '$1 == "NEEDED" { print $2 }')
+needed=$(objdump -p "$staging/volagentd" | awk '$1 == "NEEDED" { print $2 }')
 deb_depends=(lvm2 dbus)
 rpm_depends=(lvm2 dbus)
 for lib in $needed; do
@@ -45,7 +48,7 @@ for lib in $needed; do
 	# /lib/... or /usr/lib/...), so ask for both.
 	pkg=$( (dpkg -S "$(readlink -f "$path")" 2>/dev/null || dpkg -S "$path") | awk -F: 'NR == 1 { print $1 }')
 	if [ "$pkg" = libc6 ]; then
-		glibc=$(objdump -T "$staging/volagent" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
+		glibc=$(objdump -T "$staging/volagentd" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
 		pkg="libc6 (>= $glibc)"
 	fi
 	deb_depends+=("$pkg")

@@ -42,6 +42,7 @@ expected_rpm_files="/etc/libvirt/hooks/qemu.d/volagent
 /etc/volagent/volagent.toml
 /usr/bin/volagent
 /usr/lib/systemd/system/volagent.service
+/usr/sbin/volagentd
 /usr/share/dbus-1/interfaces/org.volagent.VolAgent1.xml
 /usr/share/dbus-1/system-services/org.volagent.VolAgent1.service
 /usr/share/dbus-1/system.d/org.volagent.VolAgent1.conf
@@ -49,6 +50,7 @@ expected_rpm_files="/etc/libvirt/hooks/qemu.d/volagent
 /usr/share/doc/volagent/copyright
 /usr/share/man/man5/volagent.toml.5.gz
 /usr/share/man/man8/volagent.8.gz
+/usr/share/man/man8/volagentd.8.gz
 /usr/share/polkit-1/actions/org.volagent.VolAgent1.policy
 /usr/share/polkit-1/rules.d/50-volagent.rules"
 actual_rpm_files=$(rpm -qlp "$rpm" 2>/dev/null | sort)
@@ -97,6 +99,9 @@ trap cleanup EXIT
 step "dpkg -i"
 dpkg -i "$deb" >/dev/null
 [ "$(/usr/bin/volagent --version)" = "volagent version $version" ] || fail "installed binary's --version"
+[ "$(/usr/sbin/volagentd --version)" = "volagentd version $version" ] || fail "installed daemon's --version"
+# The command the hook runs at every domain start loads no shared library.
+! objdump -p /usr/bin/volagent | grep -q NEEDED || fail "/usr/bin/volagent is not statically linked"
 [ -x /etc/libvirt/hooks/qemu.d/volagent ] || fail "the libvirt hook is not installed executable"
 echo '<domain><name>x</name></domain>' | /etc/libvirt/hooks/qemu.d/volagent x release end - ||
 	fail "the installed hook fails on a step it should ignore"
@@ -122,7 +127,7 @@ initial_size = "64M"
 chunk_size = "64M"
 policy = "enforce"
 EOF
-DBUS_SYSTEM_BUS_ADDRESS=$address /usr/bin/volagent serve --config "$work/volagent.toml" 2>"$work/daemon.log" &
+DBUS_SYSTEM_BUS_ADDRESS=$address /usr/sbin/volagentd --config "$work/volagent.toml" 2>"$work/daemon.log" &
 daemon_pid=$!
 wait_for_volagent "$address" "$daemon_pid" "$work/daemon.log" || fail "the installed daemon did not start"
 truncate -s 256M "$work/images/base.raw"

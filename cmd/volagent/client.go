@@ -1,7 +1,7 @@
 package main
 
 // Shared by the client subcommands (volumes, overlay, jobs): they talk to
-// `volagent serve` over D-Bus, on the system bus unless told otherwise.
+// `volagentd` over D-Bus, on the system bus unless told otherwise.
 
 import (
 	"encoding/json"
@@ -30,7 +30,7 @@ func (f *clientFlags) register(cmd *cobra.Command) {
 
 // dialDaemon connects to the daemon's bus.
 func dialDaemon(f clientFlags) (*dbus.Conn, error) {
-	conn, err := connectBus(f.busAddress)
+	conn, err := dbusapi.Connect(f.busAddress)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to the bus: %w", err)
 	}
@@ -58,7 +58,7 @@ func daemonError(err error) error {
 	case strings.HasPrefix(de.Name, dbusapi.ErrorPrefix):
 		return fmt.Errorf("%s (%s)", msg, strings.TrimPrefix(de.Name, dbusapi.ErrorPrefix))
 	case de.Name == "org.freedesktop.DBus.Error.ServiceUnknown" || de.Name == "org.freedesktop.DBus.Error.NameHasNoOwner":
-		return fmt.Errorf("the volagent daemon is not running: nothing owns %s on this bus (start it with `volagent serve`)", dbusapi.BusName)
+		return fmt.Errorf("the volagent daemon is not running: nothing owns %s on this bus (start it with `volagentd`)", dbusapi.BusName)
 	case de.Name == "org.freedesktop.DBus.Error.AccessDenied":
 		return fmt.Errorf("the bus refused the call: only root and members of group %q may change volumes (%s)", dbusapi.DefaultAdminGroup, msg)
 	}

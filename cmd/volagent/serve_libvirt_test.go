@@ -1,6 +1,6 @@
 package main
 
-// `volagent serve --libvirt-uri` against a real libvirtd, on a private bus:
+// `volagentd --libvirt-uri` against a real libvirtd, on a private bus:
 // the qemu hook asking the daemon, vol-create/vol-delete on request pools of
 // a loop and an LVM pool, thin growth under a running KVM domain, and
 // restarts of either side; and a guest's own writes growing a thin overlay.
@@ -145,20 +145,20 @@ func libvirtTestVG(t *testing.T, dir string) (vg, pv string) {
 	return vg, loop.Path
 }
 
-// libvirtDaemon is one `volagent serve --libvirt-uri` process.
+// libvirtDaemon is one `volagentd --libvirt-uri` process.
 type libvirtDaemon struct {
 	cmd    *exec.Cmd
 	stderr *syncBuffer
 	exited chan struct{}
 }
 
-// startDaemon starts volagent serve and waits until it owns its bus name
+// startDaemon starts volagentd and waits until it owns its bus name
 // and libvirt has both request pools running.
 func (e *libvirtEnv) startDaemon() *libvirtDaemon {
 	t := e.t
 	t.Helper()
 	d := &libvirtDaemon{stderr: &syncBuffer{}, exited: make(chan struct{})}
-	d.cmd = exec.Command(binaryUnderTest(t), "serve", "--config", e.config, "--bus-address", e.bus.Address,
+	d.cmd = exec.Command(daemonUnderTest(t), "--config", e.config, "--bus-address", e.bus.Address,
 		"--libvirt-uri", testutil.LibvirtURI, "--request-dir", e.requestDir, "--reconcile-interval", "2s", "--debug")
 	d.cmd.Stderr = d.stderr
 	if err := d.cmd.Start(); err != nil {
@@ -173,7 +173,7 @@ func (e *libvirtEnv) startDaemon() *libvirtDaemon {
 			<-d.exited
 		}
 		if t.Failed() {
-			t.Logf("volagent serve stderr:\n%s", d.stderr.String())
+			t.Logf("volagentd stderr:\n%s", d.stderr.String())
 		}
 	})
 	e.daemon = d
@@ -208,10 +208,10 @@ func (e *libvirtEnv) stopDaemon() {
 	select {
 	case <-d.exited:
 	case <-time.After(60 * time.Second):
-		e.t.Fatalf("volagent serve did not stop within 60 s of SIGTERM:\n%s", d.stderr.String())
+		e.t.Fatalf("volagentd did not stop within 60 s of SIGTERM:\n%s", d.stderr.String())
 	}
 	if code := d.cmd.ProcessState.ExitCode(); code != 0 {
-		e.t.Fatalf("volagent serve exited %d after SIGTERM:\n%s", code, d.stderr.String())
+		e.t.Fatalf("volagentd exited %d after SIGTERM:\n%s", code, d.stderr.String())
 	}
 }
 
@@ -225,7 +225,7 @@ func (e *libvirtEnv) waitFor(what string, cond func() bool) {
 			if e.daemon != nil {
 				stderr = e.daemon.stderr.String()
 			}
-			e.t.Fatalf("timed out waiting for %s; volagent serve stderr:\n%s", what, stderr)
+			e.t.Fatalf("timed out waiting for %s; volagentd stderr:\n%s", what, stderr)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -540,7 +540,7 @@ func TestServeLibvirtThinGuest(t *testing.T) {
 		}
 		if strings.Contains(string(out), testguest.SerialError) || strings.Contains(string(out), testguest.SerialNoExt) || time.Now().After(deadline) {
 			state, _, _ := testutil.Virsh("domstate", "--reason", domain)
-			t.Fatalf("the guest did not finish: serial %q, domain %s\nvolagent serve stderr:\n%s", out, strings.TrimSpace(state), e.daemon.stderr.String())
+			t.Fatalf("the guest did not finish: serial %q, domain %s\nvolagentd stderr:\n%s", out, strings.TrimSpace(state), e.daemon.stderr.String())
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -549,7 +549,7 @@ func TestServeLibvirtThinGuest(t *testing.T) {
 		t.Fatalf("domain is %q after the guest finished", state)
 	}
 	if log := e.daemon.stderr.String(); !strings.Contains(log, "volume grown at its block threshold") || strings.Contains(log, "domain resumed after its volume grew") {
-		t.Fatalf("want growth at block thresholds and no ENOSPC pause; volagent serve stderr:\n%s", log)
+		t.Fatalf("want growth at block thresholds and no ENOSPC pause; volagentd stderr:\n%s", log)
 	}
 	grown, err := hostblk.Inspect(dev)
 	if err != nil {

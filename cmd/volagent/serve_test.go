@@ -29,7 +29,7 @@ import (
 const busPolicyFile = "../../packaging/dbus/org.volagent.VolAgent1.conf"
 
 // serveEnv is a private bus, a pool configuration and the directories
-// behind it, for `volagent serve` processes.
+// behind it, for `volagentd` processes.
 type serveEnv struct {
 	t      *testing.T
 	bus    *dbustest.Bus
@@ -179,7 +179,7 @@ func mustLoops(t *testing.T) []hostblk.LoopDevice {
 	return l
 }
 
-// daemon is one `volagent serve` process.
+// daemon is one `volagentd` process.
 type daemon struct {
 	cmd    *exec.Cmd
 	stderr *syncBuffer
@@ -205,7 +205,7 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// startDaemon starts `volagent serve` on the env's bus with a notify
+// startDaemon starts `volagentd` on the env's bus with a notify
 // socket of its own, and extra environment; it is killed at cleanup if
 // still running. It does not wait for READY=1 (see waitReady).
 func (e *serveEnv) startDaemon(env ...string) *daemon {
@@ -227,7 +227,7 @@ func (e *serveEnv) startDaemon(env ...string) *daemon {
 			d.notify <- string(buf[:n])
 		}
 	}()
-	d.cmd = exec.Command(binaryUnderTest(t), "serve", "--config", e.config, "--bus-address", e.bus.Address)
+	d.cmd = exec.Command(daemonUnderTest(t), "--config", e.config, "--bus-address", e.bus.Address)
 	d.cmd.Env = append(os.Environ(), append([]string{"NOTIFY_SOCKET=" + sock}, env...)...)
 	d.cmd.Stderr = d.stderr
 	if err := d.cmd.Start(); err != nil {
@@ -247,7 +247,7 @@ func (e *serveEnv) startDaemon(env ...string) *daemon {
 			<-d.exited
 		}
 		if t.Failed() {
-			t.Logf("volagent serve stderr:\n%s", d.stderr.String())
+			t.Logf("volagentd stderr:\n%s", d.stderr.String())
 		}
 	})
 	return d
@@ -260,7 +260,7 @@ func (d *daemon) nextNotify(t *testing.T, timeout time.Duration) string {
 	case m := <-d.notify:
 		return m
 	case <-d.exited:
-		t.Fatalf("volagent serve exited (%d) instead of notifying:\n%s", d.code, d.stderr.String())
+		t.Fatalf("volagentd exited (%d) instead of notifying:\n%s", d.code, d.stderr.String())
 	case <-time.After(timeout):
 		t.Fatalf("no notify message within %v; stderr:\n%s", timeout, d.stderr.String())
 	}
@@ -287,7 +287,7 @@ func (d *daemon) stop(t *testing.T) int {
 	select {
 	case <-d.exited:
 	case <-time.After(60 * time.Second):
-		t.Fatalf("volagent serve did not stop within 60s of SIGTERM:\n%s", d.stderr.String())
+		t.Fatalf("volagentd did not stop within 60s of SIGTERM:\n%s", d.stderr.String())
 	}
 	return d.code
 }
@@ -415,12 +415,12 @@ func TestServeBadConfigNamesTheKey(t *testing.T) {
 	} {
 		path := filepath.Join(dir, "volagent.toml")
 		os.WriteFile(path, []byte(c.config), 0o644)
-		_, stderr, code := runVolagent(t, "serve", "--config", path, "--bus-address", "unix:path=/nonexistent")
+		_, stderr, code := runDaemon(t, "--config", path, "--bus-address", "unix:path=/nonexistent")
 		if code != exitFailure || !strings.Contains(stderr, c.mention) {
 			t.Errorf("config %q: exit %d, stderr %q; want 2 naming %q", c.config, code, stderr, c.mention)
 		}
 	}
-	_, stderr, code := runVolagent(t, "serve", "--config", filepath.Join(dir, "missing.toml"))
+	_, stderr, code := runDaemon(t, "--config", filepath.Join(dir, "missing.toml"))
 	if code != exitFailure || !strings.Contains(stderr, "missing.toml") {
 		t.Errorf("missing config: exit %d, stderr %q", code, stderr)
 	}

@@ -1,5 +1,5 @@
 // Command benchtool is the D-Bus client of scripts/bench.sh: one client
-// connection timing calls to a running `volagent serve`. It is a benchmark
+// connection timing calls to a running `volagentd`. It is a benchmark
 // helper, not part of the product.
 //
 //	benchtool wait     -bus ADDR [-timeout 60s]

@@ -24,16 +24,16 @@ start_private_bus() {
 	return 1
 }
 
-# wait_for_volagent ADDRESS PID LOG: waits until the volagent daemon (PID)
+# wait_for_volagent ADDRESS PID LOG: waits until volagentd (PID)
 # owns its name on the bus at ADDRESS; fails with its LOG if it exits or
 # takes more than 30 s.
 wait_for_volagent() {
 	local address=$1 pid=$2 log=$3 _
 	for _ in $(seq 600); do
 		busctl --address="$address" status org.volagent.VolAgent1 >/dev/null 2>&1 && return 0
-		kill -0 "$pid" 2>/dev/null || { echo "volagent serve exited: $(cat "$log")" >&2; return 1; }
+		kill -0 "$pid" 2>/dev/null || { echo "volagentd exited: $(cat "$log")" >&2; return 1; }
 		sleep 0.05
 	done
-	echo "volagent serve did not take its bus name in 30 s: $(cat "$log")" >&2
+	echo "volagentd did not take its bus name in 30 s: $(cat "$log")" >&2
 	return 1
 }

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"runtime/debug"
 	"sync"
 	"syscall"
 	"time"
@@ -17,11 +16,12 @@ import (
 
 	"github.com/volagent/volagent/backend"
 	"github.com/volagent/volagent/dbusapi"
+	"github.com/volagent/volagent/internal/version"
 	"github.com/volagent/volagent/systemd"
 	"github.com/volagent/volagent/virt"
 )
 
-// defaultConfigPath is where serve reads its configuration.
+// defaultConfigPath is where the daemon reads its configuration.
 const defaultConfigPath = "/etc/volagent/volagent.toml"
 
 type serveOptions struct {
@@ -52,14 +52,12 @@ func (o *serveOptions) applyLibvirtConfig(lc backend.LibvirtConfig) {
 	}
 }
 
-func init() { rootCmd.AddCommand(newServeCmd()) }
-
 func newServeCmd() *cobra.Command {
 	var opts serveOptions
 	cmd := &cobra.Command{
-		Use:   "serve [--config PATH] [--bus-address ADDRESS] [--debug]",
-		Short: "Run the daemon: serve org.volagent.VolAgent1 on the system bus",
-		Long: `serve runs the volagent daemon. It reads the configuration (TOML, one
+		Use:   "volagentd [--config PATH] [--bus-address ADDRESS] [--debug] [--libvirt-uri URI]",
+		Short: "The volagent daemon: serves org.volagent.VolAgent1 on the system bus",
+		Long: `volagentd is the volagent daemon. It reads the configuration (TOML, one
 [[pool]] table per pool), opens the pools - removing what an interrupted
 operation left behind - and serves the D-Bus API org.volagent.VolAgent1 on
 the system bus (or the bus at --bus-address, or at DBUS_SYSTEM_BUS_ADDRESS).
@@ -96,26 +94,6 @@ names the configuration key at fault) or loses the bus.`,
 	return cmd
 }
 
-// daemonVersion is the module version the binary was built from.
-func daemonVersion() string {
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-		return bi.Main.Version
-	}
-	return "devel"
-}
-
-// connectBus connects to the bus at address, or to the system bus
-// (DBUS_SYSTEM_BUS_ADDRESS, else the well-known socket) when it is empty.
-func connectBus(address string, opts ...dbus.ConnOption) (*dbus.Conn, error) {
-	if address == "" {
-		address = os.Getenv("DBUS_SYSTEM_BUS_ADDRESS")
-	}
-	if address == "" {
-		return dbus.ConnectSystemBus(opts...)
-	}
-	return dbus.Connect(address, opts...)
-}
-
 func runServe(opts serveOptions) error {
 	level := slog.LevelInfo
 	if opts.debug {
@@ -148,8 +126,8 @@ func runServe(opts serveOptions) error {
 		log.Error("some pools could not be loaded", "error", err)
 	}
 
-	srv := dbusapi.NewServer(mgr, dbusapi.Options{Version: daemonVersion(), Logger: log})
-	conn, err := connectBus(opts.busAddress, dbus.WithHandler(srv))
+	srv := dbusapi.NewServer(mgr, dbusapi.Options{Version: version.Version, Logger: log})
+	conn, err := dbusapi.Connect(opts.busAddress, dbus.WithHandler(srv))
 	if err != nil {
 		return fmt.Errorf("connecting to the bus: %w", err)
 	}
@@ -162,7 +140,7 @@ func runServe(opts serveOptions) error {
 		return fmt.Errorf("owning bus name %s: %w (the bus policy file org.volagent.VolAgent1.conf lets only root own it)", dbusapi.BusName, err)
 	}
 	if reply != dbus.RequestNameReplyPrimaryOwner {
-		return fmt.Errorf("bus name %s is already owned by another process: is another volagent serve running?", dbusapi.BusName)
+		return fmt.Errorf("bus name %s is already owned by another process: is another volagentd running?", dbusapi.BusName)
 	}
 
 	// After the name is owned: the qemu hook, which libvirt runs when a
@@ -180,7 +158,7 @@ func runServe(opts serveOptions) error {
 	if err := systemd.Ready(status); err != nil {
 		log.Warn("notifying the service manager", "error", err)
 	}
-	log.Info("ready", "bus_name", dbusapi.BusName, "pools", len(pools), "volumes", len(volumes), "version", daemonVersion())
+	log.Info("ready", "bus_name", dbusapi.BusName, "pools", len(pools), "volumes", len(volumes), "version", version.Version)
 
 	go systemd.RunWatchdog(ctx, func() error {
 		if !conn.Connected() {
