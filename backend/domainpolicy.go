@@ -12,13 +12,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"sort"
 	"strings"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/qcow2"
 )
 
@@ -568,7 +568,7 @@ func ConfigManagesPath(cfg *Config, path string) (pool string, ok bool) {
 	}
 	loopBacking := ""
 	for _, c := range candidates {
-		if b := loopBackingFile(c); b != "" {
+		if b := hostblk.LoopBackingFile(c); b != "" {
 			loopBacking = b
 		}
 	}
@@ -598,20 +598,6 @@ func ConfigManagesPath(cfg *Config, path string) (pool string, ok bool) {
 		}
 	}
 	return "", false
-}
-
-// loopBackingFile is the backing file of /dev/loopN, from sysfs; "" if
-// path is not an attached loop device.
-func loopBackingFile(path string) string {
-	base := filepath.Base(path)
-	if filepath.Dir(path) != "/dev" || !strings.HasPrefix(base, "loop") {
-		return ""
-	}
-	b, err := os.ReadFile(filepath.Join("/sys/block", base, "loop", "backing_file"))
-	if err != nil {
-		return ""
-	}
-	return strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
 }
 
 func isBlockDevice(path string) bool {
