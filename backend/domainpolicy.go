@@ -9,15 +9,16 @@ import (
 	"bytes"
 	"context"
 	"encoding/xml"
+	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"sort"
 	"strings"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/qcow2"
 )
 
@@ -419,95 +420,67 @@ func (r *DomainReport) checkNetworkChain(disk, format string, bs *backingStoreXM
 	}
 }
 
-// walkChain reads the headers of the disk's chain, top first. complete
-// says the walk reached the bottom image (no refusal stopped it).
+// walkChain reads the headers of the disk's chain, top first, with
+// qcow2's one chain walker (loop and depth limits included). complete says
+// the walk reached the bottom image (no refusal stopped it).
 func (r *DomainReport) walkChain(disk, path, format string, gate *qcow2.Gate, allowHeaderInRaw bool) (chain []ChainLink, complete bool) {
-	type fileID struct{ dev, ino uint64 }
-	seen := map[fileID]bool{}
-	f, err := qcow2.OpenImageFile(path) // the domain's own disk: its path is configuration, not image content
-	if err != nil {
-		r.violation(disk, path, CodeSourceUnreadable, "disk %s: %v", disk, err)
-		return nil, false
-	}
-	link := ChainLink{Path: path, Format: format}
-	for {
-		done, next, nextLink := r.judgeImage(disk, f, &link, gate, allowHeaderInRaw)
+	err := qcow2.WalkChain(path, format, gate, func(l *qcow2.Layer) error {
+		defer l.File.Close() // the domain's own files: only their headers are read
+		link := ChainLink{Path: l.Path, Resolved: l.Resolved, Format: l.Format}
+		if l.Header != nil {
+			link.BackingName = l.Header.BackingFile
+		}
 		chain = append(chain, link)
-		var st unix.Stat_t
-		if err := unix.Fstat(int(f.Fd()), &st); err == nil {
-			seen[fileID{uint64(st.Dev), st.Ino}] = true
+		if l.Format == "raw" && !r.judgeRaw(disk, l, allowHeaderInRaw) {
+			return errStopWalk
 		}
-		f.Close()
-		if done || next == nil {
-			return chain, done
-		}
-		if err := unix.Fstat(int(next.Fd()), &st); err == nil && seen[fileID{uint64(st.Dev), st.Ino}] {
-			next.Close()
-			r.violation(disk, link.Path, CodeChain, "%s: backing file %q is an image higher up the same chain: the chain loops", link.Path, link.BackingName)
-			return chain, false
-		}
-		if len(chain) >= qcow2.MaxChainDepth {
-			next.Close()
-			r.violation(disk, link.Path, CodeChain, "disk %s: the chain has more than %d images", disk, qcow2.MaxChainDepth)
-			return chain, false
-		}
-		f, link = next, nextLink
+		return nil
+	})
+	switch {
+	case err == nil:
+		return chain, true
+	case errors.Is(err, errStopWalk):
+		return chain, false // already reported
 	}
+	image := path // the image the error concerns: the last one reached
+	if len(chain) > 0 {
+		image = chain[len(chain)-1].Path
+	}
+	switch {
+	case len(chain) == 0:
+		r.violation(disk, path, CodeSourceUnreadable, "disk %s: %v", disk, err)
+	case errors.Is(err, qcow2.ErrChain):
+		r.violation(disk, image, CodeChain, "disk %s: %s: %v", disk, image, err)
+	case qcow2.IsRefusal(err):
+		r.fieldViolations(disk, image, err)
+	default:
+		r.violation(disk, image, CodeSourceUnreadable, "disk %s: %v", disk, err)
+	}
+	return chain, false
 }
 
-// judgeImage judges one opened image. It returns done when the image is
-// the bottom of the chain, or else the opened backing file and its link;
-// (false, nil) when a refusal stops the walk.
-func (r *DomainReport) judgeImage(disk string, f *os.File, link *ChainLink, gate *qcow2.Gate, allowHeaderInRaw bool) (done bool, next *os.File, nextLink ChainLink) {
-	size, err := f.Seek(0, io.SeekEnd)
-	if err != nil {
-		r.violation(disk, link.Path, CodeSourceUnreadable, "size of %s: %v", link.Path, err)
-		return false, nil, ChainLink{}
+// errStopWalk ends a chain walk whose verdict is already in the report.
+var errStopWalk = errors.New("walk stopped")
+
+// judgeRaw reports a raw image that starts with an image header; false
+// when the image cannot be read (reported).
+func (r *DomainReport) judgeRaw(disk string, l *qcow2.Layer, allowHeaderInRaw bool) bool {
+	head := make([]byte, qcow2.DetectSize)
+	n, err := l.File.ReadAt(head, 0)
+	if err != nil && err != io.EOF {
+		r.violation(disk, l.Path, CodeSourceUnreadable, "reading %s: %v", l.Path, err)
+		return false
 	}
-	if link.Format == "raw" {
-		head := make([]byte, qcow2.DetectSize)
-		n, err := f.ReadAt(head, 0)
-		if err != nil && err != io.EOF {
-			r.violation(disk, link.Path, CodeSourceUnreadable, "reading %s: %v", link.Path, err)
-			return false, nil, ChainLink{}
+	if found := qcow2.DetectImageHeader(head[:n]); found != "" {
+		report := r.violation
+		if allowHeaderInRaw {
+			report = r.warning
 		}
-		if found := qcow2.DetectImageHeader(head[:n]); found != "" {
-			report := r.violation
-			if allowHeaderInRaw {
-				report = r.warning
-			}
-			report(disk, link.Path, CodeHeaderInRaw,
-				"%s is used as raw but starts with a %s header: the disk's <driver type> is missing (libvirt then assumes raw) or wrong, or the guest wrote the header; any tool that guesses formats would misread it",
-				link.Path, found)
-		}
-		return true, nil, ChainLink{}
+		report(disk, l.Path, CodeHeaderInRaw,
+			"%s is used as raw but starts with a %s header: the disk's <driver type> is missing (libvirt then assumes raw) or wrong, or the guest wrote the header; any tool that guesses formats would misread it",
+			l.Path, found)
 	}
-	h, err := qcow2.ReadHeader(f, size)
-	if h == nil || err != nil {
-		if err != nil && !qcow2.IsRefusal(err) {
-			r.violation(disk, link.Path, CodeSourceUnreadable, "reading the header of %s: %v", link.Path, err)
-		} else {
-			r.fieldViolations(disk, link.Path, err)
-		}
-		if h != nil {
-			link.BackingName = h.BackingFile
-		}
-		return false, nil, ChainLink{}
-	}
-	link.BackingName = h.BackingFile
-	if !h.HasBacking() {
-		return true, nil, ChainLink{}
-	}
-	bf, resolved, err := gate.Open(link.Path, h.BackingFile)
-	if err != nil {
-		if qcow2.IsRefusal(err) {
-			r.fieldViolations(disk, link.Path, err)
-		} else {
-			r.violation(disk, link.Path, CodeSourceUnreadable, "%s: %v", link.Path, err)
-		}
-		return false, nil, ChainLink{}
-	}
-	return false, bf, ChainLink{Path: qcow2.BackingPath(link.Path, h.BackingFile), Resolved: resolved, Format: h.BackingFormat}
+	return true
 }
 
 // compareBackingStore checks the XML's explicit chain against the one the
@@ -595,7 +568,7 @@ func ConfigManagesPath(cfg *Config, path string) (pool string, ok bool) {
 	}
 	loopBacking := ""
 	for _, c := range candidates {
-		if b := loopBackingFile(c); b != "" {
+		if b := hostblk.LoopBackingFile(c); b != "" {
 			loopBacking = b
 		}
 	}
@@ -625,20 +598,6 @@ func ConfigManagesPath(cfg *Config, path string) (pool string, ok bool) {
 		}
 	}
 	return "", false
-}
-
-// loopBackingFile is the backing file of /dev/loopN, from sysfs; "" if
-// path is not an attached loop device.
-func loopBackingFile(path string) string {
-	base := filepath.Base(path)
-	if filepath.Dir(path) != "/dev" || !strings.HasPrefix(base, "loop") {
-		return ""
-	}
-	b, err := os.ReadFile(filepath.Join("/sys/block", base, "loop", "backing_file"))
-	if err != nil {
-		return ""
-	}
-	return strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
 }
 
 func isBlockDevice(path string) bool {

@@ -198,7 +198,7 @@ func identities(path string) []fileID {
 	case unix.S_IFBLK:
 		ids = append(ids, fileID{block: true, dev: uint64(st.Rdev)})
 		if real, err := filepath.EvalSymlinks(path); err == nil {
-			if file := loopBackingFile(real); file != "" {
+			if file := hostblk.LoopBackingFile(real); file != "" {
 				var fst unix.Stat_t
 				// Only a regular file: an LV activated by loop has the PV's
 				// device behind it, shared by every LV of the group.

@@ -2,7 +2,6 @@ package backend
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -564,73 +563,30 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 	return nil
 }
 
-// resizeImage rewrites the size fields of the qcow2 header on the device.
+// resizeImage grows the qcow2 image on the device (qcow2.Resize: the L1
+// table grows in place or moves).
 func resizeImage(path string, virtualSize int64) error {
-	// Buffered: ReadHeader reads unaligned; the header write is followed
-	// by a flush, which makes it as durable as a direct write.
 	tgt, err := hostblk.OpenTarget(path, true)
 	if err != nil {
 		if errors.Is(err, hostblk.ErrTargetBusy) {
-			return fmt.Errorf("%w: %v", ErrBusy, err)
+			return fmt.Errorf("%w: %w", ErrBusy, err)
 		}
-		return fmt.Errorf("%w: %v", ErrFailed, err)
+		return fmt.Errorf("%w: %w", ErrFailed, err)
 	}
 	defer tgt.Close()
-	bs := int64(tgt.BlockSize)
-	h, err := qcow2.ReadHeader(tgt.File, tgt.Size)
-	if err != nil {
-		if qcow2.IsRefusal(err) {
-			return fmt.Errorf("%w: header refused: %v", ErrPolicyViolation, err)
-		}
-		return fmt.Errorf("%w: %v", ErrFailed, err)
+	err = qcow2.Resize(tgt, tgt.Size, qcow2.WriterOptions{BlockSize: tgt.BlockSize, ContainerSize: tgt.ContainerSize()}, virtualSize)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, qcow2.ErrNoSpace):
+		return fmt.Errorf("%w: the device has no room for the larger L1 table: %w", ErrNoSpace, err)
+	case errors.Is(err, qcow2.ErrUnsupported), errors.Is(err, qcow2.ErrTooLarge):
+		// Internal snapshots, the dirty bit, an L1 table past qemu's limit.
+		return fmt.Errorf("%w: %w", ErrInvalidArgument, err)
+	case qcow2.IsRefusal(err):
+		return fmt.Errorf("%w: header refused: %w", ErrPolicyViolation, err)
 	}
-	if h.NbSnapshots > 0 {
-		return fmt.Errorf("%w: the image has %d internal snapshots; volagent does not resize those", ErrInvalidArgument, h.NbSnapshots)
-	}
-	c := h.ClusterSize()
-	perL1Entry := h.L2Entries() * c
-	needed := (virtualSize + perL1Entry - 1) / perL1Entry
-	inPlace := roundUp(int64(h.L1Size)*8, c) / 8
-	if int64(h.L1Size) == 0 {
-		inPlace = 0
-	}
-	if needed > inPlace {
-		return fmt.Errorf("%w: virtual size %d needs %d L1 entries; the L1 table at offset %d holds %d in place (at most %d bytes of virtual size) and volagent does not move it",
-			ErrInvalidArgument, virtualSize, needed, h.L1TableOffset, inPlace, inPlace*perL1Entry)
-	}
-	if needed > int64(h.L1Size) {
-		// The entries past l1_size become live: they must be empty.
-		from, to := int64(h.L1TableOffset)+int64(h.L1Size)*8, int64(h.L1TableOffset)+needed*8
-		lo, hi := from/bs*bs, roundUp(to, bs)
-		buf := qcow2.AlignedBuffer(int(hi-lo), int(bs))
-		if _, err := tgt.File.ReadAt(buf, lo); err != nil {
-			return fmt.Errorf("%w: reading the L1 table: %v", ErrFailed, err)
-		}
-		for _, x := range buf[from-lo : to-lo] {
-			if x != 0 {
-				return fmt.Errorf("%w: the L1 table has non-zero bytes past l1_size %d; run qemu-img check", ErrFailed, h.L1Size)
-			}
-		}
-	}
-	first := qcow2.AlignedBuffer(int(bs), int(bs))
-	if _, err := tgt.File.ReadAt(first, 0); err != nil {
-		return fmt.Errorf("%w: reading the header: %v", ErrFailed, err)
-	}
-	// Offsets from docs/interop/qcow2.txt: size at 24, l1_size at 36.
-	binary.BigEndian.PutUint64(first[24:], uint64(virtualSize))
-	if needed > int64(h.L1Size) {
-		binary.BigEndian.PutUint32(first[36:], uint32(needed))
-	}
-	if _, err := tgt.File.WriteAt(first, 0); err != nil {
-		return fmt.Errorf("%w: writing the header: %v", ErrFailed, err)
-	}
-	if err := tgt.Sync(); err != nil {
-		return fmt.Errorf("%w: flushing the header: %v", ErrFailed, err)
-	}
-	if _, err := qcow2.ReadHeader(tgt.File, tgt.Size); err != nil {
-		return fmt.Errorf("%w: the resized header is refused: %v", ErrFailed, err)
-	}
-	return nil
+	return fmt.Errorf("%w: %w", ErrFailed, err)
 }
 
 // refresh re-reads a volume from its device after a change and tells

@@ -470,3 +470,22 @@ func RemoveLoopDevice(n int) error {
 	}
 	return nil
 }
+
+// LoopBackingFile returns the backing file of the loop device at path
+// (/dev/loopN as named, symlinks not followed), from sysfs, without the
+// kernel's " (deleted)" mark; "" if path is not an attached loop device.
+// It reads one sysfs file: the qemu hook calls it for every disk.
+func LoopBackingFile(path string) string {
+	numStr, ok := strings.CutPrefix(path, "/dev/loop")
+	if !ok {
+		return ""
+	}
+	if _, err := strconv.Atoi(numStr); err != nil {
+		return ""
+	}
+	b, err := readSysfs("/sys/block/loop" + numStr + "/loop/backing_file")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSuffix(b, " (deleted)")
+}

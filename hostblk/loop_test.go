@@ -9,6 +9,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestAttachLoopSectorSizesAndDirectIO(t *testing.T) {
@@ -260,5 +262,35 @@ func TestRemoveLoopDevice(t *testing.T) {
 	}
 	if _, err := os.Stat(fmt.Sprintf("/sys/block/loop%d", n)); !os.IsNotExist(err) {
 		t.Errorf("/sys/block/loop%d still exists after removal (%v)", n, err)
+	}
+}
+
+// TestLoopBackingFileAndPoolVolume: the host facts the hook and the
+// domain policy read without a daemon. A loop device names its backing
+// file; a file (or a loop device over it, or a symlink to either) is a
+// pool volume exactly when it carries the pool metadata xattr.
+func TestLoopBackingFileAndPoolVolume(t *testing.T) {
+	testRoot(t)
+	dir := testDir(t)
+	plain := sparseFile(t, dir, "plain.img", 8<<20)
+	volume := sparseFile(t, dir, "volume.img", 8<<20)
+	if err := unix.Setxattr(volume, poolMetaXattr, []byte(`{}`), 0); err != nil {
+		t.Fatal(err)
+	}
+	plainLoop := attachTestLoop(t, plain, LoopOptions{})
+	volumeLoop := attachTestLoop(t, volume, LoopOptions{})
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(volumeLoop.Path, link); err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]string{plainLoop.Path: plain, volumeLoop.Path: volume, plain: "", link: "", "/dev/loop-control": ""} {
+		if got := LoopBackingFile(path); got != want {
+			t.Errorf("LoopBackingFile(%s) = %q, want %q", path, got, want)
+		}
+	}
+	for path, want := range map[string]bool{plain: false, plainLoop.Path: false, volume: true, volumeLoop.Path: true, link: true, "/dev/loop-control": false} {
+		if got := IsLoopPoolVolume(path); got != want {
+			t.Errorf("IsLoopPoolVolume(%s) = %v, want %v", path, got, want)
+		}
 	}
 }

@@ -494,3 +494,21 @@ func syncDir(dir string) error {
 	}
 	return nil
 }
+
+// IsLoopPoolVolume reports whether path (symlinks followed) is a loop
+// pool's volume file, or a loop device over one, by the metadata xattr
+// every pool volume carries. It reads sysfs and one xattr's size only, so
+// it needs no configuration: the hook uses it when it has none.
+func IsLoopPoolVolume(path string) bool {
+	file := path
+	if real, err := filepath.EvalSymlinks(path); err == nil {
+		file = real
+	}
+	if b := LoopBackingFile(file); b != "" {
+		file = b
+	} else if strings.HasPrefix(file, "/dev/loop") {
+		return false // a loop device not attached, or not a loop device
+	}
+	_, err := unix.Getxattr(file, poolMetaXattr, nil)
+	return err == nil || errors.Is(err, unix.ERANGE)
+}

@@ -13,13 +13,104 @@ import (
 // included. Deeper chains are refused with ErrChain.
 const MaxChainDepth = 16
 
-// chainLayer is one opened image of a chain, top first.
-type chainLayer struct {
-	file   *os.File
-	path   string // as qemu would name it; relative backing names resolve against its directory
-	name   string // the backing file name its parent records; "" for the top
-	format string
-	header *Header // qcow2 only
+// Layer is one image of a backing chain, as WalkChain reaches it.
+type Layer struct {
+	// File is the image, open read-only. The visitor owns it from the
+	// moment it is handed over (close it, or keep it).
+	File *os.File
+	// Index is the image's place in the chain: 0 for the top.
+	Index int
+	// Path is the image's path as qemu names it (BackingPath of the name
+	// its parent records); relative backing names resolve against it.
+	Path string
+	// Resolved is the symlink-free path the Gate approved ("" for the top).
+	Resolved string
+	// Name is the backing file name the parent records ("" for the top).
+	Name string
+	// Format is the caller's (top) or the parent's backing_format.
+	Format string
+	// Header is the qcow2 header (nil for raw). When HeaderErr is set it
+	// is what could be read, possibly nil.
+	Header *Header
+	// HeaderErr is why the qcow2 header was refused or could not be read.
+	// The walk ends after this layer with it (wrapped, naming the image),
+	// unless the visitor returns an error of its own.
+	HeaderErr error
+}
+
+// WalkChain is the one walker of backing chains: it opens the image at
+// path as format ("raw" or "qcow2"; never probed) and, for qcow2, every
+// backing file below it through gate (a nil gate allows none), each as the
+// format its parent's header records, and calls visit for each image, top
+// first. The top image is the caller's choice and is opened directly.
+//
+// visit is called for every image reached, also for one whose header is
+// refused (Layer.HeaderErr); the walk stops at the first error visit
+// returns and returns it. The walker refuses, with a *FieldError wrapping
+// ErrChain, a chain of more than MaxChainDepth images (before opening the
+// next one) and a file seen twice (same device and inode; the repeated
+// file is not visited). A backing file the gate refuses ends the walk with
+// the gate's error; the file is not opened. Every error the walker makes
+// names the image it concerns; the concerned image is the last one
+// visited, except for a top image that cannot be opened (none visited).
+func WalkChain(path, format string, gate *Gate, visit func(*Layer) error) error {
+	if _, err := ParseFormat(format); err != nil {
+		return fmt.Errorf("opening %s: format: %w", path, err)
+	}
+	if gate == nil {
+		gate = &Gate{}
+	}
+	f, err := OpenImageFile(path)
+	if err != nil {
+		return err
+	}
+	type fileID struct{ dev, ino uint64 }
+	seen := map[fileID]string{}
+	l := &Layer{File: f, Path: path, Format: format}
+	parent := ""
+	for {
+		var st unix.Stat_t
+		if err := unix.Fstat(int(l.File.Fd()), &st); err != nil {
+			l.File.Close()
+			return &os.PathError{Op: "stat", Path: l.Path, Err: err}
+		}
+		id := fileID{uint64(st.Dev), st.Ino}
+		if first, ok := seen[id]; ok {
+			l.File.Close()
+			return fieldErr(ErrChain, "backing_file", l.Name,
+				"named by %q, is the same file as %q higher up the chain: the chain loops", parent, first)
+		}
+		seen[id] = l.Path
+		if l.Format == "qcow2" {
+			size, err := l.File.Seek(0, io.SeekEnd)
+			if err != nil {
+				l.File.Close()
+				return fmt.Errorf("size of %s: %w", l.Path, err)
+			}
+			l.Header, l.HeaderErr = ReadHeader(l.File, size)
+		}
+		if err := visit(l); err != nil {
+			return err
+		}
+		if l.HeaderErr != nil {
+			return fmt.Errorf("%s: %w", l.Path, l.HeaderErr)
+		}
+		h := l.Header
+		if h == nil || !h.HasBacking() {
+			return nil
+		}
+		if l.Index+1 >= MaxChainDepth {
+			return fieldErr(ErrChain, "backing_file", h.BackingFile,
+				"named by %q, image %d of the chain; at most %d images are allowed", l.Path, l.Index+1, MaxChainDepth)
+		}
+		next, resolved, err := gate.Open(l.Path, h.BackingFile)
+		if err != nil {
+			return fmt.Errorf("%s: %w", l.Path, err)
+		}
+		parent = l.Path
+		l = &Layer{File: next, Index: l.Index + 1, Path: BackingPath(l.Path, h.BackingFile), Resolved: resolved,
+			Name: h.BackingFile, Format: h.BackingFormat}
+	}
 }
 
 // OpenChain opens the image at path as the caller-given format ("raw" or
@@ -40,20 +131,17 @@ type chainLayer struct {
 //
 // Every error names the image it concerns.
 func OpenChain(path, format string, gate *Gate) (Disk, error) {
-	if _, err := ParseFormat(format); err != nil {
-		return nil, fmt.Errorf("opening %s: format: %w", path, err)
-	}
-	if gate == nil {
-		gate = &Gate{}
-	}
-	top, err := OpenImageFile(path)
-	if err != nil {
-		return nil, err
-	}
-	layers, err := openLayers(chainLayer{file: top, path: path, format: format}, gate)
+	var layers []*Layer
+	err := WalkChain(path, format, gate, func(l *Layer) error {
+		layers = append(layers, l)
+		if l.HeaderErr != nil {
+			return fmt.Errorf("%s: %w", l.Path, formatMismatch(l.HeaderErr, l.Index == 0))
+		}
+		return nil
+	})
 	if err != nil {
 		for _, l := range layers {
-			l.file.Close()
+			l.File.Close()
 		}
 		return nil, err
 	}
@@ -81,52 +169,6 @@ func OpenImageFile(path string) (*os.File, error) {
 	return f, nil
 }
 
-// openLayers opens top and the files below it. It returns every layer it
-// opened, also on error, so the caller can close them.
-func openLayers(top chainLayer, gate *Gate) ([]chainLayer, error) {
-	type fileID struct{ dev, ino uint64 }
-	seen := map[fileID]string{}
-	var layers []chainLayer
-	cur := top
-	for {
-		layers = append(layers, cur)
-		var st unix.Stat_t
-		if err := unix.Fstat(int(cur.file.Fd()), &st); err != nil {
-			return layers, &os.PathError{Op: "stat", Path: cur.path, Err: err}
-		}
-		id := fileID{uint64(st.Dev), st.Ino}
-		if first, ok := seen[id]; ok {
-			return layers, fieldErr(ErrChain, "backing_file", cur.name,
-				"named by %q, is the same file as %q higher up the chain: the chain loops", layers[len(layers)-2].path, first)
-		}
-		seen[id] = cur.path
-		if cur.format == "raw" {
-			return layers, nil
-		}
-		size, err := cur.file.Seek(0, io.SeekEnd)
-		if err != nil {
-			return layers, fmt.Errorf("size of %s: %w", cur.path, err)
-		}
-		h, err := ReadHeader(cur.file, size)
-		if err != nil {
-			return layers, fmt.Errorf("%s: %w", cur.path, formatMismatch(err, len(layers) == 1))
-		}
-		layers[len(layers)-1].header = h
-		if !h.HasBacking() {
-			return layers, nil
-		}
-		if len(layers) >= MaxChainDepth {
-			return layers, fieldErr(ErrChain, "backing_file", h.BackingFile,
-				"named by %q, image %d of the chain; at most %d images are allowed", cur.path, len(layers), MaxChainDepth)
-		}
-		f, _, err := gate.Open(cur.path, h.BackingFile)
-		if err != nil {
-			return layers, fmt.Errorf("%s: %w", cur.path, err)
-		}
-		cur = chainLayer{file: f, path: BackingPath(cur.path, h.BackingFile), name: h.BackingFile, format: h.BackingFormat}
-	}
-}
-
 // formatMismatch adds ErrFormat to a header refusal that says the file is
 // not qcow2 at all: the format it was to be read as (the caller's choice
 // for the top image, the parent's backing_format below) is wrong.
@@ -144,19 +186,19 @@ func formatMismatch(err error, isTop bool) error {
 }
 
 // assembleChain builds the Disks bottom-up. On error it closes everything.
-func assembleChain(layers []chainLayer) (Disk, error) {
+func assembleChain(layers []*Layer) (Disk, error) {
 	var below Disk
 	for i := len(layers) - 1; i >= 0; i-- {
 		l := layers[i]
 		var d Disk
 		var err error
-		if l.format == "raw" {
-			d, err = OpenRaw(l.file)
+		if l.Format == "raw" {
+			d, err = OpenRaw(l.File)
 		} else {
 			var img *Image
-			img, err = newImage(l.file, l.header, below)
+			img, err = newImage(l.File, l.Header, below)
 			if err == nil {
-				img.closer = l.file
+				img.closer = l.File
 				d = img
 			}
 		}
@@ -165,9 +207,9 @@ func assembleChain(layers []chainLayer) (Disk, error) {
 				below.Close()
 			}
 			for _, above := range layers[:i+1] {
-				above.file.Close()
+				above.File.Close()
 			}
-			return nil, fmt.Errorf("%s: %w", l.path, err)
+			return nil, fmt.Errorf("%s: %w", l.Path, err)
 		}
 		below = d
 	}

@@ -100,6 +100,12 @@ type l2Table struct {
 // cleared with one header write before the first change (volagent does
 // not update bitmaps, so they must not be trusted afterwards).
 func OpenWriter(dev Device, imageSize int64, opts WriterOptions) (*Writer, error) {
+	return openWriter(dev, imageSize, opts)
+}
+
+// openWriter is OpenWriter with options for the image underneath (Resize
+// opens it WithoutBacking: it reads no guest data).
+func openWriter(dev Device, imageSize int64, opts WriterOptions, imgOpts ...ImageOption) (*Writer, error) {
 	bs := int64(opts.BlockSize)
 	if bs < 512 || bs > maxBlockSize || bs&(bs-1) != 0 {
 		return nil, fmt.Errorf("qcow2: block size %d: must be a power of two from 512 to %d", bs, maxBlockSize)
@@ -121,7 +127,7 @@ func OpenWriter(dev Device, imageSize int64, opts WriterOptions) (*Writer, error
 	case h.NbSnapshots > 0:
 		return nil, fieldErr(ErrUnsupported, "nb_snapshots", h.NbSnapshots, "images with internal snapshots share clusters; volagent does not write them")
 	}
-	img, err := newImage(alignedReader{bio}, h, opts.Backing)
+	img, err := newImage(alignedReader{bio}, h, opts.Backing, imgOpts...)
 	if err != nil {
 		return nil, err
 	}

@@ -15,15 +15,14 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/godbus/dbus/v5"
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
 	"github.com/volagent/volagent/backend"
 	"github.com/volagent/volagent/dbusapi"
+	"github.com/volagent/volagent/hostblk"
 )
 
 // exitHookRefused is the status that makes libvirt refuse the start.
@@ -323,10 +322,6 @@ func judgeUnreachable(opts hookOptions, domainXML []byte) (hookVerdict, error) {
 	return hookVerdict{allowed: len(lines) == 0, lines: lines, source: "fallback"}, nil
 }
 
-// loopPoolMetaXattr is the extended attribute volagent's loop pools put on
-// every volume file (hostblk's VolumeMeta).
-const loopPoolMetaXattr = "user.volagent.meta"
-
 // hookIsManaged says whether a disk source is a volagent volume, from the
 // configuration when there is one, else from the loop pools' metadata.
 func hookIsManaged(cfg *backend.Config, src string) bool {
@@ -334,17 +329,5 @@ func hookIsManaged(cfg *backend.Config, src string) bool {
 		_, ok := backend.ConfigManagesPath(cfg, src)
 		return ok
 	}
-	file := src
-	if real, err := filepath.EvalSymlinks(src); err == nil {
-		file = real
-	}
-	if base := filepath.Base(file); filepath.Dir(file) == "/dev" && strings.HasPrefix(base, "loop") {
-		b, err := os.ReadFile(filepath.Join("/sys/block", base, "loop", "backing_file"))
-		if err != nil {
-			return false
-		}
-		file = strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
-	}
-	_, err := unix.Getxattr(file, loopPoolMetaXattr, nil)
-	return err == nil || errors.Is(err, unix.ERANGE)
+	return hostblk.IsLoopPoolVolume(src)
 }
