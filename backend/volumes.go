@@ -308,8 +308,8 @@ func (m *Manager) resolveBacking(p *pool, req OverlayRequest) (resolvedBacking, 
 		if !filepath.IsAbs(req.BackingPath) {
 			return b, fmt.Errorf("%w: backing path %q: must be absolute", ErrInvalidArgument, req.BackingPath)
 		}
-		if req.BackingFormat != "raw" && req.BackingFormat != "qcow2" {
-			return b, fmt.Errorf("%w: backing format %q: give raw or qcow2 (volagent never guesses a format)", ErrInvalidArgument, req.BackingFormat)
+		if _, err := qcow2.ParseFormat(req.BackingFormat); err != nil {
+			return b, fmt.Errorf("%w: backing format: %w", ErrInvalidArgument, err)
 		}
 		if filepath.Clean(req.BackingPath) != req.BackingPath {
 			// The kernel takes ".." after the symlinks before it; a cleaned

@@ -13,8 +13,8 @@ import (
 // header. The error is nil for any verdict; it is non-nil only for a bad
 // format argument or an I/O error, when there is no verdict.
 func Inspect(r io.ReaderAt, size int64, path, format string, roots []string) (*Report, error) {
-	if format != "qcow2" && format != "raw" {
-		return nil, fmt.Errorf("format %q: must be qcow2 or raw", format)
+	if _, err := ParseFormat(format); err != nil {
+		return nil, fmt.Errorf("format: %w", err)
 	}
 	rep := &Report{Path: path, Format: format, ImageSize: size, Violations: []ReportViolation{}}
 	var verdictErr error

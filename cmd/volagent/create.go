@@ -182,8 +182,10 @@ func createOptionsFromFlags(fl createFlags) (qcow2.CreateOptions, error) {
 	case fl.backing != "" && fl.backingFormat == "":
 		return opts, fmt.Errorf("%w: --backing %s needs --backing-format raw or qcow2; volagent never guesses a format",
 			qcow2.ErrBackingFormatMissing, fl.backing)
-	case fl.backing != "" && fl.backingFormat != "raw" && fl.backingFormat != "qcow2":
-		return opts, fmt.Errorf("%w: --backing-format %q: only raw and qcow2 are accepted", qcow2.ErrBackingFormat, fl.backingFormat)
+	case fl.backing != "":
+		if _, err := qcow2.ParseFormat(fl.backingFormat); err != nil {
+			return opts, fmt.Errorf("%w: --backing-format: %w", qcow2.ErrBackingFormat, err)
+		}
 	}
 	opts.BackingFormat = fl.backingFormat
 	cs, err := parseSizeFlag("--cluster-size", fl.clusterSize)

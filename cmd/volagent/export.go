@@ -83,8 +83,8 @@ Exit status: 0 success, 2 usage or I/O error (including an image in use),
 // runExport writes the guest-visible bytes of image to output ("-" for
 // stdout). Warnings go to warn.
 func runExport(opts exportOptions, image, output string, stdout, warn io.Writer) error {
-	if opts.format != "qcow2" && opts.format != "raw" {
-		return fmt.Errorf("--format %q: volagent reads qcow2 and raw", opts.format)
+	if _, err := qcow2.ParseFormat(opts.format); err != nil {
+		return fmt.Errorf("--format: %w", err)
 	}
 	var roots []string
 	for _, r := range opts.allowBacking {

@@ -144,8 +144,8 @@ func importForm(cmd *cobra.Command, args []string) (viaDaemon bool, err error) {
 }
 
 func runImport(opts importOptions, source, target string, stdout, stderr io.Writer) (err error) {
-	if opts.sourceFormat != "raw" && opts.sourceFormat != "qcow2" {
-		return fmt.Errorf("--source-format %q: volagent reads raw and qcow2", opts.sourceFormat)
+	if _, err := qcow2.ParseFormat(opts.sourceFormat); err != nil {
+		return fmt.Errorf("--source-format: %w", err)
 	}
 	var roots []string
 	for _, r := range opts.allowBacking {

@@ -70,8 +70,8 @@ type (
 )
 
 func runInspect(out io.Writer, path string, fl inspectFlags) error {
-	if fl.format != "qcow2" && fl.format != "raw" {
-		return fmt.Errorf("--format %q: must be qcow2 or raw", fl.format)
+	if _, err := qcow2.ParseFormat(fl.format); err != nil {
+		return fmt.Errorf("--format: %w", err)
 	}
 	f, size, err := openImageReadOnly(path)
 	if err != nil {
