@@ -247,7 +247,7 @@ func (rp rawPool) build() (PoolConfig, error) {
 		Name: rp.Name, Type: PoolType(rp.Type), VolumeGroup: rp.VolumeGroup, Activation: rp.Activation,
 		Directory: rp.Directory, Policy: PolicyMode(rp.Policy),
 	}
-	if !poolNamePattern.MatchString(rp.Name) {
+	if !poolNamePattern().MatchString(rp.Name) {
 		return pc, fmt.Errorf("name: %q: want 1 to %d characters of %s", rp.Name, MaxPoolNameLength, PoolNameChars)
 	}
 	switch pc.Type {

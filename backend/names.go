@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"sync"
 )
 
 // The one rule for volume and pool names. dbusapi applies it to callers'
@@ -34,13 +35,21 @@ const (
 // libvirt volume names (no '/', not "." or ".."). The first character is
 // a letter or digit: '-' would read as an option, '.' hides a file, and
 // '+' or '_' are refused too so that no name looks like LVM's own.
-var volumeNamePattern = regexp.MustCompile(fmt.Sprintf(`^[a-zA-Z0-9]%s{0,%d}$`, VolumeNameChars, MaxVolumeNameLength-1))
+var volumeNamePattern = lazyRegexp(fmt.Sprintf(`^[a-zA-Z0-9]%s{0,%d}$`, VolumeNameChars, MaxVolumeNameLength-1))
 
-var poolNamePattern = regexp.MustCompile(fmt.Sprintf(`^%s{1,%d}$`, PoolNameChars, MaxPoolNameLength))
+var poolNamePattern = lazyRegexp(fmt.Sprintf(`^%s{1,%d}$`, PoolNameChars, MaxPoolNameLength))
 
 // originPattern bounds OverlayRequest.Origin to what an LVM tag holds
 // unencoded.
-var originPattern = regexp.MustCompile(`^[a-zA-Z0-9:._-]{0,64}$`)
+var originPattern = lazyRegexp(`^[a-zA-Z0-9:._-]{0,64}$`)
+
+// lazyRegexp compiles a pattern on first use. Bounded repetitions such as
+// {0,63} compile to thousands of allocations, which every process linking
+// backend would otherwise pay at start: the volagent command, and so the
+// libvirt hook at every domain start, among them.
+func lazyRegexp(pattern string) func() *regexp.Regexp {
+	return sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(pattern) })
+}
 
 // lvmReservedPrefixes and lvmReservedInfixes are the names LVM refuses for
 // LVs (lib/misc/lvm-string.c: apply_lv_name_restrictions): its own
@@ -58,7 +67,7 @@ var (
 // letter or digit, and nothing LVM reserves. The error wraps
 // ErrInvalidArgument and names the value.
 func ValidateVolumeName(name string) error {
-	if !volumeNamePattern.MatchString(name) {
+	if !volumeNamePattern().MatchString(name) {
 		return fmt.Errorf("%w: volume name %q: want 1 to %d characters of %s, starting with a letter or digit",
 			ErrInvalidArgument, name, MaxVolumeNameLength, VolumeNameChars)
 	}
@@ -79,7 +88,7 @@ func ValidateVolumeName(name string) error {
 // caller): 1 to MaxPoolNameLength characters of PoolNameChars. The error
 // wraps ErrInvalidArgument and names the value.
 func ValidatePoolName(name string) error {
-	if !poolNamePattern.MatchString(name) {
+	if !poolNamePattern().MatchString(name) {
 		return fmt.Errorf("%w: pool name %q: want 1 to %d characters of %s", ErrInvalidArgument, name, MaxPoolNameLength, PoolNameChars)
 	}
 	return nil

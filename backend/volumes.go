@@ -71,7 +71,7 @@ func (m *Manager) CreateOverlay(ctx context.Context, c Caller, req OverlayReques
 	if req.VirtualSize < 0 || req.VirtualSize%512 != 0 {
 		return VolumeInfo{}, fmt.Errorf("%w: virtual size %d: want 0 (the backing's size) or a positive multiple of 512", ErrInvalidArgument, req.VirtualSize)
 	}
-	if !originPattern.MatchString(req.Origin) {
+	if !originPattern().MatchString(req.Origin) {
 		return VolumeInfo{}, fmt.Errorf("%w: origin %q: want at most 64 characters of [a-zA-Z0-9:._-]", ErrInvalidArgument, req.Origin)
 	}
 	id := VolumeID(p.cfg.Name, req.Name)
