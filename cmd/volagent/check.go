@@ -19,8 +19,9 @@ type checkFlags struct {
 func init() {
 	var fl checkFlags
 	cmd := &cobra.Command{
-		Use:   "check [--json] [--force-share] IMAGE",
-		Short: "Check a qcow2 image's refcounts for leaks and corruption (a read-only qemu-img check)",
+		GroupID: groupLocal,
+		Use:     "check [--json] [--force-share] IMAGE",
+		Short:   "Check a qcow2 image's refcounts for leaks and corruption (a read-only qemu-img check)",
 		Long: `Check reads the qcow2 image IMAGE, a file or a block device, rebuilds the
 reference count of every host cluster from the image's tables (header, L1
 and L2 tables, data and compressed clusters, snapshots, refcount table and

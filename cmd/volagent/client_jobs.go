@@ -28,8 +28,9 @@ type jobsFlags struct {
 func newJobsCmd() *cobra.Command {
 	var fl jobsFlags
 	cmd := &cobra.Command{
-		Use:   "jobs [--watch] [--json] [--bus-address ADDRESS] [JOB...]",
-		Short: "List the daemon's jobs, or watch them progress",
+		GroupID: groupDaemon,
+		Use:     "jobs [--watch] [--json] [--bus-address ADDRESS] [JOB...]",
+		Short:   "List the daemon's jobs, or watch them progress",
 		Long: `jobs lists the volagent daemon's jobs (imports, zero-fills): running ones,
 and finished ones for a while after they end.
 

@@ -14,10 +14,11 @@ import (
 
 func init() {
 	overlay := &cobra.Command{
-		Use:   "overlay",
-		Short: "Manage the daemon's qcow2 overlay volumes",
-		Args:  cobra.NoArgs,
-		RunE:  func(cmd *cobra.Command, args []string) error { return cmd.Help() },
+		GroupID: groupDaemon,
+		Use:     "overlay",
+		Short:   "Manage the daemon's qcow2 overlay volumes",
+		Args:    cobra.NoArgs,
+		RunE:    func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
 	overlay.AddCommand(newOverlayCreateCmd())
 	rootCmd.AddCommand(overlay)

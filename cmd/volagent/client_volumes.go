@@ -20,15 +20,17 @@ func init() { rootCmd.AddCommand(newVolumesCmd()) }
 func newVolumesCmd() *cobra.Command {
 	var fl clientFlags
 	cmd := &cobra.Command{
-		Use:   "volumes [--json] [--bus-address ADDRESS]",
-		Short: "List the daemon's volumes (and import new ones: volumes import)",
+		GroupID: groupDaemon,
+		Use:     "volumes [--json] [--bus-address ADDRESS]",
+		Short:   "List the daemon's volumes (and import new ones: volumes import)",
 		Long: `volumes lists the volumes the volagent daemon manages, in every pool,
 with their format, sizes and recorded backing, and, under PROBLEM, why the
 daemon will not use or write a volume ("-" when it is usable: a volume
 whose header it refuses or whose metadata is corrupt is listed, never
 hidden, so that you can inspect and delete it). It asks the daemon over
 D-Bus; reading is open to every user. --json prints the same fields,
-"problem" being "" for a usable volume.
+"problem" being "" for a usable volume. "volumes import" imports an image
+into a new volume.
 
 Exit status: 0 success, 2 error (e.g. the daemon is not running).`,
 		Args: cobra.NoArgs,
@@ -104,15 +106,16 @@ type volumesImportFlags struct {
 	noWait       bool
 }
 
-// newVolumesImportCmd is the daemon's import, kept as an alias of
-// `volagent import --pool`; both run runVolumesImport.
+// newVolumesImportCmd is the daemon's import. `volagent import` is the
+// local copy only; its old --pool form fails and points here.
 func newVolumesImportCmd() *cobra.Command {
 	var fl volumesImportFlags
 	cmd := &cobra.Command{
 		Use:   "import --pool POOL --name NAME [--source-format raw|qcow2] [--size N] [--no-wait] [--json] SOURCE",
-		Short: "Import an image into a new base volume, through the daemon (alias of import --pool)",
-		Long: `volumes import (the same as "volagent import --pool POOL --name NAME SOURCE") asks the volagent daemon to copy SOURCE into a new base
-volume NAME in POOL. SOURCE is opened here, with your rights, and passed to
+		Short: "Import an image into a new base volume, through the daemon",
+		Long: `volumes import asks the volagent daemon to copy SOURCE into a new base
+volume NAME in POOL. (To copy into an existing image here, without the
+daemon, use "volagent import SOURCE TARGET".) SOURCE is opened here, with your rights, and passed to
 the daemon as a file descriptor; it is read as --source-format (default
 raw), never probed.
 

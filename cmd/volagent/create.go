@@ -30,8 +30,9 @@ type createFlags struct {
 func init() {
 	var fl createFlags
 	cmd := &cobra.Command{
-		Use:   "create (--backing PATH --backing-format raw|qcow2 | --no-backing --size N) [--size N] [--cluster-size N] [--force] [--json] TARGET",
-		Short: "Write a qcow2 overlay onto a block device or a new file",
+		GroupID: groupLocal,
+		Use:     "create (--backing PATH --backing-format raw|qcow2 | --no-backing --size N) [--size N] [--cluster-size N] [--force] [--json] TARGET",
+		Short:   "Write a qcow2 overlay onto a block device or a new file",
 		Long: `Create writes a qcow2 v3 image onto TARGET: an existing block device (an LVM
 logical volume, a loop device) or a new regular file.
 

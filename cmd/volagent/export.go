@@ -33,8 +33,9 @@ func init() { rootCmd.AddCommand(newExportCmd()) }
 func newExportCmd() *cobra.Command {
 	var opts exportOptions
 	cmd := &cobra.Command{
-		Use:   "export [flags] IMAGE OUTPUT",
-		Short: "Write the guest-visible raw bytes of an image, through its backing chain",
+		GroupID: groupLocal,
+		Use:     "export [flags] IMAGE OUTPUT",
+		Short:   "Write the guest-visible raw bytes of an image, through its backing chain",
 		Long: `export writes what a virtual machine would see on IMAGE, as a raw disk, to
 OUTPUT (a file, or - for standard output).
 

@@ -57,8 +57,9 @@ type hookOptions struct {
 }
 
 var hookCmd = &cobra.Command{
-	Use:   "hook",
-	Short: "Hooks other programs run (libvirt)",
+	GroupID: groupIntegration,
+	Use:     "hook",
+	Short:   "Hooks other programs run (libvirt)",
 }
 
 func newHookQemuCmd() *cobra.Command {

@@ -28,23 +28,26 @@ type importOptions struct {
 
 func init() { rootCmd.AddCommand(newImportCmd()) }
 
-// importUsage names both forms, for usage errors.
-const importUsage = `give either the local form, "volagent import [--source-format raw|qcow2] SOURCE TARGET", ` +
-	`or the daemon form, "volagent import --pool POOL --name NAME [--source-format raw|qcow2] SOURCE"`
+// volumesImportCmdLine is where the daemon's import lives; import itself
+// only copies locally.
+const volumesImportCmdLine = "volagent volumes import --pool POOL --name NAME [--source-format raw|qcow2] SOURCE"
+
+// removedDaemonFlags were import's daemon form (before import meant one
+// thing); they stay, hidden, only to point to volumes import.
+var removedDaemonFlags = []string{"pool", "name", "size", "no-wait", "bus-address"}
 
 func newImportCmd() *cobra.Command {
 	var local importOptions
-	var daemon volumesImportFlags
 	cmd := &cobra.Command{
-		Use: `import [--source-format raw|qcow2] [--allow-backing DIR]... [--json] [--buffered] SOURCE TARGET
-  volagent import --pool POOL --name NAME [--source-format raw|qcow2] [--size N] [--no-wait] [--json] SOURCE`,
-		Short: "Copy an image's guest view into an existing qcow2 image, or into a new volume through the daemon",
-		Long: `import has two forms.
-
-Local (two arguments, no --pool): import copies what a virtual machine
-would see on SOURCE into TARGET, an existing qcow2 image on a block device
-or in a file, so that afterwards TARGET's guest view equals SOURCE byte for
-byte (and reads zeros past the end of SOURCE, when TARGET is larger).
+		GroupID: groupLocal,
+		Use:     "import [--source-format raw|qcow2] [--allow-backing DIR]... [--json] [--buffered] SOURCE TARGET",
+		Short:   "Copy an image's guest view into an existing qcow2 image",
+		Long: `import copies what a virtual machine would see on SOURCE into TARGET, an
+existing qcow2 image on a block device or in a file, so that afterwards
+TARGET's guest view equals SOURCE byte for byte (and reads zeros past the
+end of SOURCE, when TARGET is larger). It runs here, without the daemon; to
+import into a new volume of a daemon's pool, use
+"` + volumesImportCmdLine + `".
 
 SOURCE is read as --source-format (default raw); it is never probed. Backing
 files of SOURCE and of TARGET are opened with the format their headers
@@ -61,36 +64,19 @@ Progress: a bar on a terminal; with --json, one JSON object per line on
 standard output ({"event":"progress",...}, then {"event":"done",...});
 "durable-bytes" says how much of SOURCE is flushed to TARGET for good.
 
-Through the daemon (--pool and --name, one argument): the volagent daemon
-copies SOURCE into a new base volume NAME in POOL, as "volagent volumes
-import" does. SOURCE is opened here, with your rights, and passed to the
-daemon as a file descriptor. The copy is a daemon job: its progress is
-shown until it ends; with --no-wait the job's object path is printed and
-import returns. --allow-backing and --buffered are for the local form;
---size, --no-wait and --bus-address for the daemon form.
-
-Exit status: 0 success, 2 usage or I/O error (including a full device, or
-a failed job), 3 image refused (malformed, hostile, or against the policy).`,
-		Example: `  # Local: a raw disk into a fresh overlay on a logical volume:
+Exit status: 0 success, 2 usage or I/O error (including a full device),
+3 image refused (malformed, hostile, or against the policy).`,
+		Example: `  # A raw disk into a fresh overlay on a logical volume:
   volagent import --allow-backing /var/lib/images disk.raw /dev/vg0/vm1-overlay
 
-  # Local: a qcow2 image, with machine-readable progress:
-  volagent import --source-format qcow2 --json vm.qcow2 /dev/vg0/vm1-overlay
-
-  # Through the daemon: a new base volume "debian12" in pool "fast":
-  volagent import --pool fast --name debian12 --source-format qcow2 debian-12.qcow2`,
-		DisableFlagsInUseLine: true, // the Use lines list the flags of each form
-		Args:                  cobra.ArbitraryArgs,
+  # A qcow2 image, with machine-readable progress:
+  volagent import --source-format qcow2 --json vm.qcow2 /dev/vg0/vm1-overlay`,
+		Args: cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			viaDaemon, err := importForm(cmd, args)
-			if err != nil {
+			if err := importArgs(cmd, args); err != nil {
 				return err
 			}
-			if viaDaemon {
-				daemon.sourceFormat, daemon.json = local.sourceFormat, local.json
-				return runVolumesImport(cmd.OutOrStdout(), cmd.ErrOrStderr(), args[0], daemon)
-			}
-			err = runImport(local, args[0], args[1], cmd.OutOrStdout(), cmd.ErrOrStderr())
+			err := runImport(local, args[0], args[1], cmd.OutOrStdout(), cmd.ErrOrStderr())
 			if err != nil && qcow2.IsRefusal(err) {
 				return refused(err)
 			}
@@ -100,47 +86,37 @@ a failed job), 3 image refused (malformed, hostile, or against the policy).`,
 	f := cmd.Flags()
 	f.StringVar(&local.sourceFormat, "source-format", "raw", "format of SOURCE: raw or qcow2 (never probed)")
 	f.BoolVar(&local.json, "json", false, "report progress as JSON lines on standard output")
-	f.StringArrayVar(&local.allowBacking, "allow-backing", nil, "local form: directory under which backing files may be opened (repeatable)")
-	f.BoolVar(&local.buffered, "buffered", false, "local form: use the page cache when TARGET cannot do O_DIRECT")
-	f.StringVar(&daemon.pool, "pool", "", "daemon form: pool to import into")
-	f.StringVar(&daemon.name, "name", "", "daemon form: name of the new volume")
-	f.StringVar(&daemon.size, "size", "", "daemon form: virtual size of the volume (default: the source's)")
-	f.BoolVar(&daemon.noWait, "no-wait", false, "daemon form: print the job and return at once")
-	f.StringVar(&daemon.busAddress, "bus-address", "", "daemon form: D-Bus address of the daemon's bus (default: $DBUS_SYSTEM_BUS_ADDRESS, else the system bus)")
+	f.StringArrayVar(&local.allowBacking, "allow-backing", nil, "directory under which backing files may be opened (repeatable)")
+	f.BoolVar(&local.buffered, "buffered", false, "use the page cache when TARGET cannot do O_DIRECT")
+	for _, n := range removedDaemonFlags {
+		if n == "no-wait" {
+			f.Bool(n, false, "removed: the daemon's import is volumes import")
+		} else {
+			f.String(n, "", "removed: the daemon's import is volumes import")
+		}
+		_ = f.MarkHidden(n)
+	}
 	return cmd
 }
 
-// importForm tells the daemon form (--pool) from the local one, and
-// refuses a mix of the two with the flag or argument that is wrong.
-func importForm(cmd *cobra.Command, args []string) (viaDaemon bool, err error) {
-	set := func(names ...string) []string {
-		var out []string
-		for _, n := range names {
-			if cmd.Flags().Changed(n) {
-				out = append(out, "--"+n)
-			}
+// importArgs refuses the old daemon form (import --pool), which now has
+// its own name, and a wrong number of arguments.
+func importArgs(cmd *cobra.Command, args []string) error {
+	var old []string
+	for _, n := range removedDaemonFlags {
+		if cmd.Flags().Changed(n) {
+			old = append(old, "--"+n)
 		}
-		return out
 	}
-	if cmd.Flags().Changed("pool") {
-		switch {
-		case !cmd.Flags().Changed("name"):
-			return false, fmt.Errorf("import --pool needs --name NAME for the new volume; %s", importUsage)
-		case len(args) != 1:
-			return false, fmt.Errorf("import --pool takes one argument, SOURCE, not %d (%q); %s", len(args), args, importUsage)
-		}
-		if local := set("allow-backing", "buffered"); len(local) > 0 {
-			return false, fmt.Errorf("import --pool: %v are for the local form only; %s", local, importUsage)
-		}
-		return true, nil
-	}
-	if daemon := set("name", "size", "no-wait", "bus-address"); len(daemon) > 0 {
-		return false, fmt.Errorf("import: %v are for the daemon form, which needs --pool; %s", daemon, importUsage)
+	if len(old) > 0 {
+		return fmt.Errorf("import %v: import only copies locally into an existing image now; "+
+			"to import into a new volume through the daemon, run %q", old, volumesImportCmdLine)
 	}
 	if len(args) != 2 {
-		return false, fmt.Errorf("import without --pool copies into an existing image and takes SOURCE and TARGET, not %d arguments (%q); %s", len(args), args, importUsage)
+		return fmt.Errorf("import copies into an existing image and takes SOURCE and TARGET, not %d arguments (%q); "+
+			"to import into a new volume through the daemon, run %q", len(args), args, volumesImportCmdLine)
 	}
-	return false, nil
+	return nil
 }
 
 func runImport(opts importOptions, source, target string, stdout, stderr io.Writer) (err error) {

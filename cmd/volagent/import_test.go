@@ -331,48 +331,55 @@ func TestImportKilled(t *testing.T) {
 	}
 }
 
-// TestImportForms: with --pool and --name, import goes to the daemon (as
-// volumes import does); with two arguments it copies locally; any mix is
-// a usage error (exit 2) that names both forms.
+// TestImportForms: import is the local copy only (SOURCE TARGET); its old
+// daemon form (--pool, --name, ...) fails with a usage error that names
+// volumes import instead of doing anything, and volumes import is the one
+// that dials the daemon.
 func TestImportForms(t *testing.T) {
 	dir := t.TempDir()
 	source := filepath.Join(dir, "source.raw")
 	importSource(t, source, 8<<20, 5)
+	target := filepath.Join(dir, "target.qcow2")
+	bus := "unix:path=" + filepath.Join(dir, "no-bus")
+	const newName = "volagent volumes import --pool POOL --name NAME"
 	for _, tc := range []struct {
 		args []string
 		want string
 	}{
 		{[]string{"import", source}, "takes SOURCE and TARGET, not 1 arguments"},
 		{[]string{"import", source, source, source}, "not 3 arguments"},
-		{[]string{"import", "--pool", "p", source}, "--pool needs --name"},
-		{[]string{"import", "--pool", "p", "--name", "n", source, "target"}, "takes one argument, SOURCE, not 2"},
-		{[]string{"import", "--pool", "p", "--name", "n", "--allow-backing", dir, source}, "[--allow-backing] are for the local form only"},
-		{[]string{"import", "--pool", "p", "--name", "n", "--buffered", source}, "[--buffered] are for the local form only"},
-		{[]string{"import", "--name", "n", "--size", "1G", source, "target"}, "[--name --size] are for the daemon form, which needs --pool"},
-		{[]string{"import", "--no-wait", source, "target"}, "[--no-wait] are for the daemon form"},
+		{[]string{"import", "--pool", "p", "--name", "n", source}, "import [--pool --name]: import only copies locally"},
+		{[]string{"import", "--pool", "p", "--name", "n", "--bus-address", bus, source}, "[--pool --name --bus-address]"},
+		{[]string{"import", "--pool", "p", source, target}, "import [--pool]: import only copies locally"},
+		{[]string{"import", "--name", "n", "--size", "1G", source, target}, "[--name --size]"},
+		{[]string{"import", "--no-wait", source, target}, "[--no-wait]"},
 	} {
 		_, stderr, code := runVolagent(t, tc.args...)
-		if code != exitFailure || !strings.Contains(stderr, tc.want) || !strings.Contains(stderr, "volagent import --pool POOL --name NAME") ||
-			!strings.Contains(stderr, "volagent import [--source-format raw|qcow2] SOURCE TARGET") {
-			t.Errorf("%q: exit %d, %s; want a usage error saying %q and both forms", tc.args, code, stderr, tc.want)
+		if code != exitFailure || !strings.Contains(stderr, tc.want) || !strings.Contains(stderr, newName) ||
+			strings.Contains(stderr, "connecting to the bus") {
+			t.Errorf("%q: exit %d, %s; want a usage error saying %q and naming %q", tc.args, code, stderr, tc.want, newName)
 		}
 	}
-	// The daemon form dials the bus given (here none answers); the alias
-	// volumes import takes the same path and fails the same way.
-	bus := "unix:path=" + filepath.Join(dir, "no-bus")
-	for _, args := range [][]string{
-		{"import", "--pool", "p", "--name", "n", "--bus-address", bus, source},
-		{"volumes", "import", "--pool", "p", "--name", "n", "--bus-address", bus, source},
-	} {
-		if _, stderr, code := runVolagent(t, args...); code != exitFailure || !strings.Contains(stderr, "connecting to the bus") {
-			t.Errorf("%q: exit %d, %s; want it to dial the daemon", args, code, stderr)
-		}
+	if _, err := os.Stat(target); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a refused import touched %s: %v", target, err)
 	}
-	// --help shows both forms with examples.
+	// volumes import is the daemon's import: it dials the bus given (here
+	// none answers).
+	args := []string{"volumes", "import", "--pool", "p", "--name", "n", "--bus-address", bus, source}
+	if _, stderr, code := runVolagent(t, args...); code != exitFailure || !strings.Contains(stderr, "connecting to the bus") {
+		t.Errorf("%q: exit %d, %s; want it to dial the daemon", args, code, stderr)
+	}
+	// --help shows the local form and points to volumes import, without
+	// the removed flags.
 	stdout, _, code := runVolagent(t, "import", "--help")
-	for _, want := range []string{"SOURCE TARGET", "--pool POOL --name NAME", "volagent import --pool fast --name debian12"} {
+	for _, want := range []string{"SOURCE TARGET", "volagent volumes import --pool POOL --name NAME"} {
 		if code != exitOK || !strings.Contains(stdout, want) {
 			t.Errorf("import --help (exit %d) does not show %q:\n%s", code, want, stdout)
+		}
+	}
+	for _, gone := range []string{"--no-wait", "--bus-address", "--pool POOL --name NAME [--source-format raw|qcow2] [--size"} {
+		if strings.Contains(stdout, gone) {
+			t.Errorf("import --help still shows %q:\n%s", gone, stdout)
 		}
 	}
 }

@@ -23,8 +23,9 @@ type inspectFlags struct {
 func init() {
 	var fl inspectFlags
 	cmd := &cobra.Command{
-		Use:   "inspect [--json] [--format qcow2|raw] [--allow-backing DIR]... PATH",
-		Short: "Safely report what an image header says (a qemu-img info that opens nothing else)",
+		GroupID: groupLocal,
+		Use:     "inspect [--json] [--format qcow2|raw] [--allow-backing DIR]... PATH",
+		Short:   "Safely report what an image header says (a qemu-img info that opens nothing else)",
 		Long: `Inspect reads the header of the image at PATH, a file or a block device, and
 reports its facts, the backing file name and format it records, and a verdict
 listing every violation found. It opens PATH and nothing else: the backing

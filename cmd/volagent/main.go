@@ -46,6 +46,22 @@ hostile, or against the policy).`,
 	SilenceErrors: true,
 }
 
+// Help groups: one meaning per name, and the help says which commands
+// need the daemon.
+const (
+	groupLocal       = "local"
+	groupDaemon      = "daemon"
+	groupIntegration = "integration"
+)
+
+func init() {
+	rootCmd.AddGroup(
+		&cobra.Group{ID: groupLocal, Title: "Image tools (local, no daemon):"},
+		&cobra.Group{ID: groupDaemon, Title: "Daemon clients (D-Bus, to volagentd):"},
+		&cobra.Group{ID: groupIntegration, Title: "Integration:"},
+	)
+}
+
 func main() {
 	os.Exit(run(os.Args[1:]))
 }

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -212,6 +213,28 @@ func (e *libvirtEnv) stopDaemon() {
 	}
 	if code := d.cmd.ProcessState.ExitCode(); code != 0 {
 		e.t.Fatalf("volagentd exited %d after SIGTERM:\n%s", code, d.stderr.String())
+	}
+}
+
+// blockThreshold is the block threshold libvirt reports for the domain's
+// disk target (virsh domstats block.N.threshold), 0 when none is set.
+func blockThreshold(t *testing.T, domain, target string) uint64 {
+	t.Helper()
+	stats := map[string]string{}
+	for _, line := range strings.Split(testutil.MustVirsh(t, "domstats", "--block", domain), "\n") {
+		if k, v, ok := strings.Cut(strings.TrimSpace(line), "="); ok {
+			stats[k] = v
+		}
+	}
+	for i := 0; ; i++ {
+		name, ok := stats[fmt.Sprintf("block.%d.name", i)]
+		if !ok {
+			return 0
+		}
+		if name == target {
+			n, _ := strconv.ParseUint(stats[fmt.Sprintf("block.%d.threshold", i)], 10, 64)
+			return n
+		}
 	}
 }
 
@@ -443,7 +466,9 @@ func TestServeLibvirt(t *testing.T) {
 		// HMP qemu-io write must succeed (qemu-io bypasses the guest
 		// device's ENOSPC pause, so a write past the device's end would
 		// fail here, not wait).
-		time.Sleep(time.Second) // the threshold is set on the STARTED event
+		// The daemon sets the threshold on the STARTED event: wait until
+		// libvirt reports it on hda, so the writes below go through it.
+		e.waitFor("the block threshold on hda", func() bool { return blockThreshold(t, domain, "hda") > 0 })
 		// qemu-io -d writes through the guest device's own block backend
 		// (what the guest writes through); an IDE disk carries it on the
 		// device libvirt names (virtio-blk-pci keeps it on an inner device
