@@ -50,8 +50,11 @@ func toDBusError(err error) *dbus.Error {
 	if errors.As(err, &de) {
 		return de
 	}
+	// The outermost kind names the error: a cause wrapped beside it may
+	// carry another kind of its own.
+	kind := backend.Kind(err)
 	for _, k := range errorKinds {
-		if errors.Is(err, k.kind) {
+		if kind == k.kind {
 			return dbus.NewError(k.name, []any{err.Error()})
 		}
 	}

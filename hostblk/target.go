@@ -129,7 +129,7 @@ func openFileTarget(path string, buffered bool) (*Target, error) {
 	fd, err := unix.Open(path, flags, 0)
 	if err != nil {
 		if errors.Is(err, unix.EINVAL) && !buffered {
-			return nil, fmt.Errorf("%w: %s: the filesystem refuses O_DIRECT (%v); ask for buffered I/O to use the page cache", ErrNoDirectIO, path, err)
+			return nil, fmt.Errorf("%w: %s: the filesystem refuses O_DIRECT (%w); ask for buffered I/O to use the page cache", ErrNoDirectIO, path, err)
 		}
 		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
