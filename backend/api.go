@@ -12,7 +12,10 @@ package backend
 
 import (
 	"errors"
+	"slices"
 	"time"
+
+	"github.com/volagent/volagent/qcow2"
 )
 
 // Error kinds. Every error a Manager method returns is of one of them
@@ -62,6 +65,19 @@ func Kind(err error) error {
 		}
 	}
 	return nil
+}
+
+// ViolationCodes returns the stable codes of the qcow2 violations err
+// carries (qcow2.FieldError.Code: "data-file", "backing-name", ...), each
+// once, in the order found; nil if it carries none.
+func ViolationCodes(err error) []string {
+	var codes []string
+	for _, v := range qcow2.Violations(err) {
+		if c := v.Code(); !slices.Contains(codes, c) {
+			codes = append(codes, c)
+		}
+	}
+	return codes
 }
 
 // PoolType is how a pool stores its volumes.
