@@ -12,12 +12,17 @@ package backend
 
 import (
 	"errors"
+	"slices"
 	"time"
+
+	"github.com/volagent/volagent/qcow2"
 )
 
-// Error kinds. Every error a Manager method returns wraps exactly one of
-// them (errors.Is), with a message a person can act on. The D-Bus adapter
-// maps them one to one to org.volagent.VolAgent1.Error.<Name>.
+// Error kinds. Every error a Manager method returns is of one of them
+// (Kind), with a message a person can act on, and keeps its cause wrapped
+// too: errors.Is matches the kind, the qcow2 violation (qcow2.ErrDataFile,
+// ...) and context.Canceled alike. The D-Bus adapter maps the kind one to
+// one to org.volagent.VolAgent1.Error.<Name>.
 var (
 	ErrFailed          = errors.New("failed")
 	ErrNotAuthorized   = errors.New("not authorized")
@@ -28,6 +33,52 @@ var (
 	ErrPolicyViolation = errors.New("policy violation")
 	ErrCancelled       = errors.New("cancelled")
 )
+
+// kinds lists the error kinds, for Kind.
+var kinds = []error{ErrFailed, ErrNotAuthorized, ErrInvalidArgument, ErrNotFound, ErrBusy, ErrNoSpace, ErrPolicyViolation, ErrCancelled}
+
+// Kind returns the error kind err was returned as, or nil if it carries
+// none. Errors keep their cause wrapped beside their kind (fmt.Errorf with
+// "%w: ...: %w"), and a cause may carry a kind of its own (a Failed whose
+// cause was Busy one call down); the kind is the outermost one, found
+// first walking the wrap tree depth first in order, as errors.Is walks it.
+// Dispatch on Kind, not on errors.Is of one kind, when that matters.
+func Kind(err error) error {
+	for err != nil {
+		for _, k := range kinds {
+			if err == k {
+				return k
+			}
+		}
+		switch u := err.(type) {
+		case interface{ Unwrap() error }:
+			err = u.Unwrap()
+		case interface{ Unwrap() []error }:
+			for _, e := range u.Unwrap() {
+				if k := Kind(e); k != nil {
+					return k
+				}
+			}
+			return nil
+		default:
+			return nil
+		}
+	}
+	return nil
+}
+
+// ViolationCodes returns the stable codes of the qcow2 violations err
+// carries (qcow2.FieldError.Code: "data-file", "backing-name", ...), each
+// once, in the order found; nil if it carries none.
+func ViolationCodes(err error) []string {
+	var codes []string
+	for _, v := range qcow2.Violations(err) {
+		if c := v.Code(); !slices.Contains(codes, c) {
+			codes = append(codes, c)
+		}
+	}
+	return codes
+}
 
 // PoolType is how a pool stores its volumes.
 type PoolType string

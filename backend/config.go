@@ -140,21 +140,21 @@ func ParseConfig(data []byte, source string) (*Config, error) {
 			where += fmt.Sprintf(" (%q)", rp.Name)
 		}
 		if err != nil {
-			return nil, fmt.Errorf("%w: %s.%v", ErrInvalidArgument, where, err)
+			return nil, fmt.Errorf("%w: %s.%w", ErrInvalidArgument, where, err)
 		}
 		if j, dup := seen[pc.Name]; dup {
 			return nil, fmt.Errorf("%w: %s.name: %q is already the name of pool[%d]", ErrInvalidArgument, where, pc.Name, j)
 		}
 		seen[pc.Name] = i
 		if err := sharedStorage(cfg.Pools, pc); err != nil {
-			return nil, fmt.Errorf("%w: %s.%v", ErrInvalidArgument, where, err)
+			return nil, fmt.Errorf("%w: %s.%w", ErrInvalidArgument, where, err)
 		}
 		cfg.Pools = append(cfg.Pools, pc)
 	}
 	if raw.Libvirt != nil {
 		lc, err := raw.Libvirt.build()
 		if err != nil {
-			return nil, fmt.Errorf("%w: %s: libvirt.%v", ErrInvalidArgument, source, err)
+			return nil, fmt.Errorf("%w: %s: libvirt.%w", ErrInvalidArgument, source, err)
 		}
 		cfg.Libvirt = lc
 	}

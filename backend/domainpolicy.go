@@ -241,7 +241,7 @@ func parseDomain(domain []byte) (*domainXML, error) {
 	var d domainXML
 	dec := xml.NewDecoder(bytes.NewReader(domain))
 	if err := dec.Decode(&d); err != nil {
-		return nil, fmt.Errorf("%w: domain XML: %v", ErrInvalidArgument, err)
+		return nil, fmt.Errorf("%w: domain XML: %w", ErrInvalidArgument, err)
 	}
 	return &d, nil
 }
@@ -637,7 +637,7 @@ func (m *Manager) DomainPolicyOptions() DomainPolicyOptions {
 // parsed.
 func (m *Manager) CheckDomain(ctx context.Context, domain []byte) (allowed bool, report *DomainReport, err error) {
 	if err := ctx.Err(); err != nil {
-		return false, nil, fmt.Errorf("%w: %v", ErrCancelled, err)
+		return false, nil, fmt.Errorf("%w: %w", ErrCancelled, err)
 	}
 	opts := m.DomainPolicyOptions()
 	if d := m.domainsAPI(); d != nil {

@@ -84,7 +84,7 @@ func (m *Manager) Import(ctx context.Context, c Caller, req ImportRequest) (JobI
 	}
 	opts := qcow2.CreateOptions{VirtualSize: vsize}
 	if _, err := qcow2.MaxImageSize(opts); err != nil {
-		return JobInfo{}, fmt.Errorf("%w: %v", ErrInvalidArgument, err)
+		return JobInfo{}, fmt.Errorf("%w: %w", ErrInvalidArgument, err)
 	}
 	id := VolumeID(p.cfg.Name, req.Name)
 	if err := m.reserve(id, "import", p.cfg.Name, req.Name); err != nil {
@@ -111,7 +111,7 @@ func (m *Manager) Import(ctx context.Context, c Caller, req ImportRequest) (JobI
 func (m *Manager) openImportSource(p *pool, req ImportRequest) (importSource, error) {
 	size, err := req.Source.Stat()
 	if err != nil {
-		return nil, fmt.Errorf("%w: import source: %v", ErrFailed, err)
+		return nil, fmt.Errorf("%w: import source: %w", ErrFailed, err)
 	}
 	format, err := qcow2.ParseFormat(req.SourceFormat)
 	if err != nil {
@@ -121,7 +121,7 @@ func (m *Manager) openImportSource(p *pool, req ImportRequest) (importSource, er
 		head := make([]byte, qcow2.DetectSize)
 		n, err := req.Source.ReadAt(head, 0)
 		if err != nil && err != io.EOF {
-			return nil, fmt.Errorf("%w: reading the import source: %v", ErrFailed, err)
+			return nil, fmt.Errorf("%w: reading the import source: %w", ErrFailed, err)
 		}
 		if found := qcow2.DetectImageHeader(head[:n]); found != "" {
 			refusal := &qcow2.FieldError{Field: "first sector", Value: found, Err: qcow2.ErrHeaderInRaw,
@@ -135,9 +135,9 @@ func (m *Manager) openImportSource(p *pool, req ImportRequest) (importSource, er
 	h, err := qcow2.ReadHeader(req.Source, size)
 	if err != nil {
 		if qcow2.IsRefusal(err) {
-			return nil, fmt.Errorf("%w: import source for %q: qcow2 header refused (an image volagent cannot read is refused in audit mode too): %v", ErrPolicyViolation, req.Name, err)
+			return nil, fmt.Errorf("%w: import source for %q: qcow2 header refused (an image volagent cannot read is refused in audit mode too): %w", ErrPolicyViolation, req.Name, err)
 		}
-		return nil, fmt.Errorf("%w: reading the import source: %v", ErrFailed, err)
+		return nil, fmt.Errorf("%w: reading the import source: %w", ErrFailed, err)
 	}
 	if h.HasBacking() {
 		return nil, fmt.Errorf("%w: import source for %q names backing file %q (%s); import self-contained images (qemu-img convert flattens one)", ErrInvalidArgument, req.Name, h.BackingFile, h.BackingFormat)
@@ -145,9 +145,9 @@ func (m *Manager) openImportSource(p *pool, req ImportRequest) (importSource, er
 	img, err := qcow2.OpenImage(req.Source, size, nil)
 	if err != nil {
 		if qcow2.IsRefusal(err) {
-			return nil, fmt.Errorf("%w: import source for %q: %v", ErrPolicyViolation, req.Name, err)
+			return nil, fmt.Errorf("%w: import source for %q: %w", ErrPolicyViolation, req.Name, err)
 		}
-		return nil, fmt.Errorf("%w: import source for %q: %v", ErrFailed, req.Name, err)
+		return nil, fmt.Errorf("%w: import source for %q: %w", ErrFailed, req.Name, err)
 	}
 	return img, nil
 }
@@ -164,7 +164,8 @@ func (m *Manager) runImport(ctx context.Context, j *job, p *pool, name, id strin
 		state := JobFailed
 		if ctx.Err() != nil && !errors.Is(err, errSimulatedCrash) {
 			state = JobCancelled
-			err = fmt.Errorf("%w: import of %q cancelled; the volume was removed", ErrCancelled, name)
+			m.log.Debug("import cancelled", "pool", p.cfg.Name, "volume", name, "id", id, "cause", err)
+			err = fmt.Errorf("%w: import of %q cancelled; the volume was removed (%w)", ErrCancelled, name, context.Cause(ctx))
 		}
 		m.log.Warn("import failed", "pool", p.cfg.Name, "volume", name, "id", id, "state", state, "err", err)
 		j.mu.Lock()
@@ -230,15 +231,15 @@ func (m *Manager) copyImport(ctx context.Context, j *job, p *pool, v *volume, sr
 	})
 	switch {
 	case err == nil:
-	case ctx.Err() != nil && !hasKind(err):
-		return fmt.Errorf("%w: %v", ErrCancelled, err)
-	case hasKind(err):
+	case ctx.Err() != nil && Kind(err) == nil:
+		return fmt.Errorf("%w: %w", ErrCancelled, err)
+	case Kind(err) != nil:
 		return err // the write session's, already of a kind
 	default:
-		return fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+		return fmt.Errorf("%w: volume %q: %w", ErrFailed, v.info.Name, err)
 	}
 	if err := s.close(); err != nil {
-		return fmt.Errorf("%w: volume %q: flushing: %v", ErrFailed, v.info.Name, err)
+		return fmt.Errorf("%w: volume %q: flushing: %w", ErrFailed, v.info.Name, err)
 	}
 	return nil
 }
@@ -269,15 +270,4 @@ func (g growingWriter) WriteZeroes(off, n int64) error {
 
 func (g growingWriter) Flush() error {
 	return g.s.do(g.ctx, 0, func(w *qcow2.Writer) error { return w.Flush() })
-}
-
-// hasKind reports whether err already wraps one of the package's error
-// kinds.
-func hasKind(err error) bool {
-	for _, k := range []error{ErrFailed, ErrNotAuthorized, ErrInvalidArgument, ErrNotFound, ErrBusy, ErrNoSpace, ErrPolicyViolation, ErrCancelled} {
-		if errors.Is(err, k) {
-			return true
-		}
-	}
-	return false
 }

@@ -178,6 +178,6 @@ func (m *Manager) waitJob(ctx context.Context, id uint64) (JobInfo, error) {
 	case <-j.done:
 		return j.snapshot(), nil
 	case <-ctx.Done():
-		return JobInfo{}, fmt.Errorf("%w: waiting for job %d: %v", ErrCancelled, id, ctx.Err())
+		return JobInfo{}, fmt.Errorf("%w: waiting for job %d: %w", ErrCancelled, id, ctx.Err())
 	}
 }

@@ -154,10 +154,10 @@ func NewManager(cfg *Config, opts ManagerOptions) (*Manager, error) {
 		case PoolLVM:
 			mode, err := hostblk.ParseActivationMode(pc.Activation)
 			if err != nil {
-				return nil, fmt.Errorf("%w: pool %q: %v", ErrInvalidArgument, pc.Name, err)
+				return nil, fmt.Errorf("%w: pool %q: %w", ErrInvalidArgument, pc.Name, err)
 			}
 			if p.act, err = hostblk.NewActivator(mode, lvm); err != nil {
-				return nil, fmt.Errorf("%w: pool %q: %v (all LVM pools share one LVM exec layer, so their activation modes must agree)", ErrInvalidArgument, pc.Name, err)
+				return nil, fmt.Errorf("%w: pool %q: %w (all LVM pools share one LVM exec layer, so their activation modes must agree)", ErrInvalidArgument, pc.Name, err)
 			}
 		case PoolLoop:
 		default:
@@ -224,7 +224,7 @@ func (m *Manager) openPool(ctx context.Context, p *pool) error {
 	case PoolLoop:
 		lp, err := hostblk.OpenLoopPool(p.cfg.Directory, hostblk.LoopOptions{})
 		if err != nil {
-			return fmt.Errorf("%w: pool %q: %v", ErrFailed, p.cfg.Name, err)
+			return fmt.Errorf("%w: pool %q: %w", ErrFailed, p.cfg.Name, err)
 		}
 		p.loop = lp
 	case PoolLVM:
@@ -232,7 +232,7 @@ func (m *Manager) openPool(ctx context.Context, p *pool) error {
 			if errors.Is(err, hostblk.ErrVGNotFound) {
 				return fmt.Errorf("%w: pool %q: volume group %q does not exist (create it with vgcreate, or fix volume_group)", ErrNotFound, p.cfg.Name, p.cfg.VolumeGroup)
 			}
-			return fmt.Errorf("%w: pool %q: %v", ErrFailed, p.cfg.Name, err)
+			return fmt.Errorf("%w: pool %q: %w", ErrFailed, p.cfg.Name, err)
 		}
 	}
 	return nil

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/volagent/volagent/internal/testutil"
+	"github.com/volagent/volagent/qcow2"
 )
 
 var poolTypes = []PoolType{PoolLoop, PoolLVM}
@@ -366,6 +367,15 @@ func TestImportProgressAndCancel(t *testing.T) {
 			if done.State != JobCancelled || !strings.Contains(done.Message, "cancelled") {
 				t.Fatalf("job = %+v", done)
 			}
+			// The job's error is a Cancelled that still says why.
+			if j, err := m.job(job.ID); err != nil {
+				t.Fatal(err)
+			} else {
+				mustErrIs(t, j.err, ErrCancelled)
+				if !errors.Is(j.err, context.Canceled) {
+					t.Fatalf("cancelled import's error %v does not match context.Canceled", j.err)
+				}
+			}
 			mustErrIs(t, m.CancelJob(Caller{UID: 0}, job.ID), ErrInvalidArgument)
 			if jobs := m.Jobs(); len(jobs) != 1 || jobs[0].ID != job.ID {
 				t.Fatalf("Jobs() = %+v", jobs)
@@ -425,6 +435,9 @@ func TestPolicy(t *testing.T) {
 				v, err := m.CreateOverlay(ctx, Caller{}, req)
 				if policy == PolicyEnforce {
 					mustErrIs(t, err, ErrPolicyViolation)
+					if !errors.Is(err, qcow2.ErrNotAllowed) {
+						t.Fatalf("request %d: refusal %v does not match qcow2.ErrNotAllowed", i, err)
+					}
 					continue
 				}
 				if err != nil {

@@ -207,7 +207,7 @@ func (m *Manager) createDevice(ctx context.Context, p *pool, op, name string, si
 	case PoolLVM:
 		vg, err := m.lvm.VolumeGroup(ctx, p.cfg.VolumeGroup)
 		if err != nil {
-			return "", "", fmt.Errorf("%w: pool %q: %v", ErrFailed, p.cfg.Name, err)
+			return "", "", fmt.Errorf("%w: pool %q: %w", ErrFailed, p.cfg.Name, err)
 		}
 		if int64(vg.Free) < size {
 			return "", "", fmt.Errorf("%w: pool %q: volume group %q has %s free, the volume needs %s (initial size)",
@@ -215,7 +215,7 @@ func (m *Manager) createDevice(ctx context.Context, p *pool, op, name string, si
 		}
 		tags, err := meta.Tags()
 		if err != nil {
-			return "", "", fmt.Errorf("%w: volume %q: metadata does not fit in LVM tags: %v", ErrInvalidArgument, name, err)
+			return "", "", fmt.Errorf("%w: volume %q: metadata does not fit in LVM tags: %w", ErrInvalidArgument, name, err)
 		}
 		_, err = m.lvm.CreateLV(ctx, p.cfg.VolumeGroup, name, uint64(size), hostblk.CreateOptions{
 			Tags:       tags,
@@ -225,9 +225,9 @@ func (m *Manager) createDevice(ctx context.Context, p *pool, op, name string, si
 		case errors.Is(err, hostblk.ErrLVExists):
 			return "", "", fmt.Errorf("%w: pool %q: a logical volume named %q already exists in volume group %q (not a volagent volume, or one being made)", ErrInvalidArgument, p.cfg.Name, name, p.cfg.VolumeGroup)
 		case errors.Is(err, hostblk.ErrNoSpace):
-			return "", "", fmt.Errorf("%w: pool %q: volume group %q cannot hold %s more (contiguous=%v): %v", ErrNoSpace, p.cfg.Name, p.cfg.VolumeGroup, bytesize.Format(size), p.act.Mode() == hostblk.ActivationLoop, err)
+			return "", "", fmt.Errorf("%w: pool %q: volume group %q cannot hold %s more (contiguous=%v): %w", ErrNoSpace, p.cfg.Name, p.cfg.VolumeGroup, bytesize.Format(size), p.act.Mode() == hostblk.ActivationLoop, err)
 		case err != nil:
-			return "", "", fmt.Errorf("%w: pool %q: creating LV %q: %v", ErrFailed, p.cfg.Name, name, err)
+			return "", "", fmt.Errorf("%w: pool %q: creating LV %q: %w", ErrFailed, p.cfg.Name, name, err)
 		}
 		if err := m.crashPoint(op + ":device"); err != nil {
 			return "", "", err
@@ -237,7 +237,7 @@ func (m *Manager) createDevice(ctx context.Context, p *pool, op, name string, si
 			if rerr := m.removeDevice(context.WithoutCancel(ctx), p, name); rerr != nil {
 				m.log.Error("could not remove a half-made volume; the next Load removes it", "pool", p.cfg.Name, "volume", name, "err", rerr)
 			}
-			return "", "", fmt.Errorf("%w: pool %q: activating LV %q: %v", ErrFailed, p.cfg.Name, name, err)
+			return "", "", fmt.Errorf("%w: pool %q: activating LV %q: %w", ErrFailed, p.cfg.Name, name, err)
 		}
 		if err := m.crashPoint(op + ":activated"); err != nil {
 			return "", "", err
@@ -249,9 +249,9 @@ func (m *Manager) createDevice(ctx context.Context, p *pool, op, name string, si
 		case errors.Is(err, hostblk.ErrVolumeExists):
 			return "", "", fmt.Errorf("%w: pool %q: a file for %q already exists in %s", ErrInvalidArgument, p.cfg.Name, name, p.cfg.Directory)
 		case errors.Is(err, unix.ENOSPC):
-			return "", "", fmt.Errorf("%w: pool %q: %v", ErrNoSpace, p.cfg.Name, err)
+			return "", "", fmt.Errorf("%w: pool %q: %w", ErrNoSpace, p.cfg.Name, err)
 		case err != nil:
-			return "", "", fmt.Errorf("%w: pool %q: %v", ErrFailed, p.cfg.Name, err)
+			return "", "", fmt.Errorf("%w: pool %q: %w", ErrFailed, p.cfg.Name, err)
 		}
 		if err := m.crashPoint(op + ":device"); err != nil {
 			return "", "", err
@@ -372,16 +372,16 @@ func (m *Manager) growDeviceWithin(ctx context.Context, p *pool, v *volume, mini
 		return 0, m.poolFull(ctx, p, v, minimum, err)
 	}
 	if err != nil {
-		return 0, fmt.Errorf("%w: growing volume %q: %v", ErrFailed, v.info.Name, err)
+		return 0, fmt.Errorf("%w: growing volume %q: %w", ErrFailed, v.info.Name, err)
 	}
 	if p.cfg.Type == PoolLVM {
 		if err := p.act.Refresh(ctx, p.cfg.VolumeGroup, v.info.Name); err != nil {
-			return 0, fmt.Errorf("%w: refreshing volume %q after growing it: %v", ErrFailed, v.info.Name, err)
+			return 0, fmt.Errorf("%w: refreshing volume %q after growing it: %w", ErrFailed, v.info.Name, err)
 		}
 	}
 	info, err := hostblk.Inspect(v.info.DevicePath)
 	if err != nil {
-		return 0, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+		return 0, fmt.Errorf("%w: volume %q: %w", ErrFailed, v.info.Name, err)
 	}
 	return info.Size, nil
 }
@@ -401,7 +401,7 @@ func (m *Manager) poolFull(ctx context.Context, p *pool, v *volume, size int64, 
 		// Free extents elsewhere in the volume group do not help.
 		left += "; loop activation can only grow a volume into the extents right after it"
 	}
-	return fmt.Errorf("%w: %s is full: volume %q needs its device grown from %s to %s, and the pool has %s (%v)",
+	return fmt.Errorf("%w: %s is full: volume %q needs its device grown from %s to %s, and the pool has %s (%w)",
 		ErrNoSpace, where, v.info.Name, bytesize.Format(v.info.DeviceSize), bytesize.Format(size), left, cause)
 }
 

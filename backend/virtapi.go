@@ -80,7 +80,7 @@ func (m *Manager) GrowVolume(ctx context.Context, c Caller, id string, newDevice
 	}
 	current, err := hostblk.Inspect(v.info.DevicePath)
 	if err != nil {
-		return VolumeInfo{}, fmt.Errorf("%w: volume %q (%s): %v", ErrFailed, v.info.Name, id, err)
+		return VolumeInfo{}, fmt.Errorf("%w: volume %q (%s): %w", ErrFailed, v.info.Name, id, err)
 	}
 	size := current.Size
 	if newDeviceSize > current.Size {
@@ -243,13 +243,13 @@ func (m *Manager) domainsUsing(ctx context.Context, v *volume) ([]DomainUse, err
 	}
 	doms, err := d.ListDomains(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("%w: volume %q (%s): libvirt cannot be asked which domains use it (%v); retry once libvirtd answers", ErrBusy, v.info.Name, v.info.ID, err)
+		return nil, fmt.Errorf("%w: volume %q (%s): libvirt cannot be asked which domains use it (%w); retry once libvirtd answers", ErrBusy, v.info.Name, v.info.ID, err)
 	}
 	var uses []DomainUse
 	for _, dom := range doms {
 		name, disks, err := DomainDisks(dom.XML)
 		if err != nil {
-			return nil, fmt.Errorf("%w: volume %q (%s): domain %q: %v", ErrBusy, v.info.Name, v.info.ID, dom.Name, err)
+			return nil, fmt.Errorf("%w: volume %q (%s): domain %q: %w", ErrBusy, v.info.Name, v.info.ID, dom.Name, err)
 		}
 		if name == "" {
 			name = dom.Name
@@ -327,7 +327,7 @@ func (m *Manager) resizeUnderDomain(ctx context.Context, p *pool, v *volume, vir
 	// safe while qemu runs.
 	dev, err := hostblk.OpenDevice(v.info.DevicePath, hostblk.OpenOptions{})
 	if err != nil {
-		return true, fmt.Errorf("%w: volume %q (%s): %v", ErrFailed, v.info.Name, v.info.ID, err)
+		return true, fmt.Errorf("%w: volume %q (%s): %w", ErrFailed, v.info.Name, v.info.ID, err)
 	}
 	size, err := dev.Size()
 	var h *qcow2.Header
@@ -336,14 +336,14 @@ func (m *Manager) resizeUnderDomain(ctx context.Context, p *pool, v *volume, vir
 	}
 	dev.Close()
 	if err != nil {
-		return true, fmt.Errorf("%w: volume %q (%s): reading its header: %v", ErrFailed, v.info.Name, v.info.ID, err)
+		return true, fmt.Errorf("%w: volume %q (%s): reading its header: %w", ErrFailed, v.info.Name, v.info.ID, err)
 	}
 	c := h.ClusterSize()
 	perL1 := h.L2Entries() * c
 	need := roundUp((virtualSize+perL1-1)/perL1*8, c) + 2*c
 	alloc, err := d.DiskAllocation(ctx, u.Domain, u.Disk)
 	if err != nil {
-		return true, fmt.Errorf("%w: volume %q (%s): domain %s disk %s: %v", ErrFailed, v.info.Name, v.info.ID, u.Domain, u.Disk, err)
+		return true, fmt.Errorf("%w: volume %q (%s): domain %s disk %s: %w", ErrFailed, v.info.Name, v.info.ID, u.Domain, u.Disk, err)
 	}
 	if alloc = max(alloc, v.info.HighestAllocated); size-alloc < need {
 		if size, err = m.growDeviceWithin(ctx, p, v, alloc+need, roundUp(alloc+need+p.cfg.ChunkSize, sizeAlignment)); err != nil {
@@ -352,7 +352,7 @@ func (m *Manager) resizeUnderDomain(ctx context.Context, p *pool, v *volume, vir
 		m.poolChanged(p)
 	}
 	if err := d.BlockResize(ctx, u.Domain, u.Disk, virtualSize); err != nil {
-		return true, fmt.Errorf("%w: volume %q (%s): resizing disk %s of domain %s through libvirt: %v", ErrFailed, v.info.Name, v.info.ID, u.Disk, u.Domain, err)
+		return true, fmt.Errorf("%w: volume %q (%s): resizing disk %s of domain %s through libvirt: %w", ErrFailed, v.info.Name, v.info.ID, u.Disk, u.Domain, err)
 	}
 	// Not re-read from the device: qemu owns the image while it runs.
 	m.mu.Lock()

@@ -168,16 +168,16 @@ func (m *Manager) makeVolume(ctx context.Context, p *pool, op, name string, opts
 	// volagent nor qemu has to move it when the device grows.
 	capacity, err := qcow2.MaxImageSize(opts)
 	if err != nil {
-		return "", "", img, fmt.Errorf("%w: %v", ErrInvalidArgument, err)
+		return "", "", img, fmt.Errorf("%w: %w", ErrInvalidArgument, err)
 	}
 	planned := opts
 	planned.BlockSize = headerBlockSize
 	layout, err := qcow2.PlanCreate(capacity, planned)
 	if err != nil {
 		if qcow2.IsRefusal(err) {
-			return "", "", img, fmt.Errorf("%w: %v", ErrPolicyViolation, err)
+			return "", "", img, fmt.Errorf("%w: %w", ErrPolicyViolation, err)
 		}
-		return "", "", img, fmt.Errorf("%w: %v", ErrInvalidArgument, err)
+		return "", "", img, fmt.Errorf("%w: %w", ErrInvalidArgument, err)
 	}
 	size := roundUp(max(p.cfg.InitialSize, layout.WriteSize), sizeAlignment)
 
@@ -200,7 +200,7 @@ func (m *Manager) makeVolume(ctx context.Context, p *pool, op, name string, opts
 	opts.TargetZeroed = p.cfg.Type == PoolLoop
 	img, err = writeNewImage(dev, capacity, opts)
 	if err != nil {
-		return "", "", img, cleanup(fmt.Errorf("%w: pool %q: volume %q: %v", ErrFailed, p.cfg.Name, name, err))
+		return "", "", img, cleanup(fmt.Errorf("%w: pool %q: volume %q: %w", ErrFailed, p.cfg.Name, name, err))
 	}
 	if err := m.crashPoint(op + ":header"); err != nil {
 		return "", "", img, err
@@ -230,7 +230,7 @@ func (m *Manager) commit(ctx context.Context, p *pool, op, name, dev string, met
 		if rerr := m.removeDevice(context.WithoutCancel(ctx), p, name); rerr != nil {
 			m.log.Error("could not remove a half-made volume; the next Load removes it", "pool", p.cfg.Name, "volume", name, "err", rerr)
 		}
-		return fmt.Errorf("%w: pool %q: volume %q: marking it complete: %v", ErrFailed, p.cfg.Name, name, err)
+		return fmt.Errorf("%w: pool %q: volume %q: marking it complete: %w", ErrFailed, p.cfg.Name, name, err)
 	}
 	return m.crashPoint(op + ":committed")
 }
@@ -322,7 +322,7 @@ func (m *Manager) resolveBacking(p *pool, req OverlayRequest) (resolvedBacking, 
 		}
 		if _, err := gate.Resolve("/", b.name); err != nil {
 			if !qcow2.IsRefusal(err) {
-				return b, fmt.Errorf("%w: backing path %q: %v", ErrFailed, b.name, err)
+				return b, fmt.Errorf("%w: backing path %q: %w", ErrFailed, b.name, err)
 			}
 			if err := m.policyRefusal(p, fmt.Sprintf("backing %q", b.name), err); err != nil {
 				return b, err
@@ -346,9 +346,9 @@ func (m *Manager) resolveBacking(p *pool, req OverlayRequest) (resolvedBacking, 
 			m.releaseBacking(b.volumeID)
 		}
 		if errors.Is(err, os.ErrNotExist) {
-			return b, fmt.Errorf("%w: backing %q: %v", ErrNotFound, b.name, err)
+			return b, fmt.Errorf("%w: backing %q: %w", ErrNotFound, b.name, err)
 		}
-		return b, fmt.Errorf("%w: backing %q: %v", ErrFailed, b.name, err)
+		return b, fmt.Errorf("%w: backing %q: %w", ErrFailed, b.name, err)
 	}
 	if perr := m.policyRefusal(p, fmt.Sprintf("backing %q", b.name), err); perr != nil {
 		if b.volumeID != "" {
@@ -400,7 +400,7 @@ func headerInRaw(d qcow2.Disk, name string) error {
 // EventPolicyViolation and returns nil.
 func (m *Manager) policyRefusal(p *pool, subject string, refusal error) error {
 	if p.cfg.Policy != PolicyAudit {
-		return fmt.Errorf("%w: pool %q (policy enforce): %s: %v", ErrPolicyViolation, p.cfg.Name, subject, refusal)
+		return fmt.Errorf("%w: pool %q (policy enforce): %s: %w", ErrPolicyViolation, p.cfg.Name, subject, refusal)
 	}
 	violations := qcow2.Violations(refusal)
 	if len(violations) == 0 {
@@ -471,7 +471,7 @@ func (m *Manager) DeleteWith(ctx context.Context, c Caller, id string, opts Dele
 	}
 	meta := v.meta
 	if err := m.setState(ctx, p, v.info.Name, meta, "", stateDeleting); err != nil {
-		return fmt.Errorf("%w: volume %q (%s): marking it for deletion: %v", ErrFailed, v.info.Name, id, err)
+		return fmt.Errorf("%w: volume %q (%s): marking it for deletion: %w", ErrFailed, v.info.Name, id, err)
 	}
 	m.mu.Lock()
 	delete(m.volumes, id)
@@ -482,7 +482,7 @@ func (m *Manager) DeleteWith(ctx context.Context, c Caller, id string, opts Dele
 	}
 	if err := m.removeDevice(context.WithoutCancel(ctx), p, v.info.Name); err != nil {
 		// Marked "deleting": the next Load finishes the job.
-		return fmt.Errorf("%w: volume %q (%s): %v (it stays marked for deletion; the next Load or Rescan retries)", ErrFailed, v.info.Name, id, err)
+		return fmt.Errorf("%w: volume %q (%s): %w (it stays marked for deletion; the next Load or Rescan retries)", ErrFailed, v.info.Name, id, err)
 	}
 	m.poolChanged(p)
 	m.log.Info("volume deleted", "pool", p.cfg.Name, "volume", v.info.Name, "id", id, "uid", c.UID)
@@ -654,7 +654,7 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 		return err
 	})
 	if cerr := s.close(); err == nil && cerr != nil {
-		err = fmt.Errorf("%w: volume %q: flushing: %v", ErrFailed, v.info.Name, cerr)
+		err = fmt.Errorf("%w: volume %q: flushing: %w", ErrFailed, v.info.Name, cerr)
 	}
 	m.refresh(p, &v)
 	if err != nil {
@@ -680,7 +680,7 @@ func (m *Manager) Check(ctx context.Context, id string) (*qcow2.CheckResult, err
 	defer lock.Unlock()
 	d, err := hostblk.OpenDevice(v.info.DevicePath, hostblk.OpenOptions{})
 	if err != nil {
-		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+		return nil, fmt.Errorf("%w: volume %q: %w", ErrFailed, v.info.Name, err)
 	}
 	defer d.Close()
 	// qemu-img check's locks: nobody writes the image while it is read.
@@ -689,19 +689,19 @@ func (m *Manager) Check(ctx context.Context, id string) (*qcow2.CheckResult, err
 		if errors.Is(err, hostblk.ErrImageInUse) {
 			return nil, fmt.Errorf("%w: volume %q: %w", ErrBusy, v.info.Name, err)
 		}
-		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+		return nil, fmt.Errorf("%w: volume %q: %w", ErrFailed, v.info.Name, err)
 	}
 	defer il.Release()
 	size, err := d.Size()
 	if err != nil {
-		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+		return nil, fmt.Errorf("%w: volume %q: %w", ErrFailed, v.info.Name, err)
 	}
 	res, err := qcow2.Check(d.File(), size)
 	if err != nil {
 		if qcow2.IsRefusal(err) {
-			return nil, fmt.Errorf("%w: volume %q: header refused: %v", ErrPolicyViolation, v.info.Name, err)
+			return nil, fmt.Errorf("%w: volume %q: header refused: %w", ErrPolicyViolation, v.info.Name, err)
 		}
-		return nil, fmt.Errorf("%w: volume %q: %v", ErrFailed, v.info.Name, err)
+		return nil, fmt.Errorf("%w: volume %q: %w", ErrFailed, v.info.Name, err)
 	}
 	return res, nil
 }
@@ -731,11 +731,11 @@ func (s *writeSession) open() error {
 	switch {
 	case err == nil:
 	case errors.Is(err, hostblk.ErrTargetBusy):
-		return fmt.Errorf("%w: volume %q: %v", ErrBusy, name, err)
+		return fmt.Errorf("%w: volume %q: %w", ErrBusy, name, err)
 	case qcow2.IsRefusal(err):
-		return fmt.Errorf("%w: volume %q: its image or chain is refused: %v", ErrPolicyViolation, name, err)
+		return fmt.Errorf("%w: volume %q: its image or chain is refused: %w", ErrPolicyViolation, name, err)
 	default:
-		return fmt.Errorf("%w: volume %q: %v", ErrFailed, name, err)
+		return fmt.Errorf("%w: volume %q: %w", ErrFailed, name, err)
 	}
 	s.w = w
 	s.v.info.DeviceSize = w.Target.Size
@@ -769,19 +769,19 @@ func (s *writeSession) do(ctx context.Context, need int64, fn func(w *qcow2.Writ
 		}
 		if !errors.Is(err, qcow2.ErrNoSpace) {
 			if qcow2.IsRefusal(err) {
-				return fmt.Errorf("%w: volume %q: %v", ErrPolicyViolation, s.v.info.Name, err)
+				return fmt.Errorf("%w: volume %q: %w", ErrPolicyViolation, s.v.info.Name, err)
 			}
-			return fmt.Errorf("%w: volume %q: %v", ErrFailed, s.v.info.Name, err)
+			return fmt.Errorf("%w: volume %q: %w", ErrFailed, s.v.info.Name, err)
 		}
 		if attempt == maxGrowAttempts {
-			return fmt.Errorf("%w: volume %q: still out of space after growing the device %d times: %v", ErrNoSpace, s.v.info.Name, attempt, err)
+			return fmt.Errorf("%w: volume %q: still out of space after growing the device %d times: %w", ErrNoSpace, s.v.info.Name, attempt, err)
 		}
 		// need plus a few clusters for the tables the write may allocate.
 		used := max(s.v.info.DeviceSize, s.w.HighestAllocated())
 		minimum := used + need + 4*s.w.Header().ClusterSize()
 		preferred := used + roundUp(minimum-used, chunk)
 		if cerr := s.close(); cerr != nil {
-			return fmt.Errorf("%w: volume %q: %v", ErrFailed, s.v.info.Name, cerr)
+			return fmt.Errorf("%w: volume %q: %w", ErrFailed, s.v.info.Name, cerr)
 		}
 		// A failed grow leaves the session closed: the device is as it
 		// was, and nothing is left to write.

@@ -54,7 +54,7 @@ func OpenDevice(path string, opts OpenOptions) (*Device, error) {
 	fd, err := unix.Open(path, flags, 0)
 	if err != nil {
 		if errors.Is(err, unix.EBUSY) && opts.Exclusive {
-			return nil, fmt.Errorf("open %s exclusively: %w (%v)", path, ErrDeviceBusy, err)
+			return nil, fmt.Errorf("open %s exclusively: %w (%w)", path, ErrDeviceBusy, err)
 		}
 		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}

@@ -101,7 +101,7 @@ func AttachLoop(backing string, opts LoopOptions) (LoopDevice, error) {
 	backingFd, err := unix.Open(backing, flags, 0)
 	if err != nil {
 		if errors.Is(err, unix.EINVAL) && !opts.BufferedIO {
-			return LoopDevice{}, fmt.Errorf("attach loop on %s: open with O_DIRECT: %w (%v)", backing, ErrDirectIONotSupported, err)
+			return LoopDevice{}, fmt.Errorf("attach loop on %s: open with O_DIRECT: %w (%w)", backing, ErrDirectIONotSupported, err)
 		}
 		return LoopDevice{}, fmt.Errorf("attach loop: %w", &os.PathError{Op: "open", Path: backing, Err: err})
 	}

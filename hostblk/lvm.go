@@ -233,7 +233,7 @@ func (l *LVM) run(ctx context.Context, subcommand string, args []string, consume
 			e.ExitCode = exitErr.ExitCode()
 		}
 		if ctx.Err() != nil {
-			e.cause = fmt.Errorf("%w (%v)", ctx.Err(), waitErr)
+			e.cause = fmt.Errorf("%w (%w)", ctx.Err(), waitErr)
 		}
 		return e
 	}

@@ -45,7 +45,7 @@ func inflateCluster(src, dst []byte) error {
 	var r io.ReadCloser
 	if pooled, ok := flateReaders.Get().(io.ReadCloser); ok {
 		if err := pooled.(flate.Resetter).Reset(in, nil); err != nil {
-			return fmt.Errorf("%w: %v", errDecompress, err)
+			return fmt.Errorf("%w: %w", errDecompress, err)
 		}
 		r = pooled
 	} else {
@@ -54,7 +54,7 @@ func inflateCluster(src, dst []byte) error {
 	defer flateReaders.Put(r)
 
 	if _, err := io.ReadFull(r, dst); err != nil {
-		return fmt.Errorf("%w: deflate stream ends early: %v", errDecompress, err)
+		return fmt.Errorf("%w: deflate stream ends early: %w", errDecompress, err)
 	}
 	var extra [1]byte
 	for range 4 { // a Reader may return (0, nil); do not spin forever on one
@@ -66,7 +66,7 @@ func inflateCluster(src, dst []byte) error {
 			return nil
 		}
 		if err != nil {
-			return fmt.Errorf("%w: deflate stream not terminated after %d bytes: %v", errDecompress, len(dst), err)
+			return fmt.Errorf("%w: deflate stream not terminated after %d bytes: %w", errDecompress, len(dst), err)
 		}
 	}
 	return fmt.Errorf("%w: deflate stream makes no progress", errDecompress)
@@ -107,7 +107,7 @@ func zstdCluster(src, dst []byte) error {
 	for len(out) < len(dst) {
 		frameLen, skippable, err := zstdFrameLength(src)
 		if err != nil {
-			return fmt.Errorf("%w: zstd stream after %d output bytes: %v", errDecompress, len(out), err)
+			return fmt.Errorf("%w: zstd stream after %d output bytes: %w", errDecompress, len(out), err)
 		}
 		frame := src[:frameLen]
 		src = src[frameLen:]
@@ -118,7 +118,7 @@ func zstdCluster(src, dst []byte) error {
 		// rest of the cluster; out shares dst's array.
 		got, err := dec.DecodeAll(frame, out)
 		if err != nil {
-			return fmt.Errorf("%w: zstd frame after %d output bytes: %v", errDecompress, len(out), err)
+			return fmt.Errorf("%w: zstd frame after %d output bytes: %w", errDecompress, len(out), err)
 		}
 		if len(got) > len(dst) || (len(got) > 0 && &got[0] != &dst[0]) {
 			return fmt.Errorf("%w: zstd output escaped the cluster buffer", errDecompress)

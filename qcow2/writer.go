@@ -216,7 +216,7 @@ func (w *Writer) usable() error {
 	case w.closed:
 		return errors.New("qcow2: writer is closed")
 	case w.err != nil:
-		return fmt.Errorf("%w: %v", ErrWriterFailed, w.err)
+		return fmt.Errorf("%w: %w", ErrWriterFailed, w.err)
 	}
 	return nil
 }
@@ -1056,7 +1056,7 @@ func (w *Writer) Close() error {
 			err = w.Flush()
 		}
 	} else {
-		err = fmt.Errorf("%w: %v", ErrWriterFailed, w.err)
+		err = fmt.Errorf("%w: %w", ErrWriterFailed, w.err)
 	}
 	w.closed = true
 	return errors.Join(err, w.img.Close())

@@ -34,6 +34,8 @@ want lintian lintian
 want rpm rpm
 want objdump binutils
 want setpriv util-linux
+# gdbus: a GLib client's view of the D-Bus errors (dbusapi tests).
+want gdbus libglib2.0-bin
 # The polkit rules test runs the shipped rules file in a JavaScript engine.
 want node nodejs
 

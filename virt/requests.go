@@ -95,13 +95,13 @@ func ReadOverlayRequest(path, poolName string, roots []string) (backend.OverlayR
 	req := backend.OverlayRequest{Pool: poolName, Name: strings.TrimSuffix(filepath.Base(path), ".qcow2")}
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
 	if err != nil {
-		return req, fmt.Errorf("%w: request %s: %v", backend.ErrInvalidArgument, path, err)
+		return req, fmt.Errorf("%w: request %s: %w", backend.ErrInvalidArgument, path, err)
 	}
 	f := os.NewFile(uintptr(fd), path)
 	defer f.Close()
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return req, fmt.Errorf("%w: request %s: %v", backend.ErrFailed, path, err)
+		return req, fmt.Errorf("%w: request %s: %w", backend.ErrFailed, path, err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return req, fmt.Errorf("%w: request %s: not a regular file", backend.ErrInvalidArgument, path)
@@ -112,9 +112,9 @@ func ReadOverlayRequest(path, poolName string, roots []string) (backend.OverlayR
 	h, err := qcow2.ReadHeader(f, st.Size)
 	if err != nil {
 		if qcow2.IsRefusal(err) {
-			return req, fmt.Errorf("%w: request %s: %v", backend.ErrPolicyViolation, path, err)
+			return req, fmt.Errorf("%w: request %s: %w", backend.ErrPolicyViolation, path, err)
 		}
-		return req, fmt.Errorf("%w: request %s: %v", backend.ErrFailed, path, err)
+		return req, fmt.Errorf("%w: request %s: %w", backend.ErrFailed, path, err)
 	}
 	if !h.HasBacking() {
 		return req, fmt.Errorf("%w: request %s: backing_file = \"\": a request names the backing of the overlay (<backingStore> with <path> and <format>)", backend.ErrPolicyViolation, path)
@@ -124,7 +124,7 @@ func ReadOverlayRequest(path, poolName string, roots []string) (backend.OverlayR
 	}
 	gate := qcow2.Gate{AllowedRoots: roots}
 	if _, err := gate.CheckLexical(path, h.BackingFile); err != nil {
-		return req, fmt.Errorf("%w: request %s: %v", backend.ErrPolicyViolation, path, err)
+		return req, fmt.Errorf("%w: request %s: %w", backend.ErrPolicyViolation, path, err)
 	}
 	req.BackingPath, req.BackingFormat, req.VirtualSize = h.BackingFile, h.BackingFormat, int64(h.Size)
 	return req, nil

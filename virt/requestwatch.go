@@ -388,7 +388,7 @@ func (w *RequestWatcher) materialize(ctx context.Context, pool, name, path strin
 	}
 	req, err := ReadOverlayRequest(path, pool, settings.BackingRoots)
 	if err != nil {
-		if errors.Is(err, backend.ErrFailed) {
+		if backend.Kind(err) == backend.ErrFailed {
 			log.Warn("request cannot be read now; retried at the next scan", "err", err)
 			return
 		}
@@ -416,7 +416,7 @@ func (w *RequestWatcher) materialize(ctx context.Context, pool, name, path strin
 	} else {
 		v, err = w.vols.CreateOverlay(ctx, backend.Caller{UID: 0}, req)
 		if err != nil {
-			if errors.Is(err, backend.ErrFailed) || errors.Is(err, backend.ErrBusy) || errors.Is(err, backend.ErrCancelled) {
+			if k := backend.Kind(err); k == backend.ErrFailed || k == backend.ErrBusy || k == backend.ErrCancelled {
 				log.Error("materializing a request failed; retried at the next scan", "err", err)
 				return
 			}
@@ -556,14 +556,14 @@ func (w *RequestWatcher) refuse(pool, name, path string, cause error) {
 		w.log.Error("cannot rename a refused request", "pool", pool, "request", path, "err", err)
 	}
 	code := "request-refused"
-	switch {
-	case errors.Is(cause, backend.ErrPolicyViolation):
+	switch backend.Kind(cause) {
+	case backend.ErrPolicyViolation:
 		code = "request-policy-violation"
-	case errors.Is(cause, backend.ErrNotFound):
+	case backend.ErrNotFound:
 		code = "request-not-found"
-	case errors.Is(cause, backend.ErrNoSpace):
+	case backend.ErrNoSpace:
 		code = "request-no-space"
-	case errors.Is(cause, backend.ErrInvalidArgument):
+	case backend.ErrInvalidArgument:
 		code = "request-invalid"
 	}
 	w.vols.SignalPolicyViolation(fmt.Sprintf("request %s/%s", pool, name), code, cause.Error())

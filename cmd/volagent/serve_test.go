@@ -595,6 +595,23 @@ func TestServeLoopPool(t *testing.T) {
 	_, errOut, code = e.cli("overlay", "create", "--pool", "fast", "--name", "x", "--backing", "/etc/passwd", "--backing-format", "raw")
 	if code == 0 {
 		t.Errorf("a backing outside the roots was accepted")
+	} else if !strings.HasSuffix(strings.TrimSpace(errOut), "[codes: not-allowed]") {
+		t.Errorf("a backing outside the roots: the error does not end with its code: %s", errOut)
+	}
+	// A refusal carries the violations' codes to a D-Bus caller, for busctl
+	// and godbus alike, and dbusapi.ViolationCodes reads them.
+	dataFile := e.writeImage("external.raw", 1<<20, 0)
+	withDataFile := filepath.Join(e.images, "datafile.qcow2")
+	testutil.MakeQcow2(t, withDataFile, "data_file="+dataFile, "1M", "", "")
+	_, errOut, err = e.bus.Busctl(t, 0, "call", dbusapi.BusName, string(dbusapi.ManagerPath), dbusapi.ManagerIface,
+		"CreateOverlay", "ssssta{sv}", "fast", "df", withDataFile, "qcow2", "0", "0")
+	if err == nil || !strings.Contains(errOut, "[codes: data-file]") {
+		t.Errorf("busctl CreateOverlay over a data-file image: %v %s", err, errOut)
+	}
+	call := conn.Object(dbusapi.BusName, dbusapi.ManagerPath).Call(dbusapi.ManagerIface+".CreateOverlay", 0,
+		"fast", "df", withDataFile, "qcow2", uint64(0), map[string]dbus.Variant{})
+	if codes := dbusapi.ViolationCodes(call.Err); len(codes) != 1 || codes[0] != "data-file" {
+		t.Errorf("CreateOverlay over a data-file image: %v; codes %q, want [data-file]", call.Err, codes)
 	}
 	_, errOut, code = e.cli("overlay", "create", "--pool", "nope", "--name", "x", "--backing", base, "--backing-format", "raw")
 	if code != exitFailure || !strings.Contains(errOut, "NotFound") {
