@@ -10,7 +10,7 @@ PKGS     := ./...
 FUZZTIME ?= 10s
 FUZZTIME_LONG ?= 10m
 
-.PHONY: all deps build demo test unit lint fuzz fuzz-short bench clean fuzz-seeds packages package-test
+.PHONY: all deps build demo test unit lint fuzz fuzz-short bench clean fuzz-seeds packages package-test vm-test vm-shell
 
 all: build
 
@@ -39,7 +39,7 @@ fuzz-short: deps
 fuzz: deps
 	@scripts/fuzz.sh $(FUZZTIME_LONG)
 
-test: lint build unit fuzz-short package-test
+test: lint build unit fuzz-short package-test vm-test
 
 bench: build
 	@scripts/bench.sh $(BIN)
@@ -58,3 +58,13 @@ packages: deps
 # Builds, lints and installs the packages, then purges them (needs root).
 package-test: deps
 	@scripts/test-packages.sh
+
+# The checks of a real host: a Debian 12 guest (built with mmdebstrap and
+# cached in /var/cache/volagent-vmtest) boots under qemu, installs the .deb
+# and runs scripts/vm/guest-tests.sh (needs root).
+vm-test: deps
+	@scripts/vm/run.sh test
+
+# The same guest with root logged in on this terminal (Ctrl-A X quits).
+vm-shell: deps
+	@scripts/vm/run.sh shell

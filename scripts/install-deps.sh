@@ -34,6 +34,10 @@ want lintian lintian
 want rpm rpm
 want objdump binutils
 want setpriv util-linux
+# The VM tests (scripts/vm): the guest image and its disks.
+want mmdebstrap mmdebstrap
+want mkfs.ext4 e2fsprogs
+want debugfs e2fsprogs
 
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
