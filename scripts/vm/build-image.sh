@@ -49,14 +49,28 @@ done
 [ "${#sources[@]}" -gt 0 ] || { echo "build-image: no apt sources on this host" >&2; exit 1; }
 
 mkdir -p "$cache"
+# One build at a time; a second run waits and takes the first one's image.
+exec 9>"$cache/.lock"
+flock 9
+if [ -f "$out/done" ]; then
+	echo "$out"
+	exit 0
+fi
 work=$(mktemp -d "$cache/build.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-root=$work/root
+# The root is built in memory where there is room: dpkg syncs every file
+# it unpacks, which costs minutes on a disk and nothing on tmpfs.
+tmp=${VMTEST_BUILD_TMP:-/dev/shm}
+if [ -d "$tmp" ] && [ "$(df -P -k "$tmp" | awk 'NR == 2 { print $4 }')" -gt $((4 << 20)) ]; then
+	root=$(mktemp -d "$tmp/volagent-vmtest-root.XXXXXX")
+else
+	root=$work/root
+fi
+trap 'rm -rf "$work" "$root"' EXIT
 start=$(date +%s)
 echo "build-image: building the guest image $key (mmdebstrap, a few minutes)" >&2
 
 uuid=$(cat /proc/sys/kernel/random/uuid)
-mmdebstrap --quiet --mode=root --variant=minbase \
+mmdebstrap --quiet --mode=root --variant=minbase --dpkgopt=force-unsafe-io \
 	--include="$(IFS=,; echo "${packages[*]}")" \
 	--customize-hook="tar -C '$here/guest/root' --owner=0 --group=0 -c . | tar -C \"\$1\" -x --no-same-owner" \
 	--customize-hook="chroot \"\$1\" /bin/sh /usr/local/lib/vmtest/setup.sh $uuid" \

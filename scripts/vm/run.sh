@@ -29,14 +29,20 @@ for tool in qemu-system-x86_64 qemu-img mkfs.ext4 debugfs dpkg-deb timeout; do
 	command -v "$tool" >/dev/null || fail "needs $tool; run scripts/install-deps.sh"
 done
 
-image=$(scripts/vm/build-image.sh)
+# VMTEST_IMAGE: an image directory of build-image.sh to use as it is.
+image=${VMTEST_IMAGE:-$(scripts/vm/build-image.sh)}
 step "image $image ($(( $(date +%s) - start )) s)"
 
 # The package under test, and N+1: the same package with a bumped version,
 # built by repacking it, so the upgrade runs the maintainer scripts of a
 # real upgrade.
-scripts/packages.sh >/dev/null
-deb=$(ls dist/volagent_*_amd64.deb)
+# `make test` has just built it (package-test): rebuilt only when a
+# source is newer.
+deb=$(ls dist/volagent_*_amd64.deb 2>/dev/null || true)
+if [ -z "$deb" ] || [ -n "$(git ls-files -z -co --exclude-standard -- '*.go' go.mod go.sum packaging scripts/packages.sh | xargs -0 -r find 2>/dev/null -newer "$deb" -type f -print -quit)" ]; then
+	scripts/packages.sh >/dev/null
+	deb=$(ls dist/volagent_*_amd64.deb)
+fi
 version=$(dpkg-deb -f "$deb" Version)
 upstream=${version%-*}
 next="${upstream%.*}.$(( ${upstream##*.} + 1 ))-1"
@@ -71,7 +77,8 @@ qemu=(qemu-system-x86_64 -accel tcg -m 2560 -smp 2 -nodefaults -no-user-config
 	-kernel "$image/vmlinuz" -initrd "$image/initrd.img"
 	-drive "file=$work/root.qcow2,format=qcow2,if=virtio,cache=unsafe"
 	-drive "file=$work/vmtest.img,format=raw,if=virtio"
-	-drive "file=$work/pool.raw,format=raw,if=virtio,serial=vmtest-pool,cache=unsafe")
+	-drive "file=$work/pool.raw,format=raw,if=none,id=pool,cache=unsafe"
+	-device virtio-blk-pci,drive=pool,serial=vmtest-pool)
 append="root=UUID=$(cat "$image/root.uuid") rw console=ttyS0,115200 panic=-1"
 
 if [ "$mode" = shell ]; then
@@ -102,6 +109,7 @@ qemu_pid=
 step "guest ran $(( $(date +%s) - boot_start )) s"
 
 # Results: TAP lines from the guest, the journal it saved.
+touch "$work/results.tap"
 debugfs -R "rdump /results $work" "$work/vmtest.img" >/dev/null 2>&1 || true
 tr -d '\r' <"$work/results.tap" >"$work/results.txt"
 cat "$work/results.txt" >&2
