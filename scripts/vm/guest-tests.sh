@@ -49,7 +49,11 @@ check() {
 		tap "ok $n - $name ($((SECONDS - t0)) s)"
 	else
 		tap "not ok $n - $name ($((SECONDS - t0)) s)"
-		tail -n 40 "$S/check.log" | sed 's/^/#   /' >&3
+		{
+			tail -n 40 "$S/check.log"
+			echo "-- journal of volagent.service:"
+			journalctl -u volagent --no-pager -n 12 -o short-monotonic
+		} 2>&1 | sed 's/^/#   /' >&3
 		echo "$n - $name" >>"$S/failed"
 	fi
 	[ -f "$S/vars" ] && . "$S/vars"

@@ -91,7 +91,7 @@ fi
 step "booting the guest (TCG, at most $timeout s)"
 boot_start=$(date +%s)
 # -no-reboot would end the reboot check: the guest reboots once, then powers off.
-"${qemu[@]}" -append "$append quiet vmtest" \
+"${qemu[@]}" -append "$append vmtest" \
 	-serial "file:$work/console.log" -serial "file:$work/results.tap" &
 qemu_pid=$!
 timed_out=
