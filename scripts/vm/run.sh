@@ -39,7 +39,7 @@ step "image $image ($(( $(date +%s) - start )) s)"
 # `make test` has just built it (package-test): rebuilt only when a
 # source is newer.
 deb=$(ls dist/volagent_*_amd64.deb 2>/dev/null || true)
-if [ -z "$deb" ] || [ -n "$(git ls-files -z -co --exclude-standard -- '*.go' go.mod go.sum packaging scripts/packages.sh | xargs -0 -r find 2>/dev/null -newer "$deb" -type f -print -quit)" ]; then
+if [ -z "$deb" ] || [ -n "$(find go.mod go.sum scripts/packages.sh packaging internal cmd ./*/ -newer "$deb" -type f \( -name '*.go' -o -path '*packaging*' -o -name 'go.*' -o -name packages.sh \) -print -quit)" ]; then
 	scripts/packages.sh >/dev/null
 	deb=$(ls dist/volagent_*_amd64.deb)
 fi
