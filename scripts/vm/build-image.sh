@@ -87,5 +87,7 @@ rm -rf "$root"
 touch "$work/out/done"
 rm -rf "$out"
 mv "$work/out" "$out"
+# Images of older recipes are of no use any more.
+find "$cache" -mindepth 1 -maxdepth 1 -type d ! -path "$out" -exec rm -rf {} +
 echo "build-image: built $out in $(( $(date +%s) - start )) s" >&2
 echo "$out"

@@ -204,7 +204,7 @@ c_polkit_other() {
 	fi
 	echo "$out"
 	# The daemon's NotAuthorized, or the bus policy's AccessDenied before it.
-	grep -Eq 'NotAuthorized|not authorized|Access denied|AccessDenied' <<<"$out" || die "refused, but not as unauthorized: $out"
+	grep -Eq 'NotAuthorized|not authorized|Access denied|AccessDenied|Rejected send message' <<<"$out" || die "refused, but not as unauthorized: $out"
 	[ "$(volumes)" = "$before" ] || die "the volumes changed"
 }
 c_polkit_root() {
