@@ -52,7 +52,7 @@ check() {
 		{
 			tail -n 40 "$S/check.log"
 			echo "-- journal of volagent.service:"
-			journalctl -u volagent --no-pager -n 12 -o short-monotonic
+			journalctl -u volagent --no-pager -n 8 -o short-monotonic
 		} 2>&1 | sed 's/^/#   /' >&3
 		echo "$n - $name" >>"$S/failed"
 	fi
@@ -104,7 +104,6 @@ domain_xml() { # NAME SOURCE-DEV DRIVER-ATTRS
       <source dev='$2'/>
       <target dev='vda' bus='virtio'/>
     </disk>
-    <graphics type='none'/>
   </devices>
 </domain>
 EOF
@@ -181,7 +180,7 @@ c_watchdog() {
 c_journal() {
 	journalctl -u volagent -o json --no-pager >/tmp/volagent.json
 	# "overlay created" (c_busctl) carries pool, volume, id, backing.
-	jq -se 'map(select(.MESSAGE == "overlay created" and .POOL == "default" and .VOLUME == "vm0" and .BACKING_FORMAT == "raw" and (.CODE_FILE | length > 0))) | length > 0' /tmp/volagent.json ||
+	jq -se --arg b "$IMG/base.raw" 'map(select(.MESSAGE == "overlay created" and .POOL == "default" and .VOLUME == "vm0" and .BACKING == $b and .BACKING_FORMAT == "raw" and .PRIORITY == "6")) | length > 0' /tmp/volagent.json ||
 		die "no structured record of the overlay: $(grep -m3 'overlay created' /tmp/volagent.json)"
 }
 
