@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mode=${1:-test}
-timeout=${VMTEST_TIMEOUT:-720}
+timeout=${VMTEST_TIMEOUT:-900}
 start=$(date +%s)
 
 fail() { echo "vm-test: FAIL: $*" >&2; exit 1; }
