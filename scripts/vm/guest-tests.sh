@@ -472,7 +472,16 @@ c_purge_libvirt() {
 	! virsh -q pool-list --all | grep -Ew 'default|fast' || die "libvirt still defines volagent's request pools"
 }
 
+# No domain left running: libvirt-guests would wait 300 s for each at shutdown.
+destroy_all() {
+	local d
+	for d in $(virsh list --name 2>/dev/null); do
+		virsh destroy "$d" >/dev/null 2>&1
+	done
+}
+
 finish() {
+	destroy_all
 	tap "1..$n"
 	if [ -s "$S/failed" ]; then
 		journalctl --no-pager -o short-monotonic >"$R/journal.txt" 2>&1
@@ -512,8 +521,7 @@ case $phase in
 	check "2.6 locks: volagent refuses a disk a running domain holds" c_locks_volagent_refuses
 	check "2.6 locks: libvirt cannot start a domain on a disk volagent is writing" c_locks_libvirt_refused
 	check "2.4 libvirt: after restarting libvirtd and volagent, vol-create, start and the hook still work" c_libvirt_restarts
-	virsh destroy good >/dev/null 2>&1
-	virsh destroy thin >/dev/null 2>&1
+	destroy_all
 	volumes >"$S/before-reboot.json" 2>/dev/null
 	echo 2 >"$S/phase"
 	tap "# rebooting for the LVM reboot check"
