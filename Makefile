@@ -14,7 +14,7 @@ FUZZTIME_LONG ?= 10m
 # The daemon's packages: make test runs them with the race detector.
 RACE_PKGS := ./backend ./dbusapi ./virt
 
-.PHONY: all deps build demo test check unit lint fuzz fuzz-short bench clean fuzz-seeds packages package-test
+.PHONY: all deps build demo test check unit lint fuzz fuzz-short bench clean fuzz-seeds packages package-test vm-test vm-shell
 
 all: build
 
@@ -74,3 +74,13 @@ packages: deps
 # Builds, lints and installs the packages, then purges them (needs root).
 package-test: deps
 	@scripts/test-packages.sh
+
+# The checks of a real host: a Debian 12 guest (built with mmdebstrap and
+# cached in /var/cache/volagent-vmtest) boots under qemu, installs the .deb
+# and runs scripts/vm/guest-tests.sh (needs root).
+vm-test: deps
+	@scripts/vm/run.sh test
+
+# The same guest with root logged in on this terminal (Ctrl-A X quits).
+vm-shell: deps
+	@scripts/vm/run.sh shell

@@ -38,6 +38,10 @@ want setpriv util-linux
 want gdbus libglib2.0-bin
 # The polkit rules test runs the shipped rules file in a JavaScript engine.
 want node nodejs
+# The VM tests (scripts/vm): the guest image and its disks.
+want mmdebstrap mmdebstrap
+want mkfs.ext4 e2fsprogs
+want debugfs e2fsprogs
 
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
