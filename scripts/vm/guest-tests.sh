@@ -356,11 +356,26 @@ c_locks_volagent_refuses() {
 	fi
 	echo "local import refused: $out"
 	obj=$(vol fast vmthin object)
-	if out=$(busctl call org.volagent.VolAgent1 "$obj" org.volagent.VolAgent1.Volume Resize 'ta{sv}' $((2 << 30)) 0 2>&1); then
-		die "Resize of vmthin allowed while domain thin runs on it: $out"
+	if out=$(busctl call org.volagent.VolAgent1 "$obj" org.volagent.VolAgent1.Volume Delete 'a{sv}' 0 2>&1); then
+		die "Delete of vmthin allowed while domain thin runs on it: $out"
 	fi
-	echo "D-Bus Resize refused: $out"
-	grep -q 'Busy' <<<"$out" || die "Resize refused, but not as Busy"
+	echo "D-Bus Delete refused: $out"
+	grep -q 'Busy' <<<"$out" || die "Delete refused, but not as Busy"
+	grep -q 'domain thin' <<<"$out" || die "Delete refused without naming the domain"
+	if out=$(busctl call org.volagent.VolAgent1 "$obj" org.volagent.VolAgent1.Volume Write 'taya{sv}' 0 1 0 0 2>&1); then
+		die "Write into vmthin allowed while domain thin runs on it: $out"
+	fi
+	echo "D-Bus Write refused: $out"
+	grep -q 'Busy' <<<"$out" || die "Write refused, but not as Busy"
+	# A running domain's disk is resized through libvirt: qemu rewrites its
+	# own header, and the domain sees the new size.
+	local before after
+	before=$(virsh domblkinfo thin vda | awk '/Capacity/ { print $2 }')
+	busctl call org.volagent.VolAgent1 "$obj" org.volagent.VolAgent1.Volume Resize 'ta{sv}' $((before + (1 << 30))) 0 ||
+		die "Resize of vmthin under domain thin failed"
+	after=$(virsh domblkinfo thin vda | awk '/Capacity/ { print $2 }')
+	[ "$after" = $((before + (1 << 30))) ] || die "domain thin sees capacity $after after Resize, want $((before + (1 << 30)))"
+	running thin || die "domain thin stopped after the Resize"
 }
 has_open() { ls -l "/proc/$1/fd" 2>/dev/null | grep -- "-> $2\$" >/dev/null; }
 c_locks_libvirt_refused() {
