@@ -6,10 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/internal/looptest"
@@ -160,15 +158,8 @@ func pickGeometries(r *rand.Rand, limit int) []diffGeometry {
 func TestWriterDifferentialMatrix(t *testing.T) {
 	testutil.RequireRoot(t)
 	testutil.RequireTool(t, "qemu-img", "qemu-io")
-	seed := uint64(time.Now().UnixNano())
-	if s := os.Getenv("VOLAGENT_DIFF_SEED"); s != "" {
-		var err error
-		if seed, err = strconv.ParseUint(s, 10, 64); err != nil {
-			t.Fatalf("VOLAGENT_DIFF_SEED=%q: %v", s, err)
-		}
-	}
+	seed := testutil.DiffSeed(t)
 	long := os.Getenv("VOLAGENT_DIFF_LONG") != ""
-	t.Logf("seed %d (VOLAGENT_DIFF_SEED=%d reproduces this run)", seed, seed)
 	r := rand.New(rand.NewPCG(seed, 16))
 	limit, batches, ops := 16, 3, 15
 	if long {
@@ -300,17 +291,8 @@ func runDifferential(t *testing.T, dir string, g diffGeometry, bases map[string]
 }
 
 func randomDiffOp(r *rand.Rand, c int64) diffOp {
-	sizes := []int64{1, 100, 512, 4096, 5000, c / 32, c / 2, c, c + 512, 3 * c, 1 << 20}
-	o := diffOp{kind: []int{0, 0, 0, 1, 2}[r.IntN(5)], fill: byte(1 + r.IntN(255))}
-	o.n = max(1, min(sizes[r.IntN(len(sizes))], diffSize))
-	switch r.IntN(3) {
-	case 0:
-		o.off = r.Int64N(diffSize - o.n + 1)
-	case 1:
-		o.off = r.Int64N(diffSize/c) * c
-	default:
-		o.off = diffSize - o.n
-	}
+	o := diffOp{kind: []int{0, 0, 0, 1, 2}[r.IntN(5)]}
+	o.off, o.n, o.fill = testutil.RandomWrite(r, diffSize, c)
 	if o.kind != 0 { // qemu-io zero writes and discards: 512-byte granularity
 		o.off = o.off / 512 * 512
 		o.n = max(512, (o.n+511)/512*512)
