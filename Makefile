@@ -53,7 +53,7 @@ fuzz-short: deps
 	@scripts/fuzz.sh $(FUZZTIME)
 
 fuzz: deps
-	@scripts/fuzz.sh $(FUZZTIME_LONG)
+	@scripts/fuzz.sh $(FUZZTIME_LONG) matrix
 
 test: lint build check unit fuzz-short package-test
 
