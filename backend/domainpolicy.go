@@ -137,6 +137,8 @@ type diskXML struct {
 	Target       *struct {
 		Dev string `xml:"dev,attr"`
 	} `xml:"target"`
+	ReadOnly  *struct{} `xml:"readonly"`
+	Shareable *struct{} `xml:"shareable"`
 }
 
 type sourceXML struct {
@@ -204,6 +206,9 @@ type DomainDisk struct {
 	// levels, top first (a running domain's live XML lists the chain
 	// libvirt opened).
 	Backing []string
+	// ReadOnly and Shareable are <readonly/> and <shareable/>: how qemu
+	// locks the disk's image (a cdrom is read-only whatever the XML says).
+	ReadOnly, Shareable bool
 }
 
 // DomainDisks parses a domain XML (with the policy's one parser) into its
@@ -214,7 +219,8 @@ func DomainDisks(domain []byte) (name string, disks []DomainDisk, err error) {
 		return "", nil, err
 	}
 	for _, x := range d.Disks {
-		dd := DomainDisk{Type: x.Type, Device: x.Device, Path: x.Source.path()}
+		dd := DomainDisk{Type: x.Type, Device: x.Device, Path: x.Source.path(),
+			ReadOnly: x.ReadOnly != nil || x.Device == "cdrom", Shareable: x.Shareable != nil}
 		if x.Target != nil {
 			dd.Target = x.Target.Dev
 		}

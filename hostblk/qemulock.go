@@ -105,6 +105,24 @@ var (
 	SharedReaderLocks = LockSet{Hold: PermSet(PermConsistentRead)}
 )
 
+// GuestDiskLocks are what a qemu guest device takes on its disk's top
+// image: consistent read, and write unless the disk is read-only; it does
+// not share resize, nor write unless the disk is shareable (share-rw).
+func GuestDiskLocks(readOnly, shareable bool) LockSet {
+	set := LockSet{Hold: PermSet(PermConsistentRead), Unshared: PermSet(PermResize)}
+	if !readOnly {
+		set.Hold |= PermSet(PermWrite)
+	}
+	if !shareable {
+		set.Unshared |= PermSet(PermWrite)
+	}
+	return set
+}
+
+// BackingLocks are what qemu takes on a backing image: consistent read,
+// and neither write nor resize shared.
+var BackingLocks = LockSet{Hold: PermSet(PermConsistentRead), Unshared: PermSet(PermWrite, PermResize)}
+
 // LockSet says which permissions a user of an image holds and which it
 // does not share.
 type LockSet struct {
@@ -232,6 +250,44 @@ func otherNodeConflicts(f *os.File, set LockSet) ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// CheckImageLocks reports, without taking any lock, whether a qemu that
+// opened f with set would be refused by the locks others hold, on f's
+// node or on another node of the same block device: nil if not, else an
+// *ImageInUseError naming the holders. The libvirt hook asks it for every
+// image of a domain about to start, because a qemu in libvirt's private
+// /dev locks a node of its own and would not see a writer's locks on the
+// host's node.
+func CheckImageLocks(f *os.File, set LockSet) error {
+	conflicts, err := testConflicts(f, set)
+	if err == nil && len(conflicts) == 0 {
+		conflicts, err = otherNodeConflicts(f, set)
+	}
+	if err != nil || len(conflicts) == 0 {
+		return err
+	}
+	holders, _ := FindHolders(f, true)
+	return &ImageInUseError{Path: f.Name(), Conflicts: conflicts, Holders: holders}
+}
+
+// CheckImageLocksPath is CheckImageLocks on the image at path, opened
+// read-only just for the test. Anything but a regular file or a block
+// device has no image locks: nil.
+func CheckImageLocksPath(path string, set LockSet) error {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if !st.Mode().IsRegular() && st.Mode()&os.ModeDevice == 0 || st.Mode()&os.ModeCharDevice != 0 {
+		return nil
+	}
+	return CheckImageLocks(f, set)
 }
 
 // Release drops the locks (closing the file would too).

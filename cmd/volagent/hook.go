@@ -133,6 +133,9 @@ type hookVerdict struct {
 	allowed bool
 	lines   []string // one per violation, for stderr
 	source  string   // who judged: "daemon", "local", "fallback"
+	// report is the policy's report, with each disk's chain, when the
+	// daemon or the local policy judged ("fallback" has none).
+	report *backend.DomainReport
 }
 
 func runHookQemu(ctx context.Context, opts hookOptions, args []string, stdin io.Reader, stderr io.Writer) error {
@@ -162,6 +165,14 @@ func runHookQemu(ctx context.Context, opts hookOptions, args []string, stdin io.
 	v, err := judgeDomain(ctx, opts, domainXML, stderr)
 	if err != nil {
 		return hookRefusal(opts, stderr, fmt.Errorf("domain %q: %w", domainName, err))
+	}
+	// Whatever the policy's mode: qemu would refuse these itself if it
+	// saw the locks (libvirt gives it a private /dev, where it does not).
+	if inUse := disksInUse(domainXML, v.report); len(inUse) > 0 {
+		for _, line := range inUse {
+			fmt.Fprintln(stderr, line)
+		}
+		return &exitError{code: exitHookRefused, err: fmt.Errorf("domain %q refused: %d of its images are in use by another process", domainName, len(inUse))}
 	}
 	if v.allowed {
 		return nil
@@ -234,7 +245,7 @@ func askDaemon(ctx context.Context, opts hookOptions, domainXML []byte) (hookVer
 	if err := json.Unmarshal([]byte(reportJSON), &rep); err != nil {
 		return hookVerdict{}, fmt.Errorf("the daemon's report is not JSON: %w", err)
 	}
-	return hookVerdict{allowed: allowed, lines: rep.Lines(), source: "daemon"}, nil
+	return hookVerdict{allowed: allowed, lines: rep.Lines(), source: "daemon", report: &rep}, nil
 }
 
 // hookBus connects to the system bus (or the given address) without
@@ -292,7 +303,7 @@ func judgeLocally(opts hookOptions, domainXML []byte) (hookVerdict, error) {
 	if err != nil {
 		return hookVerdict{}, err
 	}
-	return hookVerdict{allowed: rep.Allowed(), lines: rep.Lines(), source: "local"}, nil
+	return hookVerdict{allowed: rep.Allowed(), lines: rep.Lines(), source: "local", report: rep}, nil
 }
 
 // judgeUnreachable applies --when-unreachable.
@@ -331,4 +342,47 @@ func hookIsManaged(cfg *backend.Config, src string) bool {
 		return ok
 	}
 	return hostblk.IsLoopPoolVolume(src)
+}
+
+// disksInUse checks every local image of the domain's disks against the
+// qemu image locks others hold, as the domain's qemu would take them (the
+// top image as a guest device does, backing images as backings): one line
+// per image in use. libvirt starts qemu in a private /dev, where it locks
+// a device node of its own and cannot see the locks a writer such as
+// volagent import holds on the host's node; the hook, run on the host
+// before qemu starts, sees both. The chains come from the policy's report
+// (every layer it read), else from the XML.
+func disksInUse(domainXML []byte, rep *backend.DomainReport) []string {
+	_, disks, err := backend.DomainDisks(domainXML)
+	if err != nil {
+		return nil // the policy reported the XML already
+	}
+	chains := map[string][]string{}
+	if rep != nil {
+		for _, d := range rep.Disks {
+			for _, l := range d.Chain {
+				chains[d.Target] = append(chains[d.Target], l.Path)
+			}
+		}
+	}
+	var lines []string
+	for _, d := range disks {
+		layers, ok := chains[d.Target]
+		if !ok {
+			if d.Path == "" {
+				continue // network and unresolved volume disks: nothing local
+			}
+			layers = append([]string{d.Path}, d.Backing...)
+		}
+		for i, path := range layers {
+			set := hostblk.BackingLocks
+			if i == 0 {
+				set = hostblk.GuestDiskLocks(d.ReadOnly, d.Shareable)
+			}
+			if err := hostblk.CheckImageLocksPath(path, set); errors.Is(err, hostblk.ErrImageInUse) {
+				lines = append(lines, fmt.Sprintf("disk %s: %v", d.Target, err))
+			}
+		}
+	}
+	return lines
 }

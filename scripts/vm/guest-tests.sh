@@ -360,13 +360,13 @@ c_locks_volagent_refuses() {
 		die "Delete of vmthin allowed while domain thin runs on it: $out"
 	fi
 	echo "D-Bus Delete refused: $out"
-	grep -q 'Busy' <<<"$out" || die "Delete refused, but not as Busy"
+	grep -qi 'busy' <<<"$out" || die "Delete refused, but not as Busy"
 	grep -q 'domain thin' <<<"$out" || die "Delete refused without naming the domain"
 	if out=$(busctl call org.volagent.VolAgent1 "$obj" org.volagent.VolAgent1.Volume Write 'taya{sv}' 0 1 0 0 2>&1); then
 		die "Write into vmthin allowed while domain thin runs on it: $out"
 	fi
 	echo "D-Bus Write refused: $out"
-	grep -q 'Busy' <<<"$out" || die "Write refused, but not as Busy"
+	grep -qi 'busy' <<<"$out" || die "Write refused, but not as Busy"
 	# A running domain's disk is resized through libvirt: qemu rewrites its
 	# own header, and the domain sees the new size.
 	local before after
