@@ -237,7 +237,7 @@ EOF
 }
 c_lvm_import() {
 	head -c 40M /dev/urandom >"$IMG/lvbase.raw"
-	volagent import --pool fast --name base --source-format raw "$IMG/lvbase.raw" </dev/null
+	volagent volumes import --pool fast --name base --source-format raw "$IMG/lvbase.raw" </dev/null
 	local dev real
 	dev=$(vol fast base device-path)
 	echo "device-path $dev"
