@@ -145,8 +145,11 @@ func (m *Manager) createdVolume(p *pool, name, dev, file string, meta hostblk.Vo
 }
 
 // readVolume builds a volume from its device: the qcow2 header says the
-// format, virtual size and backing; a check says how far the image
-// reaches. A header that is refused becomes the volume's problem.
+// format, virtual size and backing; the refcount structures say how far
+// the image reaches (qcow2.AllocationEnd, a few reads whatever the
+// image's size). A header that is refused becomes the volume's problem, as
+// does what the background check found (bgcheck.go), which reads every
+// table.
 func (m *Manager) readVolume(p *pool, name, dev, file string, meta hostblk.VolumeMeta) *volume {
 	v := &volume{
 		info: VolumeInfo{ID: VolumeID(p.cfg.Name, name), Name: name, Pool: p.cfg.Name, DevicePath: dev, Role: Role(meta.Role), Origin: meta.Origin},
@@ -175,25 +178,24 @@ func (m *Manager) readVolume(p *pool, name, dev, file string, meta hostblk.Volum
 		return v
 	}
 	v.info.DeviceSize = size
-	h, err := qcow2.ReadHeader(d.File(), size)
-	if err != nil {
+	h, end, err := qcow2.AllocationEnd(d.File(), size)
+	if h == nil {
 		setProblem("its qcow2 header is refused: %v", err)
 		return v
 	}
 	v.info.Format = "qcow2"
 	v.info.VirtualSize = int64(h.Size)
 	v.info.BackingName, v.info.BackingFormat = h.BackingFile, h.BackingFormat
-	res, err := qcow2.Check(d.File(), size)
 	if err != nil {
-		setProblem("checking its qcow2 metadata failed: %v", err)
+		setProblem("its refcount structures cannot be read: %v", err)
 		return v
 	}
-	v.info.HighestAllocated = res.ImageEndOffset
-	if res.Corruptions > 0 || res.CheckErrors > 0 {
-		setProblem("its qcow2 metadata has %d corruptions and %d check errors (run Check for details)", res.Corruptions, res.CheckErrors)
-	} else if res.Leaks > 0 {
-		// Leaks are what an interrupted write leaves at worst: harmless.
-		m.log.Info("volume has leaked clusters", "pool", p.cfg.Name, "volume", name, "leaks", res.Leaks)
+	v.info.HighestAllocated = end
+	m.mu.Lock()
+	problem := m.checked[v.info.ID]
+	m.mu.Unlock()
+	if problem != "" {
+		setProblem("%s", problem)
 	}
 	return v
 }

@@ -15,8 +15,9 @@ import (
 // count: usually two reads beside the header, whatever the image's size,
 // where Check reads every table. It does not find corruption in the L1
 // and L2 tables (run Check for that); a refcount table entry it has to
-// follow that is invalid is a *FieldError wrapping ErrCorrupt. The header
-// is ReadHeader's, with its errors.
+// follow that is invalid is a *FieldError wrapping ErrCorrupt. A header
+// ReadHeader refuses is its error with a nil Header; errors after it come
+// with the Header.
 func AllocationEnd(r io.ReaderAt, imageSize int64) (*Header, int64, error) {
 	h, err := ReadHeader(r, imageSize)
 	if err != nil {
@@ -31,7 +32,7 @@ func AllocationEnd(r io.ReaderAt, imageSize int64) (*Header, int64, error) {
 	tableBytes = min(tableBytes, imageSize-tableOff)
 	table := make([]byte, tableBytes/8*8)
 	if err := readFull(r, table, tableOff); err != nil {
-		return nil, 0, fmt.Errorf("reading the refcount table (%d bytes at %d): %w", len(table), tableOff, err)
+		return h, 0, fmt.Errorf("reading the refcount table (%d bytes at %d): %w", len(table), tableOff, err)
 	}
 	perBlock := int64(1) << (cb + 3 - h.RefcountOrder)
 	block := make([]byte, cs)
@@ -46,13 +47,13 @@ func AllocationEnd(r io.ReaderAt, imageSize int64) (*Header, int64, error) {
 		}
 		switch {
 		case e&reftReservedMask != 0:
-			return nil, 0, bad("reserved bits %#x are set", e&reftReservedMask)
+			return h, 0, bad("reserved bits %#x are set", e&reftReservedMask)
 		case off%cs != 0:
-			return nil, 0, bad("refcount block offset %d is not aligned to the cluster size %d", off, cs)
+			return h, 0, bad("refcount block offset %d is not aligned to the cluster size %d", off, cs)
 		case off < cs:
-			return nil, 0, bad("refcount block at %d lies in the header cluster", off)
+			return h, 0, bad("refcount block at %d lies in the header cluster", off)
 		case off > imageSize-cs:
-			return nil, 0, bad("refcount block at %d ends past the end of the image (%d bytes)", off, imageSize)
+			return h, 0, bad("refcount block at %d ends past the end of the image (%d bytes)", off, imageSize)
 		}
 		first := k * perBlock
 		if first >= imageClusters {
@@ -61,7 +62,7 @@ func AllocationEnd(r io.ReaderAt, imageSize int64) (*Header, int64, error) {
 			continue
 		}
 		if err := readFull(r, block, off); err != nil {
-			return nil, 0, fmt.Errorf("reading refcount block %d at %d: %w", k, off, err)
+			return h, 0, fmt.Errorf("reading refcount block %d at %d: %w", k, off, err)
 		}
 		for i := min(perBlock, imageClusters-first) - 1; i >= 0; i-- {
 			if refcountAt(block, uint64(i), h.RefcountOrder) != 0 {

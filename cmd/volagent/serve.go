@@ -181,6 +181,9 @@ func runServe(opts serveOptions) error {
 		log.Warn("notifying the service manager", "error", err)
 	}
 	log.Info("ready", "bus_name", dbusapi.BusName, "pools", len(pools), "volumes", len(volumes), "version", daemonVersion())
+	// Load read headers and refcounts only; every table is checked now,
+	// one volume at a time at idle I/O priority.
+	mgr.StartBackgroundChecks()
 
 	go systemd.RunWatchdog(ctx, func() error {
 		if !conn.Connected() {
