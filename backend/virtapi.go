@@ -109,3 +109,22 @@ func (m *Manager) SignalPolicyViolation(subject, code, message string) {
 	m.log.Warn("policy violation", "subject", subject, "code", code, "violation", message)
 	m.emit(Event{Kind: EventPolicyViolation, Violation: &Violation{Subject: subject, Code: code, Message: message}})
 }
+
+// NoteAllocation records how far a running guest's image reaches, as
+// libvirt reports it (the disk's allocation: qemu's highest written
+// offset on the device), and sends EventVolumeChanged when the volume's
+// HighestAllocated moves. qemu allocates at the end of the image only, and
+// its figure counts the writes of its run only, so a figure below what is
+// known is ignored. Unknown volumes are ignored.
+func (m *Manager) NoteAllocation(id string, allocation int64) {
+	m.mu.Lock()
+	v, ok := m.volumes[id]
+	if !ok || allocation <= v.info.HighestAllocated {
+		m.mu.Unlock()
+		return
+	}
+	v.info.HighestAllocated = allocation
+	info := v.info
+	m.mu.Unlock()
+	m.emit(Event{Kind: EventVolumeChanged, Volume: &info})
+}

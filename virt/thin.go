@@ -23,6 +23,13 @@ package virt
 //
 // DisableThresholds leaves only that second path: no threshold is set, and
 // every growth costs the domain a pause.
+//
+// The controller also reports how far each such disk's image reaches to
+// the backend (NoteAllocation, when Volumes has it): libvirt's allocation
+// of the disk (virDomainGetBlockInfo: qemu's highest written offset) at
+// every threshold event, start, resume and hot-plug, and every
+// AllocationInterval while the domain runs, so a volume's HighestAllocated
+// follows the guest's writes.
 
 import (
 	"context"
@@ -30,6 +37,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"time"
 
 	"libvirt.org/go/libvirt"
 
@@ -46,6 +54,20 @@ type ThinController struct {
 	mu           sync.Mutex
 	conn         *Conn
 	noThresholds bool
+	interval     time.Duration
+	polling      bool
+	stop         chan struct{}
+	stopOnce     sync.Once
+}
+
+// DefaultAllocationInterval is how often the controller reads the
+// allocation of the volagent disks of running domains.
+const DefaultAllocationInterval = 5 * time.Second
+
+// allocationSink is what the controller reports allocations to;
+// backend.Manager implements it.
+type allocationSink interface {
+	NoteAllocation(id string, allocation int64)
 }
 
 // NewThinController makes a ThinController; log (optional) gets what it
@@ -54,14 +76,82 @@ func NewThinController(vols Volumes, log *slog.Logger) *ThinController {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	return &ThinController{vols: vols, log: log}
+	return &ThinController{vols: vols, log: log, interval: DefaultAllocationInterval, stop: make(chan struct{})}
 }
 
-// Bind tells the controller which connection domains are looked up on.
+// SetAllocationInterval changes how often running domains' allocations are
+// read (DefaultAllocationInterval); call it before Bind.
+func (t *ThinController) SetAllocationInterval(d time.Duration) {
+	t.mu.Lock()
+	t.interval = d
+	t.mu.Unlock()
+}
+
+// Bind tells the controller which connection domains are looked up on,
+// and starts reading allocations every AllocationInterval.
 func (t *ThinController) Bind(c *Conn) {
 	t.mu.Lock()
 	t.conn = c
+	start := !t.polling && t.interval > 0
+	t.polling = true
+	interval := t.interval
 	t.mu.Unlock()
+	if _, ok := t.vols.(allocationSink); ok && start {
+		go t.pollAllocations(interval)
+	}
+}
+
+// Close stops the allocation reads. Idempotent.
+func (t *ThinController) Close() {
+	t.stopOnce.Do(func() { close(t.stop) })
+}
+
+// pollAllocations reads the allocation of every running domain's volagent
+// disks every interval, until Close.
+func (t *ThinController) pollAllocations(interval time.Duration) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-t.stop:
+			return
+		case <-tick.C:
+		}
+		t.mu.Lock()
+		c := t.conn
+		t.mu.Unlock()
+		_ = c.Do(func(conn *libvirt.Connect) error {
+			doms, err := conn.ListAllDomains(libvirt.CONNECT_LIST_DOMAINS_ACTIVE)
+			if err != nil {
+				return err
+			}
+			for i := range doms {
+				_, disks := t.thinDisks(conn, &doms[i])
+				t.noteAllocations(&doms[i], disks)
+				doms[i].Free()
+			}
+			return nil
+		})
+	}
+}
+
+// noteAllocations tells the backend how far each disk's image reaches, as
+// libvirt reports it.
+func (t *ThinController) noteAllocations(dom *libvirt.Domain, disks []thinDisk) {
+	sink, ok := t.vols.(allocationSink)
+	if !ok {
+		return
+	}
+	for _, d := range disks {
+		info, err := dom.GetBlockInfo(d.target, 0)
+		if err != nil {
+			t.log.Debug("thin provisioning: block info", "disk", d.target, "volume", d.volume.ID, "err", err)
+			continue
+		}
+		if info.Allocation > 0 {
+			sink.NoteAllocation(d.volume.ID, int64(info.Allocation))
+		}
+	}
 }
 
 // DisableThresholds turns the block thresholds off: volumes grow only when
@@ -202,10 +292,11 @@ func (t *ThinController) thinDisks(conn *libvirt.Connect, dom *libvirt.Domain) (
 // arm sets the threshold on the domain's volagent disks (only target,
 // when given), unless thresholds are disabled.
 func (t *ThinController) arm(conn *libvirt.Connect, dom *libvirt.Domain, target string) {
+	name, disks := t.thinDisks(conn, dom)
+	t.noteAllocations(dom, disks)
 	if t.thresholdsDisabled() {
 		return
 	}
-	name, disks := t.thinDisks(conn, dom)
 	for _, d := range disks {
 		if target != "" && d.target != target {
 			continue
@@ -257,6 +348,9 @@ func (t *ThinController) onThreshold(domain, dev, path string, written uint64) {
 	v, ok := t.vols.VolumeByDevice(path)
 	if !ok {
 		return
+	}
+	if sink, ok := t.vols.(allocationSink); ok {
+		sink.NoteAllocation(v.ID, int64(written)) // qemu wrote that far
 	}
 	// libvirt reports one crossing of a disk's top image twice, as "vda"
 	// and "vda[1]": the second finds the device grown past the write

@@ -253,6 +253,7 @@ func startLibvirt(mgr *backend.Manager, cfg *backend.Config, opts serveOptions, 
 		once.Do(func() {
 			// The watcher first: it calls libvirt through conn.
 			requests.Close()
+			thin.Close()
 			conn.Close()
 			log.Info("libvirt integration stopped")
 		})
