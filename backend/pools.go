@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -78,7 +79,11 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 		}
 	}
 
-	var out []*volume
+	type work struct {
+		c  found
+		id string
+	}
+	var todo []work
 	for _, c := range candidates {
 		id := VolumeID(p.cfg.Name, c.name)
 		if m.isPending(id) {
@@ -99,18 +104,42 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 			}
 			c.dev = dev
 		}
-		v := m.readVolume(p, c.name, c.dev, c.file, c.meta)
-		if c.problem != "" && v.problem == "" {
-			v.problem = c.problem
-			v.info.Problem = c.problem
-		}
-		if v.problem != "" {
-			m.log.Error("volume has a problem", "pool", p.cfg.Name, "volume", c.name, "id", id, "problem", v.problem)
-		}
-		out = append(out, v)
+		todo = append(todo, work{c, id})
 	}
+	// The headers are read a few volumes at a time: each costs the disk a
+	// few small reads (closing a block device drops its page cache), which
+	// a deeper queue overlaps.
+	out := make([]*volume, len(todo))
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(scanReaders, len(todo)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				c := todo[i].c
+				v := m.readVolume(p, c.name, c.dev, c.file, c.meta)
+				if c.problem != "" && v.problem == "" {
+					v.problem = c.problem
+					v.info.Problem = c.problem
+				}
+				if v.problem != "" {
+					m.log.Error("volume has a problem", "pool", p.cfg.Name, "volume", c.name, "id", todo[i].id, "problem", v.problem)
+				}
+				out[i] = v
+			}
+		}()
+	}
+	for i := range todo {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
 	return out, nil
 }
+
+// scanReaders is how many volumes a scan reads at once.
+const scanReaders = 16
 
 func (m *Manager) isPending(id string) bool {
 	m.mu.Lock()

@@ -2,6 +2,7 @@ package hostblk
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"sort"
 	"strconv"
@@ -46,18 +47,93 @@ func sameBacking(l LoopDevice, st *unix.Stat_t) bool {
 	return l.backingDev == st.Dev && l.backingIno == st.Ino
 }
 
-// buildLocked reads every attached loop device from sysfs.
+// buildLocked reads every attached loop device.
 func (x *loopIndex) buildLocked() error {
-	all, err := listLoops()
+	numbers, err := loopNumbers()
 	if err != nil {
 		return err
 	}
-	x.attached = make(map[int]LoopDevice, len(all))
-	for _, l := range all {
-		x.attached[l.Number] = l
+	x.attached = make(map[int]LoopDevice, len(numbers))
+	for _, n := range numbers {
+		l, ok, err := loopByIoctl(n)
+		if err != nil {
+			return err
+		}
+		if ok {
+			x.attached[n] = l
+		}
 	}
 	x.built = true
 	return nil
+}
+
+// loopNumbers lists the loop devices sysfs has, attached or not.
+func loopNumbers() ([]int, error) {
+	entries, err := os.ReadDir("/sys/block")
+	if err != nil {
+		return nil, err
+	}
+	var numbers []int
+	for _, e := range entries {
+		numStr, ok := strings.CutPrefix(e.Name(), "loop")
+		if !ok {
+			continue
+		}
+		if n, err := strconv.Atoi(numStr); err == nil {
+			numbers = append(numbers, n)
+		}
+	}
+	return numbers, nil
+}
+
+// loopByIoctl reads loop device n as loopDeviceInfo does, from two ioctls
+// (LOOP_GET_STATUS64 gives the backing file's identity, offset, size limit
+// and flags; BLKSSZGET the sector size) and one sysfs file (the backing
+// file's path) instead of six sysfs files and a stat. ok is false when n
+// is not attached.
+func loopByIoctl(n int) (l LoopDevice, ok bool, err error) {
+	path := loopPath(n)
+	err = withLoopFd(path, func(fd int) error {
+		info, err := unix.IoctlLoopGetStatus64(fd)
+		if err != nil {
+			return err
+		}
+		sector, err := unix.IoctlGetInt(fd, unix.BLKSSZGET)
+		if err != nil {
+			return err
+		}
+		l = LoopDevice{
+			Path: path, Number: n,
+			Offset: info.Offset, SizeLimit: info.Sizelimit,
+			ReadOnly:       info.Flags&unix.LO_FLAGS_READ_ONLY != 0,
+			DirectIO:       info.Flags&unix.LO_FLAGS_DIRECT_IO != 0,
+			SectorSize:     uint32(sector),
+			backingKnown:   true,
+			backingIsBlock: info.Rdevice != 0,
+			backingRdev:    info.Rdevice,
+			backingDev:     info.Device,
+			backingIno:     info.Inode,
+		}
+		return nil
+	})
+	if errors.Is(err, unix.ENXIO) || errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENODEV) {
+		return LoopDevice{}, false, nil // not attached, or gone
+	}
+	if err != nil {
+		return LoopDevice{}, false, fmt.Errorf("reading loop device %s: %w", path, err)
+	}
+	backing, err := readSysfs(fmt.Sprintf("/sys/block/loop%d/loop/backing_file", n))
+	if errors.Is(err, os.ErrNotExist) {
+		return LoopDevice{}, false, nil // detached meanwhile
+	}
+	if err != nil {
+		return LoopDevice{}, false, err
+	}
+	l.BackingFile = backing
+	if b, ok := strings.CutSuffix(backing, " (deleted)"); ok {
+		l.BackingFile, l.BackingDeleted = b, true
+	}
+	return l, true, nil
 }
 
 // refreshLocked brings the index up to date: a device it holds as attached
@@ -67,32 +143,23 @@ func (x *loopIndex) refreshLocked() error {
 	if !x.built {
 		return x.buildLocked()
 	}
-	entries, err := os.ReadDir("/sys/block")
+	numbers, err := loopNumbers()
 	if err != nil {
 		return err
 	}
-	for _, e := range entries {
-		numStr, ok := strings.CutPrefix(e.Name(), "loop")
-		if !ok {
-			continue
-		}
-		number, err := strconv.Atoi(numStr)
-		if err != nil {
-			continue
-		}
+	for _, number := range numbers {
 		if l, known := x.attached[number]; known {
 			if _, ok := x.verifyLocked(l); ok {
 				continue
 			}
 		}
-		dev, err := loopDeviceInfo(number)
-		if errors.Is(err, os.ErrNotExist) {
-			continue // not attached
-		}
+		dev, ok, err := loopByIoctl(number)
 		if err != nil {
 			return err
 		}
-		x.attached[number] = dev
+		if ok {
+			x.attached[number] = dev
+		}
 	}
 	return nil
 }
