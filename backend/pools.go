@@ -385,9 +385,11 @@ func (m *Manager) growDevice(ctx context.Context, p *pool, v *volume, size int64
 func (m *Manager) growDeviceWithin(ctx context.Context, p *pool, v *volume, minimum, preferred int64) (int64, error) {
 	minimum = roundUp(minimum, sizeAlignment)
 	preferred = roundUp(max(preferred, minimum), sizeAlignment)
+	var lvSize uint64 // the extended LV's size, for RefreshSize
 	grow := func(size int64) error {
 		if p.cfg.Type == PoolLVM {
-			_, err := m.lvm.ExtendLV(ctx, p.cfg.VolumeGroup, v.info.Name, uint64(size))
+			lv, err := m.lvm.ExtendLV(ctx, p.cfg.VolumeGroup, v.info.Name, uint64(size))
+			lvSize = lv.Size
 			return err
 		}
 		_, err := p.loop.Grow(v.info.Name, size)
@@ -405,7 +407,11 @@ func (m *Manager) growDeviceWithin(ctx context.Context, p *pool, v *volume, mini
 		return 0, fmt.Errorf("%w: growing volume %q: %v", ErrFailed, v.info.Name, err)
 	}
 	if p.cfg.Type == PoolLVM {
-		if err := p.act.Refresh(ctx, p.cfg.VolumeGroup, v.info.Name); err != nil {
+		refresh := func() error { return p.act.Refresh(ctx, p.cfg.VolumeGroup, v.info.Name) }
+		if r, ok := p.act.(hostblk.SizeRefresher); ok && lvSize > 0 {
+			refresh = func() error { return r.RefreshSize(ctx, p.cfg.VolumeGroup, v.info.Name, lvSize) }
+		}
+		if err := refresh(); err != nil {
 			return 0, fmt.Errorf("%w: refreshing volume %q after growing it: %v", ErrFailed, v.info.Name, err)
 		}
 	}
