@@ -58,6 +58,68 @@ type ThinController struct {
 	polling      bool
 	stop         chan struct{}
 	stopOnce     sync.Once
+	growth       map[string]*growthState // by volume ID
+}
+
+// growthLead is how long one growth must last a guest writing at its
+// recent rate. A growth takes well under a second (one truncate or one
+// lvextend, and LOOP_SET_CAPACITY); the rest is a margin for bursts.
+const growthLead = 2 * time.Second
+
+// growthState is what the controller saw of a volume's writes: where and
+// when the last threshold was crossed, and the recent write rate.
+type growthState struct {
+	at       time.Time
+	written  int64
+	rate     float64 // bytes per second
+	maxChunk int64   // the largest chunk it grew by
+}
+
+// observe records that the guest wrote up to written at now (a threshold
+// crossing). The rate follows an acceleration at once and halves at each
+// crossing once the guest slows down.
+func (t *ThinController) observe(id string, written int64, now time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.growth == nil {
+		t.growth = map[string]*growthState{}
+	}
+	g, ok := t.growth[id]
+	if !ok {
+		t.growth[id] = &growthState{at: now, written: written}
+		return
+	}
+	if dt := now.Sub(g.at).Seconds(); dt > 0 && written > g.written {
+		g.rate = max(float64(written-g.written)/dt, g.rate/2)
+	}
+	g.at, g.written = now, written
+}
+
+// chunkFor is what volume id grows by: the pool's chunk, or as many
+// chunks as the guest writes in growthLead at its recent rate (so the
+// threshold, half a chunk below the end, leaves it growthLead/2 of
+// writing while the device grows), whichever is larger.
+func (t *ThinController) chunkFor(id string, poolChunk int64) int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	g, ok := t.growth[id]
+	if !ok || poolChunk <= 0 {
+		return poolChunk
+	}
+	need := int64(g.rate * growthLead.Seconds())
+	chunk := max(poolChunk, (need+poolChunk-1)/poolChunk*poolChunk)
+	g.maxChunk = max(g.maxChunk, chunk)
+	return chunk
+}
+
+// largestChunk is the largest chunk volume id has grown by (0 if none).
+func (t *ThinController) largestChunk(id string) int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if g, ok := t.growth[id]; ok {
+		return g.maxChunk
+	}
+	return 0
 }
 
 // DefaultAllocationInterval is how often the controller reads the
@@ -284,7 +346,7 @@ func (t *ThinController) thinDisks(conn *libvirt.Connect, dom *libvirt.Domain) (
 		if err != nil {
 			continue
 		}
-		out = append(out, thinDisk{target: d.Target, volume: v, chunk: settings.ChunkSize})
+		out = append(out, thinDisk{target: d.Target, volume: v, chunk: t.chunkFor(v.ID, settings.ChunkSize)})
 	}
 	return name, out
 }
@@ -328,7 +390,7 @@ func (t *ThinController) grow(v backend.VolumeInfo, written int64) (size int64, 
 	if err != nil {
 		return 0, false, err
 	}
-	chunk := settings.ChunkSize
+	chunk := t.chunkFor(v.ID, settings.ChunkSize)
 	current := deviceSize(v)
 	size = current
 	for ThresholdFor(size, chunk) <= written {
@@ -352,10 +414,13 @@ func (t *ThinController) onThreshold(domain, dev, path string, written uint64) {
 	if sink, ok := t.vols.(allocationSink); ok {
 		sink.NoteAllocation(v.ID, int64(written)) // qemu wrote that far
 	}
+	t.observe(v.ID, int64(written), time.Now())
 	// libvirt reports one crossing of a disk's top image twice, as "vda"
 	// and "vda[1]": the second finds the device grown past the write
 	// already and must not grow it by another chunk.
+	began := time.Now()
 	size, grown, err := t.grow(v, int64(written))
+	took := time.Since(began)
 	if err != nil {
 		// qemu will hit the end: the ENOSPC pause retries the growth.
 		t.log.Error("thin provisioning: growing a volume failed", "domain", domain, "disk", dev, "volume", v.ID, "err", err)
@@ -363,7 +428,9 @@ func (t *ThinController) onThreshold(domain, dev, path string, written uint64) {
 		return
 	}
 	if grown {
-		t.log.Info("volume grown at its block threshold", "domain", domain, "disk", dev, "volume", v.ID, "written", written, "device_size", size)
+		// took is from the event to the new size being visible to qemu
+		// (its host_device node reads the size on every length query).
+		t.log.Info("volume grown at its block threshold", "domain", domain, "disk", dev, "volume", v.ID, "written", written, "device_size", size, "grow_ms", float64(took.Microseconds())/1000)
 	} else {
 		t.log.Debug("block threshold crossed; the volume has grown past it already", "domain", domain, "disk", dev, "volume", v.ID, "written", written, "device_size", size)
 	}
