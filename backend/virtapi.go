@@ -96,7 +96,14 @@ func (m *Manager) GrowVolume(ctx context.Context, c Caller, id string, newDevice
 	if size != current.Size {
 		info := v.info
 		m.emit(Event{Kind: EventVolumeChanged, Volume: &info})
-		m.poolChanged(p)
+		// The pool's free space costs an lvm command: not on the path
+		// of a running guest's growth. Counted as an operation (this one
+		// still is, so the count is not zero): Close waits for it.
+		m.opWG.Add(1)
+		go func() {
+			defer m.opWG.Done()
+			m.poolChanged(p)
+		}()
 		m.log.Info("volume device grown for a running domain", "pool", p.cfg.Name, "volume", v.info.Name, "id", id, "from", current.Size, "device_size", size, "uid", c.UID)
 	}
 	return v.info, nil
