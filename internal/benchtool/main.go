@@ -9,6 +9,7 @@
 //	benchtool delete   -bus ADDR -pool P [-parallel 2]
 //	benchtool loop-remove N...
 //	benchtool set-meta -pool-dir DIR -role base NAME...
+//	benchtool grow     -type loop|lvm -dir DIR [-n 20]
 //	benchtool start    -bus ADDR -volagent BIN -config FILE -disk DEV [-timeout 10m]
 //
 // create prints the median call-to-reply latency in milliseconds (and
@@ -52,6 +53,12 @@ func main() {
 	cmd := os.Args[1]
 	if cmd == "loop-remove" {
 		if err := loopRemove(os.Args[2:]); err != nil {
+			fail(err)
+		}
+		return
+	}
+	if cmd == "grow" {
+		if err := growLatency(os.Args[2:]); err != nil {
 			fail(err)
 		}
 		return
