@@ -112,7 +112,8 @@ func startTime(bus, bin, config, disk string, timeout time.Duration) error {
 	select {
 	case <-checksDone:
 	case <-time.After(timeout):
-		return fmt.Errorf("the background checks did not finish within %v", timeout)
+		return fmt.Errorf("bus name owned after %.1f ms, CheckDomain answered after %.1f ms, but the background checks did not finish within %v",
+			float64(owned)/1e6, float64(answered)/1e6, timeout)
 	}
 	fmt.Printf("%.1f %.1f %.1f\n", float64(owned)/1e6, float64(answered)/1e6, time.Since(start).Seconds())
 	return nil
