@@ -22,16 +22,18 @@ type subscription struct {
 	ch    chan Event
 	mu    sync.Mutex
 	queue []Event
-	wake  chan struct{} // an event was queued
-	done  chan struct{} // cancelled or closed: the pump closes ch
+	wake    chan struct{} // an event was queued, or closing set
+	done    chan struct{} // cancelled: the pump drops the rest and closes ch
+	closing bool          // the Manager closed: the pump delivers the rest, then closes ch
 }
 
 // Subscribe returns a channel of events and a function that ends the
 // subscription and closes the channel. Every event is delivered, in
 // order: those the subscriber has not read yet wait in a queue of its
 // own, so the Manager is never held up by it. Close closes every
-// subscription's channel (events still queued then are not delivered).
-// cancel is idempotent.
+// subscription's channel after the events queued until then (so the
+// cancelled jobs' completions still reach a subscriber that reads on);
+// cancel closes it at once. cancel is idempotent.
 func (m *Manager) Subscribe() (events <-chan Event, cancel func()) {
 	s := &m.subs
 	s.mu.Lock()
@@ -52,11 +54,9 @@ func (m *Manager) Subscribe() (events <-chan Event, cancel func()) {
 	return sub.ch, func() {
 		once.Do(func() {
 			s.mu.Lock()
-			defer s.mu.Unlock()
-			if _, ok := s.subs[id]; ok {
-				delete(s.subs, id)
-				close(sub.done)
-			}
+			delete(s.subs, id)
+			s.mu.Unlock()
+			close(sub.done)
 		})
 	}
 }
@@ -67,7 +67,7 @@ func (sub *subscription) pump() {
 	defer close(sub.ch)
 	for {
 		sub.mu.Lock()
-		batch := sub.queue
+		batch, closing := sub.queue, sub.closing
 		sub.queue = nil
 		sub.mu.Unlock()
 		for _, e := range batch {
@@ -79,6 +79,9 @@ func (sub *subscription) pump() {
 		}
 		if len(batch) > 0 {
 			continue
+		}
+		if closing {
+			return
 		}
 		select {
 		case <-sub.wake:
@@ -109,7 +112,13 @@ func (s *subscribers) closeAll() {
 	defer s.mu.Unlock()
 	s.closed = true
 	for id, sub := range s.subs {
-		close(sub.done)
+		sub.mu.Lock()
+		sub.closing = true
+		sub.mu.Unlock()
+		select {
+		case sub.wake <- struct{}{}:
+		default:
+		}
 		delete(s.subs, id)
 	}
 }
