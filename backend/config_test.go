@@ -216,7 +216,7 @@ func TestSubscribeSlowSubscriber(t *testing.T) {
 		}
 	}
 	cancel()
-	cancel() // idempotent
+	cancel()           // idempotent
 	for range events { // closed after cancel
 	}
 	m.Close()

@@ -19,9 +19,9 @@ type subscribers struct {
 
 // subscription is one subscriber: the events not yet in its channel.
 type subscription struct {
-	ch    chan Event
-	mu    sync.Mutex
-	queue []Event
+	ch      chan Event
+	mu      sync.Mutex
+	queue   []Event
 	wake    chan struct{} // an event was queued, or closing set
 	done    chan struct{} // cancelled: the pump drops the rest and closes ch
 	closing bool          // the Manager closed: the pump delivers the rest, then closes ch
