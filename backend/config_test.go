@@ -205,8 +205,8 @@ func TestNewManagerRefusesMixedActivation(t *testing.T) {
 	mustErrIs(t, err, ErrInvalidArgument)
 }
 
-// TestSubscribeSlowSubscriber: a subscriber that does not read loses
-// events instead of blocking the Manager; cancel closes its channel.
+// TestSubscribeSlowSubscriber: a subscriber that does not read neither
+// blocks the Manager nor loses events; cancel closes its channel.
 func TestSubscribeSlowSubscriber(t *testing.T) {
 	m, err := NewManager(&Config{}, ManagerOptions{})
 	if err != nil {
@@ -221,17 +221,17 @@ func TestSubscribeSlowSubscriber(t *testing.T) {
 			<-fast
 		}
 	}
-	if len(events) != subscriberBuffer {
-		t.Fatalf("slow subscriber holds %d events, want %d", len(events), subscriberBuffer)
+	// Nothing is dropped for the slow subscriber (emit never blocked).
+	for i := 0; i < subscriberBuffer+50; i++ {
+		select {
+		case <-events:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("slow subscriber: event %d of %d never came", i, subscriberBuffer+50)
+		}
 	}
 	cancel()
-	cancel() // idempotent
-	n := 0
-	for range events {
-		n++
-	}
-	if n != subscriberBuffer {
-		t.Fatalf("read %d events after cancel", n)
+	cancel()           // idempotent
+	for range events { // closed after cancel
 	}
 	m.Close()
 	if _, ok := <-fast; ok {

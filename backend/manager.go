@@ -57,6 +57,13 @@ type Manager struct {
 	subs    subscribers
 	closed  bool
 
+	// checked holds the result of each volume's full background check
+	// (bgcheck.go): the problem it found, "" for a sound image. Volumes
+	// not in it wait for theirs.
+	checked        map[string]string
+	checkWake      chan struct{}
+	checkerStarted bool
+
 	jobCtx    context.Context
 	jobCancel context.CancelFunc
 	jobWG     sync.WaitGroup
@@ -143,6 +150,8 @@ func NewManager(cfg *Config, opts ManagerOptions) (*Manager, error) {
 		pending:      map[string]string{},
 		backingUsers: map[string]int{},
 		opLocks:      map[string]*sync.Mutex{},
+		checked:      map[string]string{},
+		checkWake:    make(chan struct{}, 1),
 	}
 	m.jobCtx, m.jobCancel = context.WithCancel(context.Background())
 	for i, pc := range cfg.Pools {
@@ -183,6 +192,10 @@ func NewManager(cfg *Config, opts ManagerOptions) (*Manager, error) {
 // the kind of the first failure. A volume whose qcow2 header is refused is
 // listed with its problem logged (VolumeInfo.Problem), not dropped: it
 // still occupies space and a name, and an admin must decide about it.
+//
+// Load reads of each image its header and refcount structures only; the
+// full check of the volumes it found runs in the background once
+// StartBackgroundChecks has been called (see bgcheck.go).
 func (m *Manager) Load(ctx context.Context) error {
 	m.scanMu.Lock()
 	defer m.scanMu.Unlock()
@@ -202,6 +215,7 @@ func (m *Manager) Load(ctx context.Context) error {
 		p.opened.Store(true)
 	}
 	m.scanLocked(ctx)
+	m.wakeChecker()
 	if len(errs) > 0 {
 		return fmt.Errorf("%w (%d of %d pools failed)", errs[0], len(errs), len(m.pools))
 	}
@@ -267,6 +281,11 @@ func (m *Manager) scanLocked(ctx context.Context) {
 		}
 	}
 	m.checkBackingsLocked(found)
+	for id := range m.checked {
+		if _, ok := found[id]; !ok {
+			delete(m.checked, id) // gone: a volume of that name later is checked anew
+		}
+	}
 	old := m.volumes
 	m.volumes = found
 	var events []Event

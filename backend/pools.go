@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -79,7 +80,11 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 		}
 	}
 
-	var out []*volume
+	type work struct {
+		c  found
+		id string
+	}
+	var todo []work
 	for _, c := range candidates {
 		id := VolumeID(p.cfg.Name, c.name)
 		if m.isPending(id) {
@@ -100,18 +105,42 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 			}
 			c.dev = dev
 		}
-		v := m.readVolume(p, c.name, c.dev, c.file, c.meta)
-		if c.problem != "" && v.problem == "" {
-			v.problem = c.problem
-			v.info.Problem = c.problem
-		}
-		if v.problem != "" {
-			m.log.Error("volume has a problem", "pool", p.cfg.Name, "volume", c.name, "id", id, "problem", v.problem)
-		}
-		out = append(out, v)
+		todo = append(todo, work{c, id})
 	}
+	// The headers are read a few volumes at a time: each costs the disk a
+	// few small reads (closing a block device drops its page cache), which
+	// a deeper queue overlaps.
+	out := make([]*volume, len(todo))
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(scanReaders, len(todo)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				c := todo[i].c
+				v := m.readVolume(p, c.name, c.dev, c.file, c.meta)
+				if c.problem != "" && v.problem == "" {
+					v.problem = c.problem
+					v.info.Problem = c.problem
+				}
+				if v.problem != "" {
+					m.log.Error("volume has a problem", "pool", p.cfg.Name, "volume", c.name, "id", todo[i].id, "problem", v.problem)
+				}
+				out[i] = v
+			}
+		}()
+	}
+	for i := range todo {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
 	return out, nil
 }
+
+// scanReaders is how many volumes a scan reads at once.
+const scanReaders = 16
 
 func (m *Manager) isPending(id string) bool {
 	m.mu.Lock()
@@ -146,8 +175,11 @@ func (m *Manager) createdVolume(p *pool, name, dev, file string, meta hostblk.Vo
 }
 
 // readVolume builds a volume from its device: the qcow2 header says the
-// format, virtual size and backing; a check says how far the image
-// reaches. A header that is refused becomes the volume's problem.
+// format, virtual size and backing; the refcount structures say how far
+// the image reaches (qcow2.AllocationEnd, a few reads whatever the
+// image's size). A header that is refused becomes the volume's problem, as
+// does what the background check found (bgcheck.go), which reads every
+// table.
 func (m *Manager) readVolume(p *pool, name, dev, file string, meta hostblk.VolumeMeta) *volume {
 	v := &volume{
 		info: VolumeInfo{ID: VolumeID(p.cfg.Name, name), Name: name, Pool: p.cfg.Name, DevicePath: dev, Role: Role(meta.Role), Origin: meta.Origin},
@@ -176,25 +208,24 @@ func (m *Manager) readVolume(p *pool, name, dev, file string, meta hostblk.Volum
 		return v
 	}
 	v.info.DeviceSize = size
-	h, err := qcow2.ReadHeader(d.File(), size)
-	if err != nil {
+	h, end, err := qcow2.AllocationEnd(d.File(), size)
+	if h == nil {
 		setProblem("its qcow2 header is refused: %v", err)
 		return v
 	}
 	v.info.Format = "qcow2"
 	v.info.VirtualSize = int64(h.Size)
 	v.info.BackingName, v.info.BackingFormat = h.BackingFile, h.BackingFormat
-	res, err := qcow2.Check(d.File(), size)
 	if err != nil {
-		setProblem("checking its qcow2 metadata failed: %v", err)
+		setProblem("its refcount structures cannot be read: %v", err)
 		return v
 	}
-	v.info.HighestAllocated = res.ImageEndOffset
-	if res.Corruptions > 0 || res.CheckErrors > 0 {
-		setProblem("its qcow2 metadata has %d corruptions and %d check errors (run Check for details)", res.Corruptions, res.CheckErrors)
-	} else if res.Leaks > 0 {
-		// Leaks are what an interrupted write leaves at worst: harmless.
-		m.log.Info("volume has leaked clusters", "pool", p.cfg.Name, "volume", name, "leaks", res.Leaks)
+	v.info.HighestAllocated = end
+	m.mu.Lock()
+	problem := m.checked[v.info.ID]
+	m.mu.Unlock()
+	if problem != "" {
+		setProblem("%s", problem)
 	}
 	return v
 }
@@ -355,9 +386,11 @@ func (m *Manager) growDevice(ctx context.Context, p *pool, v *volume, size int64
 func (m *Manager) growDeviceWithin(ctx context.Context, p *pool, v *volume, minimum, preferred int64) (int64, error) {
 	minimum = roundUp(minimum, sizeAlignment)
 	preferred = roundUp(max(preferred, minimum), sizeAlignment)
+	var lvSize uint64 // the extended LV's size, for RefreshSize
 	grow := func(size int64) error {
 		if p.cfg.Type == PoolLVM {
-			_, err := m.lvm.ExtendLV(ctx, p.cfg.VolumeGroup, v.info.Name, uint64(size))
+			lv, err := m.lvm.ExtendLV(ctx, p.cfg.VolumeGroup, v.info.Name, uint64(size))
+			lvSize = lv.Size
 			return err
 		}
 		_, err := p.loop.Grow(v.info.Name, size)
@@ -375,7 +408,11 @@ func (m *Manager) growDeviceWithin(ctx context.Context, p *pool, v *volume, mini
 		return 0, fmt.Errorf("%w: growing volume %q: %w", ErrFailed, v.info.Name, err)
 	}
 	if p.cfg.Type == PoolLVM {
-		if err := p.act.Refresh(ctx, p.cfg.VolumeGroup, v.info.Name); err != nil {
+		refresh := func() error { return p.act.Refresh(ctx, p.cfg.VolumeGroup, v.info.Name) }
+		if r, ok := p.act.(hostblk.SizeRefresher); ok && lvSize > 0 {
+			refresh = func() error { return r.RefreshSize(ctx, p.cfg.VolumeGroup, v.info.Name, lvSize) }
+		}
+		if err := refresh(); err != nil {
 			return 0, fmt.Errorf("%w: refreshing volume %q after growing it: %w", ErrFailed, v.info.Name, err)
 		}
 	}

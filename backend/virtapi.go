@@ -99,7 +99,14 @@ func (m *Manager) GrowVolume(ctx context.Context, c Caller, id string, newDevice
 	if size != current.Size {
 		info := v.info
 		m.emit(Event{Kind: EventVolumeChanged, Volume: &info})
-		m.poolChanged(p)
+		// The pool's free space costs an lvm command: not on the path
+		// of a running guest's growth. Counted as an operation (this one
+		// still is, so the count is not zero): Close waits for it.
+		m.opWG.Add(1)
+		go func() {
+			defer m.opWG.Done()
+			m.poolChanged(p)
+		}()
 		m.log.Info("volume device grown for a running domain", "pool", p.cfg.Name, "volume", v.info.Name, "id", id, "from", current.Size, "device_size", size, "uid", c.UID)
 	}
 	return v.info, nil
@@ -365,4 +372,23 @@ func (m *Manager) resizeUnderDomain(ctx context.Context, p *pool, v *volume, vir
 	m.emit(Event{Kind: EventVolumeChanged, Volume: &info})
 	m.log.Info("volume resized through libvirt", "pool", p.cfg.Name, "volume", v.info.Name, "id", v.info.ID, "domain", u.Domain, "disk", u.Disk, "virtual_size", virtualSize, "device_size", size)
 	return true, nil
+}
+
+// NoteAllocation records how far a running guest's image reaches, as
+// libvirt reports it (the disk's allocation: qemu's highest written
+// offset on the device), and sends EventVolumeChanged when the volume's
+// HighestAllocated moves. qemu allocates at the end of the image only, and
+// its figure counts the writes of its run only, so a figure below what is
+// known is ignored. Unknown volumes are ignored.
+func (m *Manager) NoteAllocation(id string, allocation int64) {
+	m.mu.Lock()
+	v, ok := m.volumes[id]
+	if !ok || allocation <= v.info.HighestAllocated {
+		m.mu.Unlock()
+		return
+	}
+	v.info.HighestAllocated = allocation
+	info := v.info
+	m.mu.Unlock()
+	m.emit(Event{Kind: EventVolumeChanged, Volume: &info})
 }

@@ -143,10 +143,12 @@ func (m *Manager) releaseBacking(id string) {
 	}
 }
 
-// register lists a complete volume and tells subscribers.
+// register lists a complete volume and tells subscribers. The Manager
+// made it, so it needs no background check.
 func (m *Manager) register(v *volume) {
 	m.mu.Lock()
 	m.volumes[v.info.ID] = v
+	m.checked[v.info.ID] = ""
 	m.mu.Unlock()
 	info := v.info
 	m.emit(Event{Kind: EventVolumeAdded, Volume: &info})

@@ -143,8 +143,6 @@ const stopIdle = 300 * time.Millisecond
 
 func (s *Server) forward(events <-chan backend.Event) {
 	defer close(s.eventsDone)
-	reconcile := time.NewTicker(jobReconcileInterval)
-	defer reconcile.Stop()
 	for {
 		select {
 		case ev, ok := <-events:
@@ -152,9 +150,6 @@ func (s *Server) forward(events <-chan backend.Event) {
 				return
 			}
 			s.apply(ev)
-			continue
-		case <-reconcile.C:
-			s.reconcileJobs()
 			continue
 		case <-s.stopping:
 		}
@@ -169,27 +164,6 @@ func (s *Server) forward(events <-chan backend.Event) {
 			case <-time.After(stopIdle):
 				return
 			}
-		}
-	}
-}
-
-// jobReconcileInterval is how often running jobs are re-read from the
-// backend. The backend drops events for a subscriber that falls behind
-// rather than stall; re-reading makes sure a job's end is never missed.
-const jobReconcileInterval = 2 * time.Second
-
-func (s *Server) reconcileJobs() {
-	s.mu.RLock()
-	var running []uint64
-	for _, e := range s.jobs {
-		if !isTerminal(e.info.State) {
-			running = append(running, e.info.ID)
-		}
-	}
-	s.mu.RUnlock()
-	for _, id := range running {
-		if j, err := s.backend.Job(id); err == nil {
-			s.putJob(j)
 		}
 	}
 }

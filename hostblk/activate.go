@@ -137,6 +137,47 @@ type loopActivator struct {
 	// mu serialises activations so two callers cannot attach two loop
 	// devices for the same LV.
 	mu sync.Mutex
+	// mapped remembers where each LV this activator found or activated
+	// starts (vg/lv -> mapping): an extension of a contiguous LV keeps its
+	// start, so RefreshSize needs no lvm command.
+	mapped map[string]LoopMapping
+}
+
+// SizeRefresher is an Activator that can make an LV's device show a size
+// the caller knows (the LV that LVM.ExtendLV returned) without asking
+// LVM again: one lvm command less on the growth path of a running guest.
+type SizeRefresher interface {
+	RefreshSize(ctx context.Context, vg, lv string, size uint64) error
+}
+
+func (a *loopActivator) remember(vg, lv string, m LoopMapping) {
+	if a.mapped == nil {
+		a.mapped = map[string]LoopMapping{}
+	}
+	a.mapped[vg+"/"+lv] = m
+}
+
+// RefreshSize is Refresh for an LV of size bytes. Without a remembered
+// mapping it is Refresh.
+func (a *loopActivator) RefreshSize(ctx context.Context, vg, lv string, size uint64) error {
+	a.mu.Lock()
+	m, ok := a.mapped[vg+"/"+lv]
+	a.mu.Unlock()
+	if !ok {
+		return a.Refresh(ctx, vg, lv)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	l, found, err := findLoop(m)
+	if err != nil || !found {
+		return err
+	}
+	if err := SetLoopSizeLimit(l.Path, size); err != nil {
+		return fmt.Errorf("refresh %s/%s: %w", vg, lv, err)
+	}
+	m.Size = size
+	a.remember(vg, lv, m)
+	return nil
 }
 
 func (a *loopActivator) Mode() ActivationMode { return ActivationLoop }
@@ -223,6 +264,7 @@ func (a *loopActivator) Activate(ctx context.Context, vg, lv string) (string, er
 	if err != nil {
 		return "", fmt.Errorf("activate %s/%s by loop: %w", vg, lv, err)
 	}
+	a.remember(vg, lv, m)
 	if l, ok, err := findLoop(m); err != nil {
 		return "", err
 	} else if ok {
@@ -273,6 +315,7 @@ func (a *loopActivator) Refresh(ctx context.Context, vg, lv string) error {
 	if err != nil {
 		return fmt.Errorf("refresh %s/%s: %w", vg, lv, err)
 	}
+	a.remember(vg, lv, m)
 	l, ok, err := findLoop(m)
 	if err != nil || !ok {
 		return err
@@ -290,6 +333,7 @@ func (a *loopActivator) Deactivate(ctx context.Context, vg, lv string) error {
 	if err != nil {
 		return fmt.Errorf("deactivate %s/%s: %w", vg, lv, err)
 	}
+	delete(a.mapped, vg+"/"+lv)
 	l, ok, err := findLoop(m)
 	if err != nil || !ok {
 		return err

@@ -144,6 +144,7 @@ func AttachLoop(backing string, opts LoopOptions) (LoopDevice, error) {
 		return LoopDevice{}, fmt.Errorf("attach loop on %s with sector size %d: kernel left direct I/O off: %w",
 			backing, sectorSize, ErrDirectIONotSupported)
 	}
+	loopIdx.added(dev)
 	return dev, nil
 }
 
@@ -308,25 +309,20 @@ func LoopDevices() ([]LoopDevice, error) { return listLoops() }
 // FindLoops returns the loop devices attached to backing, in device order,
 // or none. It compares files, not path strings: the same file under
 // another path (a symlink, a bind mount) matches, and a block device
-// matches by device number.
+// matches by device number. It answers from the loop index (loopindex.go):
+// no sysfs scan of every loop device per call.
 func FindLoops(backing string) ([]LoopDevice, error) {
+	return findLoops(backing, true)
+}
+
+func findLoops(backing string, refreshOnMiss bool) ([]LoopDevice, error) {
 	var st unix.Stat_t
 	if err := unix.Stat(backing, &st); err != nil {
 		return nil, fmt.Errorf("find loop devices: %w", &os.PathError{Op: "stat", Path: backing, Err: err})
 	}
-	isBlock := st.Mode&unix.S_IFMT == unix.S_IFBLK
-	loops, err := listLoops()
+	found, err := loopIdx.find(&st, refreshOnMiss)
 	if err != nil {
 		return nil, fmt.Errorf("find loop devices of %s: %w", backing, err)
-	}
-	var found []LoopDevice
-	for _, l := range loops {
-		if !l.backingKnown || l.backingIsBlock != isBlock {
-			continue
-		}
-		if isBlock && l.backingRdev == st.Rdev || !isBlock && l.backingDev == st.Dev && l.backingIno == st.Ino {
-			found = append(found, l)
-		}
 	}
 	return found, nil
 }
@@ -344,6 +340,7 @@ func DetachLoop(path string) error {
 		return fmt.Errorf("detach loop: %w", &os.PathError{Op: "open", Path: path, Err: err})
 	}
 	defer unix.Close(fd)
+	defer loopIdx.removed(path)
 	if err := unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0); err != nil {
 		if errors.Is(err, unix.ENXIO) {
 			return nil // not attached
@@ -388,6 +385,7 @@ func SetLoopSizeLimit(path string, sizeLimit uint64) error {
 			if err != nil {
 				return fmt.Errorf("LOOP_SET_STATUS64 %s size limit %d: %w", path, sizeLimit, err)
 			}
+			loopIdx.sizeLimitSet(path, sizeLimit)
 		}
 		if err := unix.IoctlSetInt(fd, unix.LOOP_SET_CAPACITY, 0); err != nil {
 			return fmt.Errorf("LOOP_SET_CAPACITY %s: %w", path, err)

@@ -225,7 +225,15 @@ func (p *LoopPool) Volume(name string) (PoolVolume, error) {
 	return p.volume(name)
 }
 
+// volume reads one volume; its loop device comes from the loop index,
+// refreshed when it has none for the file.
 func (p *LoopPool) volume(name string) (PoolVolume, error) {
+	return p.volumeFrom(name, true)
+}
+
+// volumeFrom is volume; refreshOnMiss false trusts the loop index to hold
+// every attached device (the caller refreshed it just before).
+func (p *LoopPool) volumeFrom(name string, refreshOnMiss bool) (PoolVolume, error) {
 	file := p.file(name)
 	fi, err := os.Stat(file)
 	if errors.Is(err, os.ErrNotExist) {
@@ -242,7 +250,7 @@ func (p *LoopPool) volume(name string) (PoolVolume, error) {
 		return PoolVolume{}, err
 	}
 	vol := PoolVolume{Name: name, File: file, Size: fi.Size(), Meta: meta}
-	dev, ok, err := p.poolLoop(file)
+	dev, ok, err := p.poolLoop(file, refreshOnMiss)
 	if err != nil {
 		return PoolVolume{}, err
 	}
@@ -253,8 +261,8 @@ func (p *LoopPool) volume(name string) (PoolVolume, error) {
 }
 
 // poolLoop finds the loop device of a pool file: one over the whole file.
-func (p *LoopPool) poolLoop(file string) (LoopDevice, bool, error) {
-	loops, err := FindLoops(file)
+func (p *LoopPool) poolLoop(file string, refreshOnMiss bool) (LoopDevice, bool, error) {
+	loops, err := findLoops(file, refreshOnMiss)
 	if err != nil {
 		return LoopDevice{}, false, err
 	}
@@ -407,9 +415,15 @@ func (p *LoopPool) AttachAll() ([]PoolVolume, error) {
 	if err != nil {
 		return nil, err
 	}
+	// One refresh of the loop index for all the pool's files: a file it
+	// has no device for is not attached (a refresh per file would read
+	// every unattached loop device once per volume).
+	if err := loopIdx.refresh(); err != nil {
+		return nil, fmt.Errorf("attach loop pool: listing loop devices: %w", err)
+	}
 	var vols []PoolVolume
 	for _, name := range names {
-		vol, err := p.volume(name)
+		vol, err := p.volumeFrom(name, false)
 		if err != nil {
 			errs = append(errs, err)
 			continue

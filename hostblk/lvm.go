@@ -469,14 +469,17 @@ func (l *LVM) ExtendLV(ctx context.Context, vg, name string, size uint64) (LV, e
 		return LV{}, err
 	}
 	defer l.lockVG(vg)()
-	lv, err := l.getLV(ctx, vg, name)
-	if err != nil {
-		return LV{}, err
-	}
-	if lv.Size >= size {
-		return lv, nil
-	}
+	// lvextend first, the size asked only after: two commands on the
+	// growth path of a running guest instead of three. lvextend refuses a
+	// size the LV has already; the LV is then returned as it is.
 	if _, err := l.Run(ctx, "lvextend", "--size", sizeArg(size), "--", vg+"/"+name); err != nil {
+		lv, lerr := l.getLV(ctx, vg, name)
+		if lerr == nil && lv.Size >= size {
+			return lv, nil
+		}
+		if lerr != nil && !errors.Is(err, ErrLVNotFound) && !errors.Is(err, ErrVGNotFound) {
+			return LV{}, errors.Join(err, lerr)
+		}
 		return LV{}, err
 	}
 	return l.getLV(ctx, vg, name)

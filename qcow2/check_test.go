@@ -285,7 +285,30 @@ func TestCheckCleanImagesMatchQemu(t *testing.T) {
 			if !res.Clean() {
 				t.Fatalf("qemu-made image not clean:%s", describeProblems(res))
 			}
+			requireAllocationEnd(t, p, res.ImageEndOffset)
 		})
+	}
+}
+
+// requireAllocationEnd fails unless AllocationEnd, from the refcounts
+// alone, finds the end Check found from every table.
+func requireAllocationEnd(t *testing.T, path string, want int64) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, end, err := qcow2.AllocationEnd(f, fi.Size())
+	if err != nil {
+		t.Fatalf("AllocationEnd: %v", err)
+	}
+	if end != want {
+		t.Fatalf("AllocationEnd = %d, Check's ImageEndOffset = %d", end, want)
 	}
 }
 

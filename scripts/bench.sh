@@ -250,8 +250,8 @@ bench_subcluster_cow_latency() {
 
 # --- The daemon over D-Bus -------------------------------------------------
 # These start a private system-type dbus-daemon (the system bus's default
-# policy plus packaging/dbus/org.volagent.VolAgent1.conf) and `volagent
-# serve` with a loop pool under $work; internal/benchtool is the one client.
+# policy plus packaging/dbus/org.volagent.VolAgent1.conf) and `volagentd`
+# with a loop pool under $work; internal/benchtool is the one client.
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -263,11 +263,9 @@ benchtool() {
 	"$work/benchtool" "$@"
 }
 
-# start_daemon NAME INITIAL_SIZE: starts the bus and the daemon with loop
-# pool "bench" (directory $work/NAME/pool, backing root $work/NAME/images,
-# initial_size INITIAL_SIZE) and waits until it serves. Sets $bus (the
-# address), $images and $serve_pid.
-start_daemon() {
+# start_bus NAME INITIAL_SIZE: writes the configuration of start_daemon
+# ($work/NAME/volagent.toml) and starts the bus. Sets $bus and $images.
+start_bus() {
 	local dir="$work/$1" policy="$root/packaging/dbus/org.volagent.VolAgent1.conf"
 	mkdir -p "$dir/pool" "$dir/images" "$dir/system.d"
 	images="$dir/images"
@@ -282,8 +280,18 @@ start_daemon() {
 		initial_size = "$2"
 		chunk_size = "$2"
 	EOF
+	rm -f "$dir/bus" # a second bus in the same directory must not find the first one's socket
 	start_private_bus "$dir" "$dir/system.d" || return 1
 	daemon_pids=("$bus_pid" "${daemon_pids[@]}")
+}
+
+# start_daemon NAME INITIAL_SIZE: starts the bus and the daemon with loop
+# pool "bench" (directory $work/NAME/pool, backing root $work/NAME/images,
+# initial_size INITIAL_SIZE) and waits until it serves. Sets $bus (the
+# address), $images and $serve_pid.
+start_daemon() {
+	local dir="$work/$1"
+	start_bus "$1" "$2" || return 1
 	"$volagentd" --config "$dir/volagent.toml" --bus-address "$bus" 2>"$dir/serve.log" &
 	serve_pid=$!
 	daemon_pids=("$serve_pid" "${daemon_pids[@]}") # stopped before the bus
@@ -375,7 +383,62 @@ bench_idle_rss() {
 	}'
 }
 
-BENCHMARKS=(inspect create hook import cow_latency subcluster_cow_latency dbus_create dbus_inspect idle_rss)
+# start-time: the daemon restarted over BENCH_START_VOLUMES (default 1000)
+# volumes of a loop pool, still attached: BENCH_START_LARGE (default 100)
+# of them with 100 GiB of metadata each (qemu-img preallocation=metadata:
+# L2 tables and refcounts for every cluster; sparse files), the rest small
+# overlays made over D-Bus. Measured from the exec of `volagentd`:
+# when it owns its bus name, when it has answered CheckDomain for a domain
+# on one of the volumes (goal: both <= 1 s), and when its background check
+# of every volume's metadata finished (no goal; it runs at idle I/O
+# priority after the daemon is ready).
+bench_start_time() {
+	local want=${BENCH_START_VOLUMES:-1000} big=${BENCH_START_LARGE:-100} dir="$work/start-time" made i names=() dev out
+	start_daemon start-time 4M || return 1
+	truncate -s 64M "$images/base.raw"
+	made=$(benchtool populate -bus "$bus" -pool bench -backing "$images/base.raw" -n $((want - big)) -prefix v 2>"$work/populate.err") || return 1
+	stop_daemons # its volumes stay attached, as on a host where the daemon restarts
+	qemu-img create -q -f qcow2 -o preallocation=metadata "$dir/large.qcow2" 100G
+	for ((i = 0; i < big; i++)); do
+		cp --sparse=always "$dir/large.qcow2" "$dir/pool/large$i.img"
+		names+=("large$i")
+	done
+	benchtool set-meta -pool-dir "$dir/pool" -role base "${names[@]}" || return 1
+	dev=$(losetup --noheadings --output NAME --associated "$dir/pool/v0000.img" | head -n 1)
+	start_bus start-time 4M || return 1
+	out=$(benchtool start -bus "$bus" -volagentd "$volagentd" -config "$dir/volagent.toml" -disk "$dev" -timeout 30m) || return 1
+	stop_daemons
+	detach_loops_under "$dir"
+	remove_new_loop_devices
+	rm -rf "$dir"
+	awk -v o="$out" -v n="$((made + big))" -v big="$big" 'BEGIN {
+		split(o, t, " ")
+		worst = (t[1] > t[2] ? t[1] : t[2])
+		printf "start-time: %d volumes (%d with 100 GiB of metadata): bus name %.0fms, CheckDomain answered %.0fms (goal <= 1000), background check done %.1fs%s\n",
+			n, big, t[1], t[2], t[3], (worst > 1000 ? " MISSED" : "")
+	}'
+}
+
+# grow-latency: what the block-threshold handler does for a running
+# guest, timed from its call to the new size on the device (qemu's
+# host_device node reads the size at each length query, so this is when
+# qemu can write past the old end): a loop pool, and an LVM pool (loop
+# activation) on a volume group over a loop device, 20 growths by 64 MiB
+# each. Goals: median <= 150 ms (loop), <= 400 ms (LVM).
+bench_grow_latency() {
+	local out loop lvm
+	mkdir -p "$work/grow-loop" "$work/grow-lvm"
+	loop=$(benchtool grow -type loop -dir "$work/grow-loop") || return 1
+	lvm=$(benchtool grow -type lvm -dir "$work/grow-lvm") || return 1
+	rm -rf "$work/grow-loop" "$work/grow-lvm"
+	awk -v a="$loop" -v b="$lvm" 'BEGIN {
+		split(a, l, " "); split(b, v, " ")
+		printf "grow-latency: loop pool median %.1fms (slowest %.1fms, goal <= 150), LVM pool median %.0fms (slowest %.0fms, goal <= 400)%s\n",
+			l[1], l[2], v[1], v[2], (l[1] > 150 || v[1] > 400 ? " MISSED" : "")
+	}'
+}
+
+BENCHMARKS=(inspect create hook import cow_latency subcluster_cow_latency dbus_create dbus_inspect idle_rss start_time grow_latency)
 # BENCH_ONLY="dbus_create idle_rss" runs just those.
 if [ -n "${BENCH_ONLY:-}" ]; then
 	read -ra BENCHMARKS <<<"$BENCH_ONLY"

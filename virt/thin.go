@@ -23,6 +23,13 @@ package virt
 //
 // DisableThresholds leaves only that second path: no threshold is set, and
 // every growth costs the domain a pause.
+//
+// The controller also reports how far each such disk's image reaches to
+// the backend (NoteAllocation, when Volumes has it): libvirt's allocation
+// of the disk (virDomainGetBlockInfo: qemu's highest written offset) at
+// every threshold event, start, resume and hot-plug, and every
+// AllocationInterval while the domain runs, so a volume's HighestAllocated
+// follows the guest's writes.
 
 import (
 	"context"
@@ -30,6 +37,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"time"
 
 	"libvirt.org/go/libvirt"
 
@@ -46,6 +54,82 @@ type ThinController struct {
 	mu           sync.Mutex
 	conn         *Conn
 	noThresholds bool
+	interval     time.Duration
+	polling      bool
+	stop         chan struct{}
+	stopOnce     sync.Once
+	growth       map[string]*growthState // by volume ID
+}
+
+// growthLead is how long one growth must last a guest writing at its
+// recent rate. A growth takes well under a second (one truncate or one
+// lvextend, and LOOP_SET_CAPACITY); the rest is a margin for bursts.
+const growthLead = 2 * time.Second
+
+// growthState is what the controller saw of a volume's writes: where and
+// when the last threshold was crossed, and the recent write rate.
+type growthState struct {
+	at       time.Time
+	written  int64
+	rate     float64 // bytes per second
+	maxChunk int64   // the largest chunk it grew by
+}
+
+// observe records that the guest wrote up to written at now (a threshold
+// crossing). The rate follows an acceleration at once and halves at each
+// crossing once the guest slows down.
+func (t *ThinController) observe(id string, written int64, now time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.growth == nil {
+		t.growth = map[string]*growthState{}
+	}
+	g, ok := t.growth[id]
+	if !ok {
+		t.growth[id] = &growthState{at: now, written: written}
+		return
+	}
+	if dt := now.Sub(g.at).Seconds(); dt > 0 && written > g.written {
+		g.rate = max(float64(written-g.written)/dt, g.rate/2)
+	}
+	g.at, g.written = now, written
+}
+
+// chunkFor is what volume id grows by: the pool's chunk, or as many
+// chunks as the guest writes in growthLead at its recent rate (so the
+// threshold, half a chunk below the end, leaves it growthLead/2 of
+// writing while the device grows), whichever is larger.
+func (t *ThinController) chunkFor(id string, poolChunk int64) int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	g, ok := t.growth[id]
+	if !ok || poolChunk <= 0 {
+		return poolChunk
+	}
+	need := int64(g.rate * growthLead.Seconds())
+	chunk := max(poolChunk, (need+poolChunk-1)/poolChunk*poolChunk)
+	g.maxChunk = max(g.maxChunk, chunk)
+	return chunk
+}
+
+// largestChunk is the largest chunk volume id has grown by (0 if none).
+func (t *ThinController) largestChunk(id string) int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if g, ok := t.growth[id]; ok {
+		return g.maxChunk
+	}
+	return 0
+}
+
+// DefaultAllocationInterval is how often the controller reads the
+// allocation of the volagent disks of running domains.
+const DefaultAllocationInterval = 5 * time.Second
+
+// allocationSink is what the controller reports allocations to;
+// backend.Manager implements it.
+type allocationSink interface {
+	NoteAllocation(id string, allocation int64)
 }
 
 // NewThinController makes a ThinController; log (optional) gets what it
@@ -54,14 +138,82 @@ func NewThinController(vols Volumes, log *slog.Logger) *ThinController {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	return &ThinController{vols: vols, log: log}
+	return &ThinController{vols: vols, log: log, interval: DefaultAllocationInterval, stop: make(chan struct{})}
 }
 
-// Bind tells the controller which connection domains are looked up on.
+// SetAllocationInterval changes how often running domains' allocations are
+// read (DefaultAllocationInterval); call it before Bind.
+func (t *ThinController) SetAllocationInterval(d time.Duration) {
+	t.mu.Lock()
+	t.interval = d
+	t.mu.Unlock()
+}
+
+// Bind tells the controller which connection domains are looked up on,
+// and starts reading allocations every AllocationInterval.
 func (t *ThinController) Bind(c *Conn) {
 	t.mu.Lock()
 	t.conn = c
+	start := !t.polling && t.interval > 0
+	t.polling = true
+	interval := t.interval
 	t.mu.Unlock()
+	if _, ok := t.vols.(allocationSink); ok && start {
+		go t.pollAllocations(interval)
+	}
+}
+
+// Close stops the allocation reads. Idempotent.
+func (t *ThinController) Close() {
+	t.stopOnce.Do(func() { close(t.stop) })
+}
+
+// pollAllocations reads the allocation of every running domain's volagent
+// disks every interval, until Close.
+func (t *ThinController) pollAllocations(interval time.Duration) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-t.stop:
+			return
+		case <-tick.C:
+		}
+		t.mu.Lock()
+		c := t.conn
+		t.mu.Unlock()
+		_ = c.Do(func(conn *libvirt.Connect) error {
+			doms, err := conn.ListAllDomains(libvirt.CONNECT_LIST_DOMAINS_ACTIVE)
+			if err != nil {
+				return err
+			}
+			for i := range doms {
+				_, disks := t.thinDisks(conn, &doms[i])
+				t.noteAllocations(&doms[i], disks)
+				doms[i].Free()
+			}
+			return nil
+		})
+	}
+}
+
+// noteAllocations tells the backend how far each disk's image reaches, as
+// libvirt reports it.
+func (t *ThinController) noteAllocations(dom *libvirt.Domain, disks []thinDisk) {
+	sink, ok := t.vols.(allocationSink)
+	if !ok {
+		return
+	}
+	for _, d := range disks {
+		info, err := dom.GetBlockInfo(d.target, 0)
+		if err != nil {
+			t.log.Debug("thin provisioning: block info", "disk", d.target, "volume", d.volume.ID, "err", err)
+			continue
+		}
+		if info.Allocation > 0 {
+			sink.NoteAllocation(d.volume.ID, int64(info.Allocation))
+		}
+	}
 }
 
 // DisableThresholds turns the block thresholds off: volumes grow only when
@@ -194,7 +346,7 @@ func (t *ThinController) thinDisks(conn *libvirt.Connect, dom *libvirt.Domain) (
 		if err != nil {
 			continue
 		}
-		out = append(out, thinDisk{target: d.Target, volume: v, chunk: settings.ChunkSize})
+		out = append(out, thinDisk{target: d.Target, volume: v, chunk: t.chunkFor(v.ID, settings.ChunkSize)})
 	}
 	return name, out
 }
@@ -202,10 +354,11 @@ func (t *ThinController) thinDisks(conn *libvirt.Connect, dom *libvirt.Domain) (
 // arm sets the threshold on the domain's volagent disks (only target,
 // when given), unless thresholds are disabled.
 func (t *ThinController) arm(conn *libvirt.Connect, dom *libvirt.Domain, target string) {
+	name, disks := t.thinDisks(conn, dom)
+	t.noteAllocations(dom, disks)
 	if t.thresholdsDisabled() {
 		return
 	}
-	name, disks := t.thinDisks(conn, dom)
 	for _, d := range disks {
 		if target != "" && d.target != target {
 			continue
@@ -237,7 +390,7 @@ func (t *ThinController) grow(v backend.VolumeInfo, written int64) (size int64, 
 	if err != nil {
 		return 0, false, err
 	}
-	chunk := settings.ChunkSize
+	chunk := t.chunkFor(v.ID, settings.ChunkSize)
 	current := deviceSize(v)
 	size = current
 	for ThresholdFor(size, chunk) <= written {
@@ -258,10 +411,16 @@ func (t *ThinController) onThreshold(domain, dev, path string, written uint64) {
 	if !ok {
 		return
 	}
+	if sink, ok := t.vols.(allocationSink); ok {
+		sink.NoteAllocation(v.ID, int64(written)) // qemu wrote that far
+	}
+	t.observe(v.ID, int64(written), time.Now())
 	// libvirt reports one crossing of a disk's top image twice, as "vda"
 	// and "vda[1]": the second finds the device grown past the write
 	// already and must not grow it by another chunk.
+	began := time.Now()
 	size, grown, err := t.grow(v, int64(written))
+	took := time.Since(began)
 	if err != nil {
 		// qemu will hit the end: the ENOSPC pause retries the growth.
 		t.log.Error("thin provisioning: growing a volume failed", "domain", domain, "disk", dev, "volume", v.ID, "err", err)
@@ -269,7 +428,9 @@ func (t *ThinController) onThreshold(domain, dev, path string, written uint64) {
 		return
 	}
 	if grown {
-		t.log.Info("volume grown at its block threshold", "domain", domain, "disk", dev, "volume", v.ID, "written", written, "device_size", size)
+		// took is from the event to the new size being visible to qemu
+		// (its host_device node reads the size on every length query).
+		t.log.Info("volume grown at its block threshold", "domain", domain, "disk", dev, "volume", v.ID, "written", written, "device_size", size, "grow_ms", float64(took.Microseconds())/1000)
 	} else {
 		t.log.Debug("block threshold crossed; the volume has grown past it already", "domain", domain, "disk", dev, "volume", v.ID, "written", written, "device_size", size)
 	}

@@ -86,7 +86,7 @@ chunk_size = "64M"
 		if run.thresholds == 0 {
 			t.Fatal("the volume grew without a block threshold event")
 		}
-		t.Logf("%d block threshold events; device %d MiB", run.thresholds, run.deviceSize>>20)
+		t.Logf("%d block threshold events; device %d MiB; HighestAllocated moved %d times", run.thresholds, run.deviceSize>>20, run.allocationSteps)
 	})
 }
 
@@ -97,6 +97,7 @@ type thinRun struct {
 	resumedAfterGrowth int // resumes by the controller after a growth
 	thresholds         int // BLOCK_THRESHOLD events
 	deviceSize         int64
+	allocationSteps    int // changes of HighestAllocated seen while the guest ran
 }
 
 // runThinGuest makes an overlay of base in mgr's pool, runs the writer
@@ -120,6 +121,22 @@ func runThinGuest(t *testing.T, mgr *backend.Manager, base, bootDisk, name strin
 	if !thresholds {
 		thin.DisableThresholds()
 	}
+	thin.SetAllocationInterval(500 * time.Millisecond)
+	t.Cleanup(thin.Close)
+	// HighestAllocated must follow the guest's writes while it runs.
+	events, unsubscribe := mgr.Subscribe()
+	defer unsubscribe()
+	allocations := make(chan []int64, 1)
+	go func() {
+		var seen []int64
+		for ev := range events {
+			if ev.Kind == backend.EventVolumeChanged && ev.Volume != nil && ev.Volume.ID == vol.ID &&
+				(len(seen) == 0 || ev.Volume.HighestAllocated != seen[len(seen)-1]) {
+				seen = append(seen, ev.Volume.HighestAllocated)
+			}
+		}
+		allocations <- seen
+	}()
 	domain := testutil.TestDomainPrefix + "thin-" + name
 	c, err := Dial(Options{URI: testutil.LibvirtURI, Logger: log}, thin.Handlers(Handlers{
 		DomainLifecycle: func(d string, event libvirt.DomainEventType, detail int) {
@@ -180,8 +197,23 @@ func runThinGuest(t *testing.T, mgr *backend.Manager, base, bootDisk, name strin
 	// device at half a chunk before its end, by one chunk (1 MiB more
 	// for the qcow2 metadata).
 	written := int64(thinGuest.DoneLBA+1) * testguest.SectorSize
-	if run.deviceSize < written || run.deviceSize > written+thinChunk+thinChunk/2+1<<20 {
-		t.Fatalf("device is %d bytes after the guest wrote %d: want more, by at most 1.5 chunks of %d", run.deviceSize, written, thinChunk)
+	chunk := max(int64(thinChunk), thin.largestChunk(vol.ID)) // larger for a fast guest
+	if run.deviceSize < written || run.deviceSize > written+chunk+chunk/2+1<<20 {
+		t.Fatalf("device is %d bytes after the guest wrote %d: want more, by at most 1.5 chunks of %d", run.deviceSize, written, chunk)
+	}
+
+	// The guest's writes reached the volume's HighestAllocated, in steps
+	// (threshold events and periodic reads), while the domain ran: the
+	// image holds at least the sectors the guest wrote.
+	data := int64(thinGuest.Sectors) * testguest.SectorSize
+	if got, err := mgr.Volume(vol.ID); err != nil || got.HighestAllocated < data {
+		t.Fatalf("volume after the guest wrote %d bytes: HighestAllocated %d, %v", data, got.HighestAllocated, err)
+	}
+	unsubscribe()
+	if seen := <-allocations; len(seen) < 2 || seen[len(seen)-1] < data {
+		t.Fatalf("HighestAllocated moved through %v while the guest wrote %d bytes: want several steps up to at least that", seen, data)
+	} else {
+		run.allocationSteps = len(seen)
 	}
 
 	// A graceful stop: qemu flushes its qcow2 metadata caches on the way out.

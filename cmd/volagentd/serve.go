@@ -159,6 +159,9 @@ func runServe(opts serveOptions) error {
 		log.Warn("notifying the service manager", "error", err)
 	}
 	log.Info("ready", "bus_name", dbusapi.BusName, "pools", len(pools), "volumes", len(volumes), "version", version.Version)
+	// Load read headers and refcounts only; every table is checked now,
+	// one volume at a time at idle I/O priority.
+	mgr.StartBackgroundChecks()
 
 	go systemd.RunWatchdog(ctx, func() error {
 		if !conn.Connected() {
@@ -234,6 +237,7 @@ func startLibvirt(mgr *backend.Manager, cfg *backend.Config, opts serveOptions, 
 			requests.Close()
 			// mgr keeps its Domains: once closed they answer
 			// ErrDisconnected, and the Manager refuses what needs them.
+			thin.Close()
 			conn.Close()
 			log.Info("libvirt integration stopped")
 		})

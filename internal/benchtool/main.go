@@ -8,11 +8,20 @@
 //	benchtool populate -bus ADDR -pool P -backing PATH -n 1000 [-parallel 2]
 //	benchtool delete   -bus ADDR -pool P [-parallel 2]
 //	benchtool loop-remove N...
+//	benchtool set-meta -pool-dir DIR -role base NAME...
+//	benchtool grow     -type loop|lvm -dir DIR [-n 20]
+//	benchtool start    -bus ADDR -volagentd BIN -config FILE -disk DEV [-timeout 10m]
 //
 // create prints the median call-to-reply latency in milliseconds (and
 // deletes the volumes again, untimed); inspect prints calls per second;
 // populate prints how many volumes it made (it stops at the first error,
 // which it reports on stderr); delete prints how many it deleted.
+// set-meta gives files NAME.img put into a loop pool's directory by hand
+// the pool's volume metadata (a base volume: no backing). start runs
+// `BIN` (volagentd) and prints, in milliseconds from its exec, when it owned
+// its bus name and when it answered CheckDomain for a domain whose qcow2
+// disk is DEV, then in seconds when it logged that its background checks
+// finished; it stops the daemon then.
 // loop-remove removes unattached loop devices /dev/loopN (LOOP_CTL_REMOVE):
 // the kernel keeps every loop device the pools made it create, and each
 // one slows every later scan of the loop devices.
@@ -48,6 +57,18 @@ func main() {
 		}
 		return
 	}
+	if cmd == "grow" {
+		if err := growLatency(os.Args[2:]); err != nil {
+			fail(err)
+		}
+		return
+	}
+	if cmd == "set-meta" {
+		if err := setMeta(os.Args[2:]); err != nil {
+			fail(err)
+		}
+		return
+	}
 	fs := flag.NewFlagSet(cmd, flag.ExitOnError)
 	bus := fs.String("bus", "", "D-Bus address of the private bus")
 	pool := fs.String("pool", "", "pool name")
@@ -57,10 +78,19 @@ func main() {
 	prefix := fs.String("prefix", "bench-", "volume name prefix")
 	parallel := fs.Int("parallel", 2, "calls in flight (populate, delete)")
 	duration := fs.Duration("duration", 5*time.Second, "how long inspect calls")
-	timeout := fs.Duration("timeout", 60*time.Second, "how long wait waits")
+	timeout := fs.Duration("timeout", 60*time.Second, "how long wait waits (start: for the background checks)")
+	daemonBin := fs.String("volagentd", "", "start: the volagentd binary")
+	config := fs.String("config", "", "start: the daemon's configuration")
+	disk := fs.String("disk", "", "start: the qcow2 device of the domain CheckDomain judges")
 	fs.Parse(os.Args[2:])
 	if *bus == "" {
 		fail(errors.New("-bus is required"))
+	}
+	if cmd == "start" {
+		if err := startTime(*bus, *daemonBin, *config, *disk, *timeout); err != nil {
+			fail(err)
+		}
+		return
 	}
 	conn, err := dbus.Connect(*bus)
 	if err != nil {
