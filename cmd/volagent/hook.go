@@ -169,10 +169,14 @@ func runHookQemu(ctx context.Context, opts hookOptions, args []string, stdin io.
 	// Whatever the policy's mode: qemu would refuse these itself if it
 	// saw the locks (libvirt gives it a private /dev, where it does not).
 	if inUse := disksInUse(domainXML, v.report); len(inUse) > 0 {
-		for _, line := range inUse {
+		for _, line := range append(inUse, v.lines...) {
 			fmt.Fprintln(stderr, line)
 		}
-		return &exitError{code: exitHookRefused, err: fmt.Errorf("domain %q refused: %d of its images are in use by another process", domainName, len(inUse))}
+		why := fmt.Sprintf("%d of its images are in use by another process", len(inUse))
+		if !v.allowed {
+			why += fmt.Sprintf(", and %d violation(s) of the no-probing policy (%s verdict)", len(v.lines), v.source)
+		}
+		return &exitError{code: exitHookRefused, err: fmt.Errorf("domain %q refused: %s", domainName, why)}
 	}
 	if v.allowed {
 		return nil
