@@ -55,7 +55,7 @@ fuzz-short: deps
 fuzz: deps
 	@scripts/fuzz.sh $(FUZZTIME_LONG) matrix
 
-test: lint build check unit fuzz-short package-test
+test: lint build check unit fuzz-short package-test vm-test
 
 bench: build
 	@scripts/bench.sh $(BIN) $(DAEMON)
