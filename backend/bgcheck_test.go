@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/volagent/volagent/internal/looptest"
+	"github.com/volagent/volagent/internal/testutil"
 	"github.com/volagent/volagent/qcow2"
 )
 
@@ -119,5 +121,25 @@ func corruptFirstL2Entry(t *testing.T, dev string) {
 	}
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestBackgroundCheckSkipsImagesInUse: an image a qemu holds (its
+// metadata may be mid-change) is not checked, so it cannot be marked
+// corrupt from a torn read; once qemu lets go it is checked.
+func TestBackgroundCheckSkipsImagesInUse(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireTool(t, "qemu-img", "qemu-storage-daemon")
+	dev := looptest.Device(t, 64<<20, 512)
+	testutil.QemuImg(t, "create", "-q", "-f", "qcow2", dev, "32M")
+	h := testutil.HoldImageWithStorageDaemon(t, dev)
+	problem, _, inUse := checkDevice(context.Background(), dev)
+	if !inUse || problem != "" {
+		t.Fatalf("held by %s: inUse %v, problem %q; want skipped", h.Name, inUse, problem)
+	}
+	h.Stop(t)
+	problem, end, inUse := checkDevice(context.Background(), dev)
+	if inUse || problem != "" || end <= 0 {
+		t.Fatalf("released: inUse %v, problem %q, end %d; want checked and sound", inUse, problem, end)
 	}
 }
