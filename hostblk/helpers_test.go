@@ -139,12 +139,6 @@ func attachTestLoop(t *testing.T, file string, opts LoopOptions) LoopDevice {
 	return dev
 }
 
-func detachForCleanup(t *testing.T, path string) {
-	if err := DetachLoop(path); err != nil {
-		t.Errorf("cleanup: %v", err)
-	}
-}
-
 // detachAllOver detaches every loop device whose backing file is path,
 // and first the loop devices stacked on those (loop-activated LVs on a
 // test PV).
@@ -156,7 +150,9 @@ func detachAllOver(t *testing.T, path string) {
 	}
 	for _, l := range loops {
 		detachAllOver(t, l.Path)
-		detachForCleanup(t, l.Path)
+		if err := DetachLoopDevice(l); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
 	}
 }
 

@@ -260,6 +260,10 @@ func loopDeviceInfo(number int) (LoopDevice, error) {
 	dev.ReadOnly = read("ro") == 1
 	dev.SectorSize = uint32(read("queue/logical_block_size"))
 	if f.err != nil {
+		if errors.Is(f.err, unix.ENODEV) || errors.Is(f.err, unix.ENXIO) {
+			// Detached (and perhaps removed) between the reads.
+			return LoopDevice{}, fmt.Errorf("loop%d: %w (%w)", number, os.ErrNotExist, f.err)
+		}
 		return LoopDevice{}, f.err
 	}
 	if !dev.BackingDeleted {
@@ -346,6 +350,39 @@ func DetachLoop(path string) error {
 			return nil // not attached
 		}
 		return fmt.Errorf("LOOP_CLR_FD %s: %w", path, err)
+	}
+	return nil
+}
+
+// DetachLoopDevice detaches l only while its device still has l's backing
+// file (by device and inode, read through the open device): a device that
+// another process detached and attached to a file of its own since l was
+// listed is left alone. Without a known backing file it is DetachLoop.
+func DetachLoopDevice(l LoopDevice) error {
+	if !l.backingKnown {
+		return DetachLoop(l.Path)
+	}
+	fd, err := unix.Open(l.Path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENXIO) {
+			return nil
+		}
+		return fmt.Errorf("detach loop: %w", &os.PathError{Op: "open", Path: l.Path, Err: err})
+	}
+	defer unix.Close(fd)
+	info, err := unix.IoctlLoopGetStatus64(fd)
+	if err != nil {
+		if errors.Is(err, unix.ENXIO) {
+			return nil // not attached
+		}
+		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", l.Path, err)
+	}
+	if info.Device != l.backingDev || info.Inode != l.backingIno {
+		return nil // someone else's now
+	}
+	defer loopIdx.removed(l.Path)
+	if err := unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0); err != nil && !errors.Is(err, unix.ENXIO) {
+		return fmt.Errorf("LOOP_CLR_FD %s: %w", l.Path, err)
 	}
 	return nil
 }

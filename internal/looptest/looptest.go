@@ -78,12 +78,12 @@ func DetachUnder(t testing.TB, dir string) {
 		}
 		for _, upper := range loops {
 			if upper.BackingFile == l.Path {
-				if err := hostblk.DetachLoop(upper.Path); err != nil {
+				if err := hostblk.DetachLoopDevice(upper); err != nil {
 					t.Errorf("cleanup: %v", err)
 				}
 			}
 		}
-		if err := hostblk.DetachLoop(l.Path); err != nil {
+		if err := hostblk.DetachLoopDevice(l); err != nil {
 			t.Errorf("cleanup: %v", err)
 		}
 	}
