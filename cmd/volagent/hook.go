@@ -230,7 +230,7 @@ func (e *daemonRefusedInput) Error() string { return "the daemon refused the dom
 func askDaemon(ctx context.Context, opts hookOptions, domainXML []byte) (hookVerdict, error) {
 	ctx, cancel := context.WithTimeout(ctx, opts.timeout)
 	defer cancel()
-	conn, err := hookBus(ctx, opts.busAddress)
+	conn, err := dbusapi.Connect(opts.busAddress, dbus.WithContext(ctx))
 	if err != nil {
 		return hookVerdict{}, fmt.Errorf("connecting to the bus: %w", err)
 	}
@@ -250,18 +250,6 @@ func askDaemon(ctx context.Context, opts hookOptions, domainXML []byte) (hookVer
 		return hookVerdict{}, fmt.Errorf("the daemon's report is not JSON: %w", err)
 	}
 	return hookVerdict{allowed: allowed, lines: rep.Lines(), source: "daemon", report: &rep}, nil
-}
-
-// hookBus connects to the system bus (or the given address) without
-// blocking past ctx.
-func hookBus(ctx context.Context, address string) (*dbus.Conn, error) {
-	if address == "" {
-		address = os.Getenv("DBUS_SYSTEM_BUS_ADDRESS")
-	}
-	if address == "" {
-		return dbus.ConnectSystemBus(dbus.WithContext(ctx))
-	}
-	return dbus.Connect(address, dbus.WithContext(ctx))
 }
 
 // hookConfig reads the daemon's configuration if there is one.
