@@ -213,6 +213,22 @@ func newEnv(t testing.TB, typ PoolType, policy PolicyMode) *env {
 }
 
 // manager makes and loads a Manager over the env's pool, closed at cleanup.
+// newLoopOverlay is a loop-pool Manager (policy enforce) with one overlay,
+// "vm", over a 1 MiB raw base: the start of every test that needs one
+// volume and nothing else.
+func newLoopOverlay(t testing.TB) (*Manager, VolumeInfo) {
+	t.Helper()
+	e := newEnv(t, PoolLoop, PolicyEnforce)
+	m := e.manager()
+	base := filepath.Join(e.roots, "base.raw")
+	writeFile(t, base, 1<<20, nil)
+	v, err := m.CreateOverlay(context.Background(), Caller{}, OverlayRequest{Pool: "p", Name: "vm", BackingPath: base, BackingFormat: "raw"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, v
+}
+
 func (e *env) manager() *Manager {
 	e.t.Helper()
 	m, err := NewManager(e.cfg, ManagerOptions{LVM: e.lvm, Logger: slog.New(slog.NewTextHandler(testWriter{e.t}, &slog.HandlerOptions{Level: slog.LevelDebug}))})

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -33,15 +32,8 @@ func TestMutationsRefusedWhileQemuHolds(t *testing.T) {
 		"guest":          testutil.HoldImageWithGuest,
 	} {
 		t.Run(name, func(t *testing.T) {
-			e := newEnv(t, PoolLoop, PolicyEnforce)
-			m := e.manager()
+			m, v := newLoopOverlay(t)
 			ctx := context.Background()
-			base := filepath.Join(e.roots, "base.raw")
-			writeFile(t, base, 1<<20, nil)
-			v, err := m.CreateOverlay(ctx, Caller{}, OverlayRequest{Pool: "p", Name: "vm", BackingPath: base, BackingFormat: "raw"})
-			if err != nil {
-				t.Fatal(err)
-			}
 			h := hold(t, v.DevicePath)
 			before := hashDevice(t, v.DevicePath)
 			holder := "in use by " + h.String()
@@ -55,7 +47,7 @@ func TestMutationsRefusedWhileQemuHolds(t *testing.T) {
 			refused("Write", m.Write(ctx, Caller{}, v.ID, 0, []byte("guest data")))
 			refused("Resize", m.Resize(ctx, Caller{}, v.ID, 2*v.VirtualSize))
 			refused("Delete", m.Delete(ctx, Caller{}, v.ID))
-			_, err = m.Check(ctx, v.ID)
+			_, err := m.Check(ctx, v.ID)
 			refused("Check", err)
 			_, err = writeNewImage(v.DevicePath, 1<<20, qcow2.CreateOptions{VirtualSize: 1 << 20})
 			refused("writeNewImage", err)
@@ -87,15 +79,7 @@ func TestMutationsRefusedWhileQemuHolds(t *testing.T) {
 // TestQemuRefusedWhileDaemonWrites: while the daemon's writer holds a
 // volume (a write session open), qemu cannot open it.
 func TestQemuRefusedWhileDaemonWrites(t *testing.T) {
-	e := newEnv(t, PoolLoop, PolicyEnforce)
-	m := e.manager()
-	ctx := context.Background()
-	base := filepath.Join(e.roots, "base.raw")
-	writeFile(t, base, 1<<20, nil)
-	v, err := m.CreateOverlay(ctx, Caller{}, OverlayRequest{Pool: "p", Name: "vm", BackingPath: base, BackingFormat: "raw"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m, v := newLoopOverlay(t)
 	got, p, err := m.lookup(v.ID)
 	if err != nil {
 		t.Fatal(err)

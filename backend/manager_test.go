@@ -199,15 +199,8 @@ func expectEvent(t *testing.T, events <-chan Event, kind EventKind, id string) E
 }
 
 func TestDeleteRefusesOpenDevice(t *testing.T) {
-	e := newEnv(t, PoolLoop, PolicyEnforce)
-	m := e.manager()
+	m, v := newLoopOverlay(t)
 	ctx := context.Background()
-	base := filepath.Join(e.roots, "base.raw")
-	writeFile(t, base, 1<<20, nil)
-	v, err := m.CreateOverlay(ctx, Caller{}, OverlayRequest{Pool: "p", Name: "vm", BackingPath: base, BackingFormat: "raw"})
-	if err != nil {
-		t.Fatal(err)
-	}
 	// A "VM" holding the device exclusively.
 	f, err := os.OpenFile(v.DevicePath, os.O_RDWR|syscall.O_EXCL, 0)
 	if err != nil {
@@ -560,15 +553,8 @@ func TestCrashCleanup(t *testing.T) {
 // TestRefusedHeaderListed: a managed volume whose header is damaged is
 // listed with its problem, not dropped, and can still be deleted.
 func TestRefusedHeaderListed(t *testing.T) {
-	e := newEnv(t, PoolLoop, PolicyEnforce)
-	m := e.manager()
+	m, v := newLoopOverlay(t)
 	ctx := context.Background()
-	base := filepath.Join(e.roots, "base.raw")
-	writeFile(t, base, 1<<20, nil)
-	v, err := m.CreateOverlay(ctx, Caller{}, OverlayRequest{Pool: "p", Name: "vm", BackingPath: base, BackingFormat: "raw"})
-	if err != nil {
-		t.Fatal(err)
-	}
 	// Damage the magic through the device.
 	f, err := os.OpenFile(v.DevicePath, os.O_RDWR, 0)
 	if err != nil {
