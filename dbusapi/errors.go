@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"sync"
 
 	"github.com/godbus/dbus/v5"
 
@@ -97,7 +98,7 @@ func failed(format string, args ...any) *dbus.Error {
 const codesPrefix = " [codes: "
 
 // codesSuffix matches the suffix at the end of a message.
-var codesSuffix = regexp.MustCompile(`\[codes: ([a-z0-9-]+(?:,[a-z0-9-]+)*)\]$`)
+var codesSuffix = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`\[codes: ([a-z0-9-]+(?:,[a-z0-9-]+)*)\]$`) })
 
 func policyViolation(err error) *dbus.Error {
 	msg := err.Error()
@@ -123,7 +124,7 @@ func ViolationCodes(err error) []string {
 		return nil
 	}
 	msg, _ := de.Body[0].(string)
-	if m := codesSuffix.FindStringSubmatch(msg); m != nil {
+	if m := codesSuffix().FindStringSubmatch(msg); m != nil {
 		return strings.Split(m[1], ",")
 	}
 	return nil

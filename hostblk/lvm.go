@@ -50,20 +50,23 @@ func (e *LVMError) Unwrap() error { return e.cause }
 // stderrPatterns recognise the sentinels in lvm's messages. LVM has no
 // machine-readable error codes (almost everything is exit code 5), so the
 // messages are the contract; the exec layer forces LC_ALL=C so they are
-// always in English. Each pattern matches within one line.
-var stderrPatterns = map[error]*regexp.Regexp{
-	ErrVGNotFound: regexp.MustCompile(`(?i)volume group "[^"\n]*" not found`),
-	// "Failed to find logical volume "vg/lv"" (lvs, lvchange, lvremove),
-	// "Existing logical volume "lv" not found in volume group" (lvrename).
-	ErrLVNotFound: regexp.MustCompile(`(?i)failed to find logical volume "|logical volume "[^"\n]*" not found`),
-	ErrLVExists:   regexp.MustCompile(`(?i)logical volume "[^"\n]*" already exists in volume group`),
-	ErrNoSpace:    regexp.MustCompile(`(?i)insufficient (free space|free extents|suitable)`),
-}
+// always in English. Each pattern matches within one line. Compiled on
+// first use: the static volagent starts at every domain start.
+var stderrPatterns = sync.OnceValue(func() map[error]*regexp.Regexp {
+	return map[error]*regexp.Regexp{
+		ErrVGNotFound: regexp.MustCompile(`(?i)volume group "[^"\n]*" not found`),
+		// "Failed to find logical volume "vg/lv"" (lvs, lvchange, lvremove),
+		// "Existing logical volume "lv" not found in volume group" (lvrename).
+		ErrLVNotFound: regexp.MustCompile(`(?i)failed to find logical volume "|logical volume "[^"\n]*" not found`),
+		ErrLVExists:   regexp.MustCompile(`(?i)logical volume "[^"\n]*" already exists in volume group`),
+		ErrNoSpace:    regexp.MustCompile(`(?i)insufficient (free space|free extents|suitable)`),
+	}
+})
 
 // Is matches the sentinels ErrVGNotFound, ErrLVNotFound, ErrLVExists and
 // ErrNoSpace against lvm's stderr.
 func (e *LVMError) Is(target error) bool {
-	re, ok := stderrPatterns[target]
+	re, ok := stderrPatterns()[target]
 	return ok && re.MatchString(e.Stderr)
 }
 

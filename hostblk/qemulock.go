@@ -178,7 +178,7 @@ func LockImage(f *os.File, set LockSet) (*ImageLock, error) {
 	default:
 		conflicts, err = testConflicts(f, set)
 		if err == nil && len(conflicts) == 0 {
-			conflicts, err = otherNodeConflicts(f, set)
+			conflicts, err = otherNodeConflicts(nil, f, set)
 		}
 		if err != nil {
 			unlockBytes(f, taken)
@@ -228,7 +228,7 @@ func testConflicts(f *os.File, set LockSet) ([]string, error) {
 // taken through another device node of the same device (a qemu in a
 // private /dev has its own node, with its own inode, which the kernel's
 // lock test does not see).
-func otherNodeConflicts(f *os.File, set LockSet) ([]string, error) {
+func otherNodeConflicts(locks *LockTable, f *os.File, set LockSet) ([]string, error) {
 	var st unix.Stat_t
 	if err := withFd(f, func(fd int) error { return unix.Fstat(fd, &st) }); err != nil {
 		return nil, &os.PathError{Op: "fstat", Path: f.Name(), Err: err}
@@ -236,7 +236,7 @@ func otherNodeConflicts(f *os.File, set LockSet) ([]string, error) {
 	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
 		return nil, nil
 	}
-	holders, err := FindHolders(f, true)
+	holders, err := findHolders(locks, f, true, true)
 	if err != nil {
 		return nil, err
 	}
@@ -258,23 +258,24 @@ func otherNodeConflicts(f *os.File, set LockSet) ([]string, error) {
 // *ImageInUseError naming the holders. The libvirt hook asks it for every
 // image of a domain about to start, because a qemu in libvirt's private
 // /dev locks a node of its own and would not see a writer's locks on the
-// host's node.
-func CheckImageLocks(f *os.File, set LockSet) error {
+// host's node. locks is a reading of /proc/locks (nil: read it now, if f
+// is a block device).
+func CheckImageLocks(locks *LockTable, f *os.File, set LockSet) error {
 	conflicts, err := testConflicts(f, set)
 	if err == nil && len(conflicts) == 0 {
-		conflicts, err = otherNodeConflicts(f, set)
+		conflicts, err = otherNodeConflicts(locks, f, set)
 	}
 	if err != nil || len(conflicts) == 0 {
 		return err
 	}
-	holders, _ := FindHolders(f, true)
+	holders, _ := FindHoldersIn(locks, f, true)
 	return &ImageInUseError{Path: f.Name(), Conflicts: conflicts, Holders: holders}
 }
 
 // CheckImageLocksPath is CheckImageLocks on the image at path, opened
 // read-only just for the test. Anything but a regular file or a block
 // device has no image locks: nil.
-func CheckImageLocksPath(path string, set LockSet) error {
+func CheckImageLocksPath(locks *LockTable, path string, set LockSet) error {
 	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return err
@@ -287,7 +288,7 @@ func CheckImageLocksPath(path string, set LockSet) error {
 	if !st.Mode().IsRegular() && st.Mode()&os.ModeDevice == 0 || st.Mode()&os.ModeCharDevice != 0 {
 		return nil
 	}
-	return CheckImageLocks(f, set)
+	return CheckImageLocks(locks, f, set)
 }
 
 // Release drops the locks (closing the file would too).
@@ -382,6 +383,16 @@ func ProbeImage(f *os.File) (ImageUsage, error) {
 			u.Unshared |= PermSet(i)
 		}
 	}
+	var st unix.Stat_t
+	if err := withFd(f, func(fd int) error { return unix.Fstat(fd, &st) }); err != nil {
+		return ImageUsage{}, &os.PathError{Op: "fstat", Path: f.Name(), Err: err}
+	}
+	if u.Held == 0 && u.Unshared == 0 && st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		// A regular file has one inode, and the lock test above saw
+		// every lock on it: nobody holds any. (A block device may be
+		// locked through another node, which only /proc shows.)
+		return u, nil
+	}
 	var err error
 	u.Holders, err = FindHolders(f, true)
 	if err != nil {
@@ -470,14 +481,32 @@ func (e *ImageInUseError) Is(target error) bool {
 // /proc/PID/fdinfo/FD (/proc/locks shows -1 as the pid of OFD locks). A
 // lock is on an inode; for a block device, locks on any node of the same
 // device count (qemu in a private /dev has its own node). excludeSelf
-// leaves out f's own descriptor.
+// leaves out f's own descriptor. It reads /proc/locks first (see
+// LockTable); FindHoldersIn takes a reading made before.
 func FindHolders(f *os.File, excludeSelf bool) ([]Holder, error) {
+	return FindHoldersIn(nil, f, excludeSelf)
+}
+
+// FindHoldersIn is FindHolders with locks, a reading of /proc/locks made
+// by the caller (nil: read it now). The per-process scan runs only when
+// locks shows a lock on qemu's bytes that may be f's.
+func FindHoldersIn(locks *LockTable, f *os.File, excludeSelf bool) ([]Holder, error) {
+	return findHolders(locks, f, excludeSelf, false)
+}
+
+// findHolders is FindHoldersIn; otherNodesOnly skips the scan when the
+// only locks on qemu's bytes are on f's own inode (which the lock test
+// sees without /proc): the check for another node of a block device.
+func findHolders(locks *LockTable, f *os.File, excludeSelf, otherNodesOnly bool) ([]Holder, error) {
 	var st unix.Stat_t
 	if err := withFd(f, func(fd int) error { return unix.Fstat(fd, &st) }); err != nil {
 		return nil, &os.PathError{Op: "fstat", Path: f.Name(), Err: err}
 	}
 	isBlock := st.Mode&unix.S_IFMT == unix.S_IFBLK
-	if !anyQemuLocks(st, isBlock) {
+	if locks == nil {
+		locks = ReadLockTable()
+	}
+	if !locks.mayHoldQemuLocks(st, isBlock, otherNodesOnly) {
 		return nil, nil
 	}
 	self, selfFd := os.Getpid(), int(f.Fd())
@@ -605,22 +634,49 @@ func parseLockLine(line string) (lockLine, bool) {
 	return lockLine{ofd: fields[1] == "OFDLCK", dev: unix.Mkdev(uint32(maj), uint32(min)), ino: ino, start: start, end: end}, true
 }
 
-// anyQemuLocks reads /proc/locks, one read for the whole host, and
-// reports whether any OFD lock covers qemu's lock bytes on the image whose
-// stat is st; for a block device, on any inode at all (another node of
-// the same device, in a private /dev, has an inode of its own). Only then
-// is the per-process scan of fdinfo worth its hundreds of opens.
-func anyQemuLocks(st unix.Stat_t, isBlock bool) bool {
+// A LockTable is one reading of /proc/locks: the OFD locks on qemu's
+// lock bytes, host-wide. Reading /proc/locks costs an RCU grace period
+// (the kernel takes file_rwsem for writing), several milliseconds of
+// waiting, so a caller that checks several images reads it once, and may
+// read it in a goroutine while it does other work.
+type LockTable struct {
+	locks []lockLine
+	// unknown: /proc/locks could not be read, so any image may be locked.
+	unknown bool
+}
+
+// ReadLockTable reads /proc/locks. When it cannot be read the table
+// answers "maybe" for every image, so callers scan /proc.
+func ReadLockTable() *LockTable {
 	b, err := os.ReadFile("/proc/locks")
 	if err != nil {
-		return true // cannot tell: scan
+		return &LockTable{unknown: true}
 	}
+	t := &LockTable{}
 	for _, line := range strings.Split(string(b), "\n") {
 		l, ok := parseLockLine(line)
 		if !ok || !l.ofd || l.end < lockPermBase || l.start > lockSharedBase+int64(numPerms)-1 {
 			continue
 		}
-		if isBlock || l.dev == st.Dev && l.ino == st.Ino {
+		t.locks = append(t.locks, l)
+	}
+	return t
+}
+
+// mayHoldQemuLocks reports whether any OFD lock covers qemu's lock bytes
+// on the image whose stat is st; for a block device, on any inode at all
+// (another node of the same device, in a private /dev, has an inode of
+// its own). Only then is the per-process scan of fdinfo worth its
+// hundreds of opens. otherNodesOnly leaves out the locks on the image's
+// own inode: a writer that has just taken its own bytes asks whether
+// anyone holds the device through another node.
+func (t *LockTable) mayHoldQemuLocks(st unix.Stat_t, isBlock, otherNodesOnly bool) bool {
+	if t.unknown {
+		return true
+	}
+	for _, l := range t.locks {
+		ownInode := l.dev == st.Dev && l.ino == st.Ino
+		if ownInode && !otherNodesOnly || !ownInode && isBlock {
 			return true
 		}
 	}

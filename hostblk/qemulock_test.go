@@ -228,3 +228,21 @@ func TestQemuGuestName(t *testing.T) {
 		}
 	}
 }
+
+// TestCheckImageLocksOtherNode: the hook's check, with one reading of
+// /proc/locks, sees a qemu holding the device through a node of its own
+// (as in libvirt's private /dev), which the lock test on the host's node
+// cannot.
+func TestCheckImageLocksOtherNode(t *testing.T) {
+	dev := qcow2Loop(t)
+	if err := CheckImageLocksPath(ReadLockTable(), dev, GuestDiskLocks(false, false)); err != nil {
+		t.Fatalf("CheckImageLocksPath before anyone holds %s: %v", dev, err)
+	}
+	node := filepath.Join(testDir(t), "othernode")
+	if err := mknodBlock(node, mustStatRdev(t, dev)); err != nil {
+		t.Fatal(err)
+	}
+	h := testutil.HoldImageWithStorageDaemon(t, node)
+	err := CheckImageLocksPath(ReadLockTable(), dev, GuestDiskLocks(false, false))
+	wantInUse(t, "CheckImageLocksPath through the other node", err, h)
+}

@@ -122,13 +122,27 @@ median_ms() {
 		END { m = (NR % 2) ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2; printf "%.2f", m / 1000 }'
 }
 
-# report NAME OURS_MS THEIRS_LABEL THEIRS_MS GOAL: prints one result line.
+# report NAME OURS_MS THEIRS_LABEL THEIRS_MS GOAL [FLOOR_MS]: prints one
+# result line; FLOOR_MS, when given, is what a Go program that does
+# nothing takes (start_floor), shown as a ratio too.
 report() {
-	awk -v name="$1" -v ours="$2" -v label="$3" -v theirs="$4" -v goal="$5" 'BEGIN {
+	awk -v name="$1" -v ours="$2" -v label="$3" -v theirs="$4" -v goal="$5" -v floor="${6:-}" 'BEGIN {
 		ratio = ours / theirs
-		printf "%s: volagent %.1fms, %s %.1fms, ratio %.2f (goal <= %s)%s\n",
-			name, ours, label, theirs, ratio, goal, (ratio > goal ? " MISSED" : "")
+		printf "%s: volagent %.1fms, %s %.1fms, ratio %.2f (goal <= %s)%s", name, ours, label, theirs, ratio, goal, (ratio > goal ? " MISSED" : "")
+		if (floor != "")
+			printf "; floor (a static Go program that does nothing) %.1fms, ratio %.2f", floor, floor / theirs
+		printf "\n"
 	}'
+}
+
+# start_floor: the median wall time of a static Go program whose main is
+# empty (internal/startfloor), built as volagent is: what any Go command
+# costs on this host before it does anything.
+start_floor() {
+	if [ ! -x "$work/startfloor" ]; then
+		(cd "$(dirname "${BASH_SOURCE[0]}")/.." && CGO_ENABLED=0 go build -o "$work/startfloor" ./internal/startfloor) || return 1
+	fi
+	median_ms "$work/startfloor"
 }
 
 # inspect: reading and judging a header, against qemu-img info, on the same
@@ -138,10 +152,11 @@ bench_inspect() {
 	truncate -s 10G "$base"
 	qemu-img create -q -f qcow2 -b "$base" -F raw "$image"
 	qemu-img info --output=json "$image" >/dev/null # the image itself is sound
-	local ours theirs
+	local ours theirs floor
 	ours=$(median_ms "$volagent" inspect "$image") || return 1
 	theirs=$(median_ms qemu-img info --output=json "$image") || return 1
-	report inspect "$ours" "qemu-img info" "$theirs" 0.25
+	floor=$(start_floor) || return 1
+	report inspect "$ours" "qemu-img info" "$theirs" 0.25 "$floor"
 }
 
 # create: writing an overlay onto a loop device, against qemu-img create
@@ -151,10 +166,11 @@ bench_create() {
 	local base="$work/create-base.raw"
 	truncate -s 10G "$base"
 	new_loop_device 1G create-target
-	local ours theirs
+	local ours theirs floor
 	ours=$(median_ms "$volagent" create --backing "$base" --backing-format raw "$loop_device") || return 1
 	theirs=$(median_ms qemu-img create -q -f qcow2 -b "$base" -F raw "$loop_device") || return 1
-	report create "$ours" "qemu-img create" "$theirs" 0.3
+	floor=$(start_floor) || return 1
+	report create "$ours" "qemu-img create" "$theirs" 0.3 "$floor"
 }
 
 # import: sequential allocating writes of 1 GiB into a fresh overlay, by

@@ -152,6 +152,10 @@ func runHookQemu(ctx context.Context, opts hookOptions, args []string, stdin io.
 		return fmt.Errorf("--when-unreachable %q: want %s, %s, %s or %s", opts.unreachable,
 			unreachableRefuseManaged, unreachableRefuseAll, unreachableAllow, unreachableCheckLocally)
 	}
+	// Reading /proc/locks waits for the kernel (see hostblk.LockTable):
+	// overlap that with the daemon's verdict.
+	lockTable := make(chan *hostblk.LockTable, 1)
+	go func() { lockTable <- hostblk.ReadLockTable() }()
 	domainXML, err := io.ReadAll(io.LimitReader(stdin, maxHookXML+1))
 	if err != nil {
 		return hookRefusal(opts, stderr, fmt.Errorf("domain %q: reading the domain XML from stdin: %w", domainName, err))
@@ -168,7 +172,7 @@ func runHookQemu(ctx context.Context, opts hookOptions, args []string, stdin io.
 	}
 	// Whatever the policy's mode: qemu would refuse these itself if it
 	// saw the locks (libvirt gives it a private /dev, where it does not).
-	if inUse := disksInUse(domainXML, v.report); len(inUse) > 0 {
+	if inUse := disksInUse(domainXML, v.report, <-lockTable); len(inUse) > 0 {
 		for _, line := range append(inUse, v.lines...) {
 			fmt.Fprintln(stderr, line)
 		}
@@ -343,8 +347,9 @@ func hookIsManaged(cfg *backend.Config, src string) bool {
 // a device node of its own and cannot see the locks a writer such as
 // volagent import holds on the host's node; the hook, run on the host
 // before qemu starts, sees both. The chains come from the policy's report
-// (every layer it read), else from the XML.
-func disksInUse(domainXML []byte, rep *backend.DomainReport) []string {
+// (every layer it read), else from the XML. locks is one reading of
+// /proc/locks for all of them.
+func disksInUse(domainXML []byte, rep *backend.DomainReport, locks *hostblk.LockTable) []string {
 	_, disks, err := backend.DomainDisks(domainXML)
 	if err != nil {
 		return nil // the policy reported the XML already
@@ -371,7 +376,7 @@ func disksInUse(domainXML []byte, rep *backend.DomainReport) []string {
 			if i == 0 {
 				set = hostblk.GuestDiskLocks(d.ReadOnly, d.Shareable)
 			}
-			if err := hostblk.CheckImageLocksPath(path, set); errors.Is(err, hostblk.ErrImageInUse) {
+			if err := hostblk.CheckImageLocksPath(locks, path, set); errors.Is(err, hostblk.ErrImageInUse) {
 				lines = append(lines, fmt.Sprintf("disk %s: %v", d.Target, err))
 			}
 		}
