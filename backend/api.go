@@ -111,6 +111,21 @@ type PoolInfo struct {
 	Capacity int64 // bytes the pool can hold in all
 	Free     int64 // bytes still unallocated
 	Policy   PolicyMode
+	// SpaceNeeded is what the next growth of the thin volumes running
+	// domains use in the pool takes, in bytes: for each, the chunk its
+	// device grows by next, at most what it can still grow (poolfill.go).
+	SpaceNeeded int64
+	// SpaceLow is Free < SpaceNeeded: a guest may pause when its volume
+	// cannot grow.
+	SpaceLow bool
+}
+
+// GrowthNeed is the next growth of one volume a running domain writes:
+// the chunk its device grows by at the next block threshold, as the
+// libvirt integration sizes it (the pool's chunk, more for a fast guest).
+type GrowthNeed struct {
+	Volume string // the volume's ID
+	Chunk  int64  // bytes
 }
 
 // VolumeInfo describes a volume as clients see it.

@@ -75,6 +75,14 @@ type Manager struct {
 	// without the libvirt integration. Guarded by mu.
 	domains Domains
 
+	// growth is the next growth of the volumes running domains use, by
+	// domain name (NoteGrowthNeeds). Guarded by mu.
+	growth map[string][]GrowthNeed
+	// fill is each pool's fill state as last reported, by pool name;
+	// fillMu orders its updates with the events that report them.
+	fillMu sync.Mutex
+	fill   map[string]poolFill
+
 	// hooks are fault-injection points for tests; zero in production.
 	hooks testHooks
 }
@@ -115,6 +123,9 @@ type volume struct {
 	meta hostblk.VolumeMeta
 	// file is a loop-pool volume's backing file; "" for LVM.
 	file string
+	// clusterSize is a qcow2 image's cluster size (0 for raw), for what
+	// the image can grow to.
+	clusterSize int64
 	// backingPath is what overlays over this volume record as their
 	// backing name: the loop-pool file (stable across reboots) or the LV's
 	// device.
@@ -398,7 +409,7 @@ func (m *Manager) Pools() []PoolInfo {
 		if !p.opened.Load() {
 			continue
 		}
-		out = append(out, m.poolInfo(context.Background(), p))
+		out = append(out, m.poolInfo(context.Background(), p, false))
 	}
 	return out
 }
@@ -409,7 +420,7 @@ func (m *Manager) Pool(name string) (PoolInfo, error) {
 	if err != nil {
 		return PoolInfo{}, err
 	}
-	return m.poolInfo(context.Background(), p), nil
+	return m.poolInfo(context.Background(), p, false), nil
 }
 
 func (m *Manager) openedPool(name string) (*pool, error) {
@@ -422,17 +433,27 @@ func (m *Manager) openedPool(name string) (*pool, error) {
 
 // poolChanged tells subscribers a pool's free space changed.
 func (m *Manager) poolChanged(p *pool) {
-	info := m.poolInfo(context.Background(), p)
-	m.emit(Event{Kind: EventPoolChanged, Pool: &info})
+	m.poolInfo(context.Background(), p, true)
 }
 
-func (m *Manager) poolInfo(ctx context.Context, p *pool) PoolInfo {
+// poolInfo reads a pool's figures and brings its fill state up to date
+// (poolfill.go). It sends EventPoolChanged when emit is set, and also
+// when the fill state changed, so that subscribers follow a change a
+// reader found.
+func (m *Manager) poolInfo(ctx context.Context, p *pool, emit bool) PoolInfo {
 	info := PoolInfo{Name: p.cfg.Name, Type: p.cfg.Type, Policy: p.cfg.Policy}
+	m.fillMu.Lock()
+	defer m.fillMu.Unlock()
 	capacity, free, err := m.poolSpace(ctx, p)
 	if err != nil {
 		m.log.Warn("pool space unknown", "pool", p.cfg.Name, "err", err)
 	}
 	info.Capacity, info.Free = capacity, free
+	var changed bool
+	info.SpaceNeeded, info.SpaceLow, changed = m.updateFill(p, free, err == nil)
+	if emit || changed {
+		m.emit(Event{Kind: EventPoolChanged, Pool: &info})
+	}
 	return info
 }
 

@@ -166,7 +166,7 @@ func (m *Manager) createdVolume(p *pool, name, dev, file string, meta hostblk.Vo
 			BackingName:      opts.BackingFile,
 			BackingFormat:    opts.BackingFormat,
 		},
-		meta: meta, file: file, backingPath: dev,
+		meta: meta, file: file, backingPath: dev, clusterSize: img.layout.ClusterSize,
 	}
 	if file != "" {
 		v.backingPath = file
@@ -215,6 +215,7 @@ func (m *Manager) readVolume(p *pool, name, dev, file string, meta hostblk.Volum
 	}
 	v.info.Format = "qcow2"
 	v.info.VirtualSize = int64(h.Size)
+	v.clusterSize = h.ClusterSize()
 	v.info.BackingName, v.info.BackingFormat = h.BackingFile, h.BackingFormat
 	if err != nil {
 		setProblem("its refcount structures cannot be read: %v", err)

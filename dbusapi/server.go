@@ -250,6 +250,10 @@ func (s *Server) putPool(p backend.PoolInfo) {
 		return
 	}
 	s.changed(path, PoolIface, poolProps(old), poolProps(p))
+	if p.SpaceLow && !old.SpaceLow {
+		// Once per entry into the low state, after the properties say so.
+		s.emitOn(s.conn, path, PoolIface+".SpaceLow", unsigned(p.Free), unsigned(p.SpaceNeeded))
+	}
 }
 
 // putVolume adds or updates a volume and returns its object path.
@@ -412,6 +416,9 @@ func poolProps(p backend.PoolInfo) map[string]dbus.Variant {
 		"Capacity":   dbus.MakeVariant(unsigned(p.Capacity)),
 		"Free":       dbus.MakeVariant(unsigned(p.Free)),
 		"PolicyMode": dbus.MakeVariant(string(p.Policy)),
+
+		"SpaceNeeded": dbus.MakeVariant(unsigned(p.SpaceNeeded)),
+		"SpaceLow":    dbus.MakeVariant(p.SpaceLow),
 	}
 }
 

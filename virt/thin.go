@@ -30,6 +30,12 @@ package virt
 // every threshold event, start, resume and hot-plug, and every
 // AllocationInterval while the domain runs, so a volume's HighestAllocated
 // follows the guest's writes.
+//
+// And it reports what each running domain's volumes grow by next (the
+// chunk of each volagent disk; NoteGrowthNeeds, when Volumes has it) at
+// the same moments and when the domain stops, and all of them at every
+// AllocationInterval (SetGrowthNeeds): the backend warns when a pool's
+// free space falls below that.
 
 import (
 	"context"
@@ -132,6 +138,22 @@ type allocationSink interface {
 	NoteAllocation(id string, allocation int64)
 }
 
+// growthSink is what the controller reports the next growth of running
+// domains' volumes to; backend.Manager implements it.
+type growthSink interface {
+	NoteGrowthNeeds(domain string, needs []backend.GrowthNeed)
+	SetGrowthNeeds(byDomain map[string][]backend.GrowthNeed)
+}
+
+// growthNeeds are the next growths of a domain's thin disks.
+func growthNeeds(disks []thinDisk) []backend.GrowthNeed {
+	needs := make([]backend.GrowthNeed, 0, len(disks))
+	for _, d := range disks {
+		needs = append(needs, backend.GrowthNeed{Volume: d.volume.ID, Chunk: d.chunk})
+	}
+	return needs
+}
+
 // NewThinController makes a ThinController; log (optional) gets what it
 // does.
 func NewThinController(vols Volumes, log *slog.Logger) *ThinController {
@@ -187,10 +209,17 @@ func (t *ThinController) pollAllocations(interval time.Duration) {
 			if err != nil {
 				return err
 			}
+			byDomain := map[string][]backend.GrowthNeed{}
 			for i := range doms {
-				_, disks := t.thinDisks(conn, &doms[i])
+				name, disks := t.thinDisks(conn, &doms[i])
 				t.noteAllocations(&doms[i], disks)
+				if name != "" {
+					byDomain[name] = growthNeeds(disks)
+				}
 				doms[i].Free()
+			}
+			if sink, ok := t.vols.(growthSink); ok {
+				sink.SetGrowthNeeds(byDomain)
 			}
 			return nil
 		})
@@ -258,8 +287,13 @@ func (t *ThinController) Handlers(h Handlers) Handlers {
 		if lifecycle != nil {
 			lifecycle(domain, event, detail)
 		}
-		if event == libvirt.DOMAIN_EVENT_STARTED || event == libvirt.DOMAIN_EVENT_RESUMED {
+		switch event {
+		case libvirt.DOMAIN_EVENT_STARTED, libvirt.DOMAIN_EVENT_RESUMED:
 			t.withDomain(domain, func(conn *libvirt.Connect, dom *libvirt.Domain) { t.arm(conn, dom, "") })
+		case libvirt.DOMAIN_EVENT_STOPPED:
+			if sink, ok := t.vols.(growthSink); ok {
+				sink.NoteGrowthNeeds(domain, nil) // its volumes no longer grow
+			}
 		}
 	}
 	h.DeviceAdded = func(domain, alias string) {
@@ -356,6 +390,9 @@ func (t *ThinController) thinDisks(conn *libvirt.Connect, dom *libvirt.Domain) (
 func (t *ThinController) arm(conn *libvirt.Connect, dom *libvirt.Domain, target string) {
 	name, disks := t.thinDisks(conn, dom)
 	t.noteAllocations(dom, disks)
+	if sink, ok := t.vols.(growthSink); ok && name != "" {
+		sink.NoteGrowthNeeds(name, growthNeeds(disks))
+	}
 	if t.thresholdsDisabled() {
 		return
 	}

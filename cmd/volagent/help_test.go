@@ -19,7 +19,7 @@ func TestHelpGroups(t *testing.T) {
 		"export": "Image tools (local, no daemon):", "import": "Image tools (local, no daemon):",
 		"inspect": "Image tools (local, no daemon):",
 		"volumes": "Daemon clients (D-Bus, to volagentd):", "overlay": "Daemon clients (D-Bus, to volagentd):",
-		"jobs": "Daemon clients (D-Bus, to volagentd):",
+		"jobs": "Daemon clients (D-Bus, to volagentd):", "pools": "Daemon clients (D-Bus, to volagentd):",
 		"hook": "Integration:",
 	}
 	got := map[string]string{}

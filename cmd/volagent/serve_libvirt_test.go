@@ -43,6 +43,7 @@ type libvirtEnv struct {
 	images     string // the backing root
 	outside    string // outside every root
 	base       string // raw, under images
+	vg, pv     string // the LVM pool's volume group and its one PV
 	requestDir string
 	config     string
 	bus        *dbustest.Bus
@@ -72,7 +73,8 @@ func newLibvirtEnvWith(t *testing.T, opts testutil.LibvirtdOptions) *libvirtEnv 
 	e.base = filepath.Join(e.images, "base.raw")
 	testutil.QemuImg(t, "create", "-q", "-f", "raw", e.base, "512M")
 	testutil.QemuImg(t, "create", "-q", "-f", "raw", filepath.Join(e.outside, "x.raw"), "32M")
-	vg, _ := libvirtTestVG(t, e.dir)
+	vg, pv := libvirtTestVG(t, e.dir)
+	e.vg, e.pv = vg, pv
 	e.config = filepath.Join(e.dir, "volagent.toml")
 	cfg := fmt.Sprintf(`[[pool]]
 name = %q
