@@ -3,7 +3,7 @@ import {
     ActionGroup, Alert, Button, Card, CardBody, CardTitle, Content, DescriptionList,
     DescriptionListDescription, DescriptionListGroup, DescriptionListTerm, EmptyState, EmptyStateBody,
     Flex, FlexItem, Form, FormGroup, FormSelect, FormSelectOption, Gallery, Label, List, ListItem,
-    Modal, ModalBody, ModalFooter, ModalHeader, Page, PageSection, Progress, ProgressMeasureLocation,
+    Modal, ModalBody, ModalFooter, ModalHeader, PageSection, Progress, ProgressMeasureLocation,
     Radio, SearchInput, Spinner, Tab, TabTitleText, Tabs, TextInput, Title, Toolbar, ToolbarContent, ToolbarItem,
 } from "@patternfly/react-core";
 import { Table, Tbody, Td, Th, Thead, Tr } from "@patternfly/react-table";
@@ -39,7 +39,7 @@ export function App({ store }) {
     const closeDialog = () => setDialog(null);
 
     return (
-        <Page isContentFilled>
+        <div className="volagent-page">
             <PageSection>
                 <Flex justifyContent={{ default: "justifyContentSpaceBetween" }} alignItems={{ default: "alignItemsCenter" }}>
                     <FlexItem>
@@ -85,7 +85,7 @@ export function App({ store }) {
             {dialog && dialog.kind === "delete" &&
                 <DeleteDialog store={store} volume={dialog.volume}
                               onClose={closeDialog} onDeleted={() => { closeDialog(); setSelected(null) }} />}
-        </Page>
+        </div>
     );
 }
 
@@ -127,11 +127,13 @@ function Pools({ store }) {
                                         {p.SpaceNeeded !== undefined ? `; ${bytes(p.SpaceNeeded)} needed to keep volumes growing` : ""}.
                                         Add space to the pool or delete volumes.
                                     </Alert>}
-                                <Progress value={pct} title="Used" aria-label={`Space used in pool ${p.Name}`}
+                                <Content component="small">Used</Content>
+                                <Progress value={pct} aria-label={`Space used in pool ${p.Name}`}
                                           measureLocation={ProgressMeasureLocation.outside}
                                           variant={p.SpaceLow === true ? "warning" : undefined}
                                           label={`${bytes(used)} of ${bytes(p.Capacity)}`} />
-                                <Progress value={p.Capacity ? (100 * (p.Free || 0)) / p.Capacity : 0} title="Free"
+                                <Content component="small">Free</Content>
+                                <Progress value={p.Capacity ? (100 * (p.Free || 0)) / p.Capacity : 0}
                                           aria-label={`Free space in pool ${p.Name}`}
                                           measureLocation={ProgressMeasureLocation.outside}
                                           label={`${bytes(p.Free)} free`} />
@@ -379,9 +381,9 @@ function Jobs({ store }) {
     const cancel = j => store.cancelJob(j.path).then(() => setErrors(e => ({ ...e, [j.path]: null })),
                                                      err => setErrors(e => ({ ...e, [j.path]: errorText(err) })));
     return (
-        <Table aria-label="Jobs" variant="compact" gridBreakPoint="grid-md" data-testid="jobs">
+        <Table aria-label="Jobs" variant="compact" gridBreakPoint="grid-lg" data-testid="jobs">
             <Thead>
-                <Tr><Th>Job</Th><Th>Volume</Th><Th>State</Th><Th width={30}>Progress</Th><Th>Rate</Th><Th>Message</Th><Th screenReaderText="Actions" /></Tr>
+                <Tr><Th>Job</Th><Th>Volume</Th><Th>State</Th><Th width={40}>Progress</Th><Th>Rate</Th><Th>Message</Th><Th screenReaderText="Actions" /></Tr>
             </Thead>
             <Tbody>
                 {jobs.map(j => {
@@ -390,7 +392,7 @@ function Jobs({ store }) {
                     return (
                         <Tr key={j.path} data-testid="job-row" data-state={j.State} data-job={id}>
                             <Td dataLabel="Job">{id} {j.Operation}</Td>
-                            <Td dataLabel="Volume">{vol ? vol.Name : (j.Volume === "/" ? "" : j.Volume)}</Td>
+                            <Td dataLabel="Volume">{vol ? vol.Name : (j.State === "running" ? "(being made)" : "")}</Td>
                             <Td dataLabel="State">
                                 <Label color={{ succeeded: "green", failed: "red", cancelled: "orange" }[j.State] || "blue"}
                                        data-testid="job-state">{j.State}</Label>

@@ -132,18 +132,35 @@ export function parseSubject(subject) {
 }
 
 // inspect asks the daemon's Manager.Inspect about path read as format.
-// Cockpit's D-Bus channel cannot send a file descriptor, so busctl (run
+// Cockpit's D-Bus channel cannot send a file descriptor, so gdbus (run
 // through the bridge, as the session's user or root) opens the path and
-// passes it; the verdict is the daemon's. Rejects with the full message.
+// passes it as the handle; the verdict is the daemon's. Rejects with the
+// full message.
 export function inspect(path, format) {
-    const script = 'exec busctl --system --json=short call org.volagent.VolAgent1 /org/volagent/VolAgent1 ' +
-        'org.volagent.VolAgent1.Manager Inspect "hsa{sv}" 3 "$2" 1 name s "$1" 3<"$1"';
-    return cockpit.spawn(["/bin/sh", "-c", script, "volagent-inspect", path, format],
+    const script = 'exec gdbus call --system --dest org.volagent.VolAgent1 --object-path /org/volagent/VolAgent1 ' +
+        '--method org.volagent.VolAgent1.Manager.Inspect "handle 3" "$2" "{\'name\': <$3>}" 3<"$1"';
+    return cockpit.spawn(["/bin/sh", "-c", script, "volagent-inspect", path, format, gvariantString(path)],
                          { superuser: "try", err: "message" })
-            .then(out => {
-                const reply = JSON.parse(out);
-                return JSON.parse(reply.data[0]);
-            });
+            .then(out => JSON.parse(parseGVariantString(out)));
+}
+
+// gvariantString quotes s in GVariant text format.
+export function gvariantString(s) {
+    return "'" + s.replace(/[\\']/g, c => "\\" + c) + "'";
+}
+
+// parseGVariantString reads the one string of a reply gdbus prints as
+// ('...',) or ("...",), undoing GVariant's escapes.
+export function parseGVariantString(out) {
+    const m = /^\((['"])([\s\S]*)\1,\)$/.exec(out.trim());
+    if (!m)
+        throw new Error(`unexpected reply from gdbus: ${out}`);
+    const simple = { n: "\n", t: "\t", r: "\r", a: "\x07", b: "\b", f: "\f", v: "\v" };
+    return m[2].replace(/\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)/g, (_all, e) => {
+        if (e[0] === "u" || e[0] === "U")
+            return String.fromCodePoint(parseInt(e.slice(1), 16));
+        return simple[e] ?? e;
+    });
 }
 
 // errorText is an error in full: the D-Bus error name and the daemon's
