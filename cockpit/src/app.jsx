@@ -238,7 +238,7 @@ function Volumes({ store, onOpen, onAction }) {
                                     <Td dataLabel="Device"><code>{v.DevicePath}</code></Td>
                                     <Td dataLabel="Problem">{v.Problem ? <Label color="red">{v.Problem}</Label> : ""}</Td>
                                     {hasActiveOn && <Td dataLabel="Active on">{v.ActiveOn}</Td>}
-                                    <Td dataLabel="Actions" isActionCell>
+                                    <Td>
                                         <VolumeActions volume={v} onAction={onAction} />
                                     </Td>
                                 </Tr>
@@ -409,7 +409,7 @@ function Jobs({ store }) {
                                 {j.Message}
                                 <ErrorAlert title={`Cancelling job ${id} failed`} error={errors[j.path]} />
                             </Td>
-                            <Td dataLabel="Actions">
+                            <Td>
                                 <Button variant="secondary" size="sm" isDisabled={!(j.Cancelable && j.State === "running")}
                                         aria-label={`Cancel job ${id}`} onClick={() => cancel(j)}>Cancel</Button>
                             </Td>
@@ -429,13 +429,13 @@ function PolicyFeed({ store }) {
             </EmptyState>);
     return (
         <Table aria-label="Policy violations" variant="compact" gridBreakPoint="grid-md" data-testid="violations">
-            <Thead><Tr><Th>Time</Th><Th>Domain</Th><Th>Disk</Th><Th>Rule</Th><Th>Message</Th></Tr></Thead>
+            <Thead><Tr><Th>Time</Th><Th>Domain or image</Th><Th>Disk</Th><Th>Rule</Th><Th>Message</Th></Tr></Thead>
             <Tbody>
                 {store.violations.map(v => (
                     <Tr key={v.id} data-testid="violation-row">
                         <Td dataLabel="Time">{time(v.time)}</Td>
-                        <Td dataLabel="Domain">{v.domain || <span title="not a domain">{v.subject}</span>}</Td>
-                        <Td dataLabel="Disk">{v.disk}</Td>
+                        <Td dataLabel="Domain or image" data-testid="violation-domain">{v.domain || v.subject}</Td>
+                        <Td dataLabel="Disk" data-testid="violation-disk">{v.disk}</Td>
                         <Td dataLabel="Rule"><Label color="red" isCompact>{v.code}</Label></Td>
                         <Td dataLabel="Message">{v.message}</Td>
                     </Tr>))}
