@@ -1,4 +1,4 @@
-import { useEffect, useMemo, useState, useSyncExternalStore } from "react";
+import { useEffect, useState } from "react";
 import {
     ActionGroup, Alert, Button, Card, CardBody, CardTitle, Content, DescriptionList,
     DescriptionListDescription, DescriptionListGroup, DescriptionListTerm, EmptyState, EmptyStateBody,
@@ -179,20 +179,17 @@ function Volumes({ store, onOpen, onAction }) {
     const [direction, setDirection] = useState("asc");
     const hasActiveOn = Object.values(store.volumes).some(v => v.ActiveOn !== undefined);
 
-    const rows = useMemo(() => {
-        const f = filter.toLowerCase();
-        const list = Object.values(store.volumes).map(v => ({ ...v, pool: store.poolName(v.Pool) }))
-                .filter(v => !f || [v.Name, v.pool, v.Role, v.DevicePath, v.Problem, v.ActiveOn]
-                        .some(s => (s || "").toLowerCase().includes(f)));
-        const key = COLUMNS[sortIndex].key;
-        list.sort((a, b) => {
-            const x = a[key] ?? "";
-            const y = b[key] ?? "";
-            const c = typeof x === "number" ? x - y : String(x).localeCompare(String(y));
-            return direction === "asc" ? c : -c;
-        });
-        return list;
-    }, [store.volumes, filter, sortIndex, direction, store.pools, store.serial, Object.keys(store.volumes).length, ...Object.values(store.volumes)]);
+    const f = filter.toLowerCase();
+    const rows = Object.values(store.volumes).map(v => ({ ...v, pool: store.poolName(v.Pool) }))
+            .filter(v => !f || [v.Name, v.pool, v.Role, v.DevicePath, v.Problem, v.ActiveOn]
+                    .some(s => (s || "").toLowerCase().includes(f)));
+    const key = COLUMNS[sortIndex].key;
+    rows.sort((a, b) => {
+        const x = a[key] ?? "";
+        const y = b[key] ?? "";
+        const c = typeof x === "number" ? x - y : String(x).localeCompare(String(y));
+        return direction === "asc" ? c : -c;
+    });
 
     const sort = i => ({
         sortBy: { index: sortIndex, direction },
@@ -267,7 +264,7 @@ function VolumeDetail({ store, volume, onBack, onAction }) {
                 <Button variant="link" onClick={onBack}>← All volumes</Button>
                 <VolumeActions volume={volume} onAction={onAction} />
             </Flex>
-            <Title headingLevel="h2" data-testid="volume-title">Volume {volume.Name}</Title>
+            <Title headingLevel="h2" data-testid="volume-title" data-path={volume.path}>Volume {volume.Name}</Title>
             {volume.Problem && <Alert variant="danger" isInline title="volagent will not use this volume">{volume.Problem}</Alert>}
             <DescriptionList isHorizontal isCompact columnModifier={{ default: "1Col", lg: "2Col" }}>
                 {[["Pool", store.poolName(volume.Pool)], ["Role", volume.Role], ["Format", volume.Format],
@@ -312,7 +309,7 @@ function Chain({ store, volume }) {
                     <li key={i} className="volagent-chain-item">
                         <div className={`volagent-chain-node${refused ? " is-refused" : ""}`} data-testid="chain-node"
                              data-format={n.format}>
-                            <div><strong>{n.volume ? n.volume.Name : role}</strong> <Label isCompact>{role}</Label>{" "}
+                            <div><strong>{n.volume ? n.volume.Name : n.path.split("/").pop()}</strong> <Label isCompact>{role}</Label>{" "}
                                 <Label isCompact color="blue">{n.format || "format not recorded"}</Label>{" "}
                                 {n.report && <Label isCompact color={n.report.verdict === "refused" ? "red" : "green"}>{n.report.verdict}</Label>}
                             </div>
@@ -343,7 +340,8 @@ function Violations({ list }) {
     );
 }
 
-// AllocationPlot: HighestAllocated (and the device size) over time.
+// AllocationPlot: HighestAllocated over time, scaled to its own range
+// (the device size is in the caption: it dwarfs a young overlay).
 function AllocationPlot({ samples }) {
     const w = 480;
     const h = 120;
@@ -351,23 +349,27 @@ function AllocationPlot({ samples }) {
         return <Content component="p">No samples yet.</Content>;
     const t0 = samples[0].t;
     const t1 = Math.max(samples[samples.length - 1].t, t0 + 1000, Date.now());
-    const max = Math.max(1, ...samples.map(s => Math.max(s.allocated || 0, s.device || 0)));
+    const max = Math.max(1, ...samples.map(s => s.allocated || 0)) * 1.1;
     const x = t => 4 + ((t - t0) / (t1 - t0)) * (w - 8);
-    const y = v => h - 4 - (v / max) * (h - 8);
-    const line = key => samples.map((s, i) => `${i ? "L" : "M"}${x(s.t).toFixed(1)},${y(s[key] || 0).toFixed(1)}`).join(" ") +
-        ` L${x(t1).toFixed(1)},${y(samples[samples.length - 1][key] || 0).toFixed(1)}`;
+    const y = v => h - 4 - (v / max) * (h - 20);
+    // A step line: the value holds until the next PropertiesChanged.
+    let d = "";
+    samples.forEach((s, i) => {
+        d += i ? ` H${x(s.t).toFixed(1)} V${y(s.allocated || 0).toFixed(1)}` : `M${x(s.t).toFixed(1)},${y(s.allocated || 0).toFixed(1)}`;
+    });
+    d += ` H${x(t1).toFixed(1)}`;
     const last = samples[samples.length - 1];
     return (
         <figure className="volagent-plot">
             <svg viewBox={`0 0 ${w} ${h}`} role="img" data-testid="allocation-plot"
                  aria-label={`Allocation over time: ${samples.length} samples, now ${bytes(last.allocated)} allocated of a ${bytes(last.device)} device`}>
                 <rect x="0" y="0" width={w} height={h} className="volagent-plot-bg" />
-                <path d={line("device")} className="volagent-plot-device" />
-                <path d={line("allocated")} className="volagent-plot-allocated" />
+                <text x="6" y="13" className="volagent-plot-text">{bytes(max / 1.1)}</text>
+                <path d={d} className="volagent-plot-allocated" />
             </svg>
             <figcaption>
-                <span className="volagent-key-allocated">allocated</span> {bytes(last.allocated)},{" "}
-                <span className="volagent-key-device">device</span> {bytes(last.device)}; {samples.length} sample(s) since {time(new Date(t0))}
+                <span className="volagent-key-allocated">allocated</span> {bytes(last.allocated)} of a {bytes(last.device)} device;{" "}
+                {samples.length} sample(s) since {time(new Date(t0))}
             </figcaption>
         </figure>
     );

@@ -60,6 +60,7 @@ async function openPage(context, url) {
     const page = await context.newPage();
     page.setDefaultTimeout(TIMEOUT);
     page.on("pageerror", err => console.log(`page error (${url}): ${err}`));
+    page.on("console", msg => msg.type() === "error" && console.log(`console error (${url}): ${msg.text()}`));
     await page.goto(url + pagePath);
     await page.getByTestId("pool").first().waitFor();
     return page;
@@ -129,7 +130,14 @@ try {
         assert.equal(await nodes.nth(1).getAttribute("data-format"), "raw");
         await nodes.nth(1).getByText(`${images}/base.raw`).waitFor();
         await nodes.nth(0).getByText("accepted").waitFor();
-        await page.getByTestId("allocation-plot").waitFor();
+        const plot = page.getByTestId("allocation-plot");
+        await plot.waitFor();
+        assert.match(await plot.getAttribute("aria-label"), /: 1 samples,/);
+        // A write past the allocated end: the plot follows PropertiesChanged.
+        const path = await page.getByTestId("volume-title").getAttribute("data-path");
+        await busctl(`call ${MANAGER[0]} ${path} org.volagent.VolAgent1.Volume Write 'taya{sv}' 33554432 4 1 2 3 4 0`);
+        await page.waitForFunction(() => /: [2-9]\d* samples,/.test(
+            document.querySelector("[data-testid=allocation-plot]").getAttribute("aria-label")));
         await shot(page, "volume");
         await page.getByRole("button", { name: "All volumes" }).click();
         await page.locator('[data-testid=volume-row][data-volume="vm1"]').waitFor();
@@ -200,6 +208,25 @@ try {
         const seen = await page.evaluate(() => window.seenProgress);
         assert.ok(new Set(seen.filter(p => p > 0 && p < 1)).size >= 1, `progress moved: ${seen}`);
         await shot(page, "jobs");
+    });
+
+    await flow("an overlay over a volagent volume: the chain reads both", async () => {
+        await page.getByRole("button", { name: "Create overlay" }).click();
+        const dialog = page.getByTestId("create-dialog");
+        await dialog.getByLabel("Pool").selectOption("default");
+        await dialog.getByLabel("Name").fill("vm2");
+        await dialog.getByLabel("A volagent volume").check();
+        await dialog.getByLabel("Backing volume").selectOption({ label: "imported (default, qcow2)" });
+        await dialog.getByRole("button", { name: "Create", exact: true }).click();
+        await dialog.waitFor({ state: "detached" });
+        await page.getByTestId("volume-title").getByText("Volume vm2").waitFor();
+        const nodes = page.getByTestId("chain-node");
+        await nodes.nth(1).getByText("imported").waitFor();
+        assert.equal(await nodes.count(), 2);
+        assert.equal(await page.getByTestId("link-format").first().textContent(), "qcow2");
+        await nodes.nth(0).getByText("accepted").waitFor();
+        await nodes.nth(1).getByText("accepted").waitFor();
+        await shot(page, "volume-chain");
     });
 
     await flow("inspect a path shows the daemon's verdict", async () => {
