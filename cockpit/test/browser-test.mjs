@@ -245,7 +245,15 @@ try {
         const del = page.getByTestId("delete-dialog");
         await del.getByText("Delete volume vm1?").waitFor();
         await del.getByTestId("users").getByText("volagent knows no users of vm1").waitFor();
+        await del.getByRole("button", { name: "Cancel" }).click();
+        await del.waitFor({ state: "detached" });
+        // A volume with users: the dialog names them, and the daemon's refusal shows in full.
+        await page.getByRole("button", { name: "Delete volume imported" }).click();
+        await del.getByTestId("users").getByText("overlay vm2 (pool default)").waitFor();
         await shot(page, "delete");
+        await del.getByRole("button", { name: "Delete imported" }).click();
+        await del.getByTestId("error").getByText(/^org\.volagent\.VolAgent1\.Error\.Busy: .*vm2/).waitFor();
+        await shot(page, "delete-refused");
         await del.getByRole("button", { name: "Cancel" }).click();
         await del.waitFor({ state: "detached" });
         // Shrinking is refused by the daemon: its message is shown in full.
@@ -257,6 +265,21 @@ try {
         await rs.getByTestId("error").getByText(/org\.volagent\.VolAgent1\.Error\.\w+: /).waitFor();
         await rs.getByRole("button", { name: "Cancel" }).click();
         await rs.waitFor({ state: "detached" });
+    });
+
+    await flow("the volumes table filters and sorts", async () => {
+        await tab(page, "Volumes");
+        const rows = page.getByTestId("volume-row");
+        await page.getByLabel("Filter volumes").fill("vm");
+        await page.waitForFunction(() => document.querySelectorAll("[data-testid=volume-row]").length === 2);
+        assert.deepEqual(await rows.evaluateAll(r => r.map(x => x.dataset.volume)), ["vm1", "vm2"]);
+        await page.getByRole("button", { name: "Name" }).click(); // ascending already: now descending
+        await page.waitForFunction(() => document.querySelector("[data-testid=volume-row]").dataset.volume === "vm2");
+        await page.getByRole("button", { name: "Allocated" }).click();
+        await page.getByLabel("Filter volumes").fill("");
+        await page.waitForFunction(() => document.querySelectorAll("[data-testid=volume-row]").length === 4);
+        const sizes = await rows.evaluateAll(r => r.map(x => x.dataset.volume));
+        assert.equal(sizes[sizes.length - 1], "imported", `ascending by allocation: ${sizes}`);
     });
 
     await flow("keyboard, labels and narrow widths", async () => {
