@@ -14,7 +14,7 @@ FUZZTIME_LONG ?= 10m
 # The daemon's packages: make test runs them with the race detector.
 RACE_PKGS := ./backend ./dbusapi ./virt
 
-.PHONY: all deps build demo test check unit lint fuzz fuzz-short bench clean fuzz-seeds packages package-test vm-test vm-shell
+.PHONY: all deps build demo test check unit lint fuzz fuzz-short bench clean fuzz-seeds packages package-test cockpit cockpit-test vm-test vm-shell
 
 all: build
 
@@ -55,13 +55,13 @@ fuzz-short: deps
 fuzz: deps
 	@scripts/fuzz.sh $(FUZZTIME_LONG) matrix
 
-test: lint build check unit fuzz-short package-test vm-test
+test: lint build check unit fuzz-short package-test cockpit-test vm-test
 
 bench: build
 	@scripts/bench.sh $(BIN) $(DAEMON)
 
 clean:
-	rm -rf bin dist
+	rm -rf bin dist cockpit/dist
 
 # Regenerates the header fuzzer's seed corpus from the hostile-image suite.
 fuzz-seeds: deps
@@ -74,6 +74,16 @@ packages: deps
 # Builds, lints and installs the packages, then purges them (needs root).
 package-test: deps
 	@scripts/test-packages.sh
+
+# The Cockpit page into cockpit/dist: npm ci with the pinned lockfile, esbuild.
+cockpit: deps
+	cd cockpit && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund && npm run build
+
+# The page in Debian's chromium (headless, playwright-core) against
+# cockpit-ws and volagentd on a private bus, as root and as nobody;
+# screenshots in dist/cockpit-test (needs root).
+cockpit-test: build cockpit
+	@scripts/cockpit-test.sh
 
 # The checks of a real host: a Debian 12 guest (built with mmdebstrap and
 # cached in /var/cache/volagent-vmtest) boots under qemu, installs the .deb

@@ -38,6 +38,13 @@ want setpriv util-linux
 want gdbus libglib2.0-bin
 # The polkit rules test runs the shipped rules file in a JavaScript engine.
 want node nodejs
+# The Cockpit page: npm builds it (cockpit/package-lock.json); its browser
+# test (scripts/cockpit-test.sh) runs cockpit-ws with a local bridge and
+# Debian's chromium headless; the page inspects images through gdbus.
+want npm npm
+[ -x /usr/lib/cockpit/cockpit-ws ] || need_pkgs+=(cockpit-ws)
+want cockpit-bridge cockpit-bridge
+want chromium chromium
 # The VM tests (scripts/vm): the guest image and its disks.
 want mmdebstrap mmdebstrap
 want mkfs.ext4 e2fsprogs

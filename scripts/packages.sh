@@ -2,7 +2,8 @@
 # Builds dist/volagent_<version>-1_amd64.deb and dist/volagent-<version>-1.x86_64.rpm
 # with nfpm from packaging/nfpm.yaml: the daemon volagentd (a stripped PIE
 # binary linking libvirt), the static volagent command, man pages, the
-# changelog, and shared-library dependencies read from the daemon itself.
+# changelog, the Cockpit page, and shared-library dependencies read from the
+# daemon itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,12 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/n
 CGO_ENABLED=1 go build -trimpath -buildmode=pie -ldflags "-s -w" -o "$staging/volagentd" ./cmd/volagentd
 # Static: no dynamic loader, no libvirt, so the hook starts in a millisecond.
 CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$staging/volagent" ./cmd/volagent
+
+# The Cockpit page (/usr/share/cockpit/volagent), built from source with the
+# pinned lockfile; no browser is downloaded (playwright-core is only the
+# test driver).
+(cd cockpit && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error && npm run build --silent) >&2
+cp -r cockpit/dist "$staging/cockpit"
 
 for page in packaging/man/volagent.8 packaging/man/volagentd.8 packaging/man/volagent.toml.5; do
 	gzip -9n <"$page" >"$staging/$(basename "$page").gz"

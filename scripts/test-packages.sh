@@ -37,6 +37,14 @@ grep -v 'running with root privileges' dist/lintian.log >&2 || true
 # polkitd reads rules only from rules.d; the group volagent gets its grant there.
 dpkg-deb -c "$deb" | grep -q ' \./usr/share/polkit-1/rules\.d/50-volagent\.rules$' || fail "the deb does not ship /usr/share/polkit-1/rules.d/50-volagent.rules"
 
+# The Cockpit page (listings read whole: grep -q would cut the pipe).
+deb_list=$(dpkg-deb -c "$deb")
+rpm_list=$(rpm -qlp "$rpm" 2>/dev/null)
+for page in index.html manifest.json index.js index.css; do
+	grep -q " \./usr/share/cockpit/volagent/$page\$" <<<"$deb_list" || fail "the deb does not ship the Cockpit page's $page"
+	grep -qx "/usr/share/cockpit/volagent/$page" <<<"$rpm_list" || fail "the rpm does not ship the Cockpit page's $page"
+done
+
 step "rpm contents, requirements and scripts"
 expected_rpm_files="/etc/libvirt/hooks/qemu.d/volagent
 /etc/volagent/volagent.toml
@@ -53,7 +61,8 @@ expected_rpm_files="/etc/libvirt/hooks/qemu.d/volagent
 /usr/share/man/man8/volagentd.8.gz
 /usr/share/polkit-1/actions/org.volagent.VolAgent1.policy
 /usr/share/polkit-1/rules.d/50-volagent.rules"
-actual_rpm_files=$(rpm -qlp "$rpm" 2>/dev/null | sort)
+# The Cockpit page's asset names carry content hashes: checked apart.
+actual_rpm_files=$(rpm -qlp "$rpm" 2>/dev/null | grep -v '^/usr/share/cockpit/volagent' | sort)
 [ "$actual_rpm_files" = "$expected_rpm_files" ] ||
 	fail "rpm files differ from the expected list:
 $(diff <(echo "$expected_rpm_files") <(echo "$actual_rpm_files") || true)"
