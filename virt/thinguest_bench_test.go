@@ -17,9 +17,10 @@ import (
 )
 
 // guestGrowthBytes is what the guest of BenchmarkGuestGrowth writes: at
-// the pools' defaults (1 GiB initial size and chunk) that takes at least
-// three growths.
-const guestGrowthBytes = 4 << 30
+// the pools' defaults (1 GiB initial size and chunk, thresholds half a
+// chunk below the end) it crosses thresholds at 0.5, 1.5 and 2.5 GiB:
+// three growths at least.
+const guestGrowthBytes = 2560<<20 + 64<<20
 
 // BenchmarkGuestGrowth runs the boot-sector writer under KVM, writing
 // guestGrowthBytes sequentially as fast as int 13h goes (127 sectors a
