@@ -456,7 +456,26 @@ bench_grow_latency() {
 	}'
 }
 
-BENCHMARKS=(inspect create hook import cow_latency subcluster_cow_latency dbus_create dbus_inspect idle_rss start_time grow_latency)
+# guest-growth: the boot-sector test guest under KVM writing 2.56 GiB
+# sequentially as fast as int 13h goes, on a thin overlay in a loop pool
+# and in an LVM pool (loop activation), both at the pools' default
+# initial_size and chunk_size, with volagent's thin growth
+# (virt.BenchmarkGuestGrowth, under a libvirtd of its own): the guest's
+# write rate, its pauses on ENOSPC (goal: 0) and the growths. The Go
+# benchmark sets up its pools, libvirtd and domains and checks what the
+# guest wrote reads back.
+bench_guest_growth() {
+	local result="$work/guest-growth.txt"
+	(cd "$root" && VOLAGENT_BENCH_RESULT="$result" go test -count=1 -run '^$' -timeout 90m \
+		-bench '^BenchmarkGuestGrowth$' -benchtime 1x ./virt >"$work/guest-growth.out" 2>&1) ||
+		{ echo "bench: guest-growth failed: $(grep -v 'level=DEBUG' "$work/guest-growth.out" | tail -c 1500)" >&2; return 1; }
+	awk '
+		{ name = ($1 == "lvm" ? "LVM" : $1); missed = ($3 > 0 || $4 > 0 ? " MISSED" : "")
+		  line = line sep sprintf("%s pool: guest %.1f MiB/s, %d pauses (goal 0)%s, %d growths, device %d MiB", name, $2, $3, missed, $5, $7); sep = "; " }
+		END { if (NR != 2) { print "guest-growth: no result" > "/dev/stderr"; exit 1 } print "guest-growth: " line }' "$result"
+}
+
+BENCHMARKS=(inspect create hook import cow_latency subcluster_cow_latency dbus_create dbus_inspect idle_rss start_time grow_latency guest_growth)
 # BENCH_ONLY="dbus_create idle_rss" runs just those.
 if [ -n "${BENCH_ONLY:-}" ]; then
 	read -ra BENCHMARKS <<<"$BENCH_ONLY"

@@ -22,8 +22,6 @@ import (
 
 // thinGuest writes 200 MiB over its thin overlay (a 64 MiB device growing
 // by 64 MiB chunks), then the done marker 1 MiB further.
-const thinChunk = 64 << 20
-
 var thinGuest = testguest.Writer{Sectors: 200 << 20 / testguest.SectorSize, DoneLBA: 201 << 20 / testguest.SectorSize, PerCall: 127}
 
 // TestThinENOSPC runs a guest's own writes (a boot sector writing through
@@ -65,7 +63,7 @@ chunk_size = "64M"
 	}
 
 	t.Run("thresholds off: pause on ENOSPC, grow, resume", func(t *testing.T) {
-		run := runThinGuest(t, mgr, base, bootDisk, "enospc", false)
+		run := runThinGuest(t, mgr, guestRun{pool: "thin", name: "enospc", base: base, bootDisk: bootDisk, writer: thinGuest})
 		if run.enospc == 0 || run.ioErrorPauses == 0 {
 			t.Fatalf("no pause on ENOSPC (%d enospc events, %d I/O error pauses): the test did not reach the path it tests", run.enospc, run.ioErrorPauses)
 		}
@@ -79,7 +77,7 @@ chunk_size = "64M"
 	})
 
 	t.Run("thresholds on: no pause needed", func(t *testing.T) {
-		run := runThinGuest(t, mgr, base, bootDisk, "ahead", true)
+		run := runThinGuest(t, mgr, guestRun{pool: "thin", name: "ahead", base: base, bootDisk: bootDisk, writer: thinGuest, thresholds: true})
 		if run.enospc != 0 || run.ioErrorPauses != 0 {
 			t.Fatalf("the guest paused with thresholds on: %d enospc events, %d I/O error pauses", run.enospc, run.ioErrorPauses)
 		}
@@ -90,35 +88,65 @@ chunk_size = "64M"
 	})
 }
 
+// guestRun is what runThinGuest runs: the writer guest, booted from
+// bootDisk, on a new overlay name of base in pool, under a ThinController
+// with block thresholds on or off.
+type guestRun struct {
+	pool, name     string
+	base, bootDisk string // bootDisk is writer's (writer.BootDisk)
+	writer         testguest.Writer
+	thresholds     bool
+}
+
 // thinRun is what happened while the guest wrote.
 type thinRun struct {
 	enospc             int // IO_ERROR_REASON events with reason "enospc"
 	ioErrorPauses      int // SUSPENDED (I/O error) lifecycle events
 	resumedAfterGrowth int // resumes by the controller after a growth
 	thresholds         int // BLOCK_THRESHOLD events
+	thresholdGrowths   int // growths at a block threshold
 	deviceSize         int64
-	allocationSteps    int // changes of HighestAllocated seen while the guest ran
+	allocationSteps    int           // changes of HighestAllocated seen while the guest ran
+	writing            time.Duration // from the domain's start to the guest's DONE
+	written            int64         // bytes the guest wrote (data and done marker)
 }
+
+// growths is how many times the controller grew the volume.
+func (r thinRun) growths() int { return r.thresholdGrowths + r.resumedAfterGrowth }
+
+// rate is the guest's write rate in bytes per second.
+func (r thinRun) rate() float64 { return float64(r.written) / r.writing.Seconds() }
 
 // runThinGuest makes an overlay of base in mgr's pool, runs the writer
 // guest on it under a ThinController, waits for the guest to finish, and
 // checks that the domain runs, the device grew past what was written and
 // every sector the guest wrote reads back.
-func runThinGuest(t *testing.T, mgr *backend.Manager, base, bootDisk, name string, thresholds bool) thinRun {
-	vol, err := mgr.CreateOverlay(context.Background(), backend.Caller{UID: 0}, backend.OverlayRequest{Pool: "thin", Name: name, BackingPath: base, BackingFormat: "raw"})
+func runThinGuest(t testing.TB, mgr *backend.Manager, g guestRun) thinRun {
+	settings, err := mgr.PoolSettings(g.pool)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if size := deviceSize(vol); size != 64<<20 {
-		t.Fatalf("new overlay's device is %d bytes, want the initial 64 MiB", size)
+	vol, err := mgr.CreateOverlay(context.Background(), backend.Caller{UID: 0}, backend.OverlayRequest{Pool: g.pool, Name: g.name, BackingPath: g.base, BackingFormat: "raw"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if size := deviceSize(vol); size != settings.InitialSize {
+		t.Fatalf("new overlay's device is %d bytes, want the pool's initial %d", size, settings.InitialSize)
 	}
 
 	var mu sync.Mutex
 	var run thinRun
 	counted := func(f func()) { mu.Lock(); f(); mu.Unlock() }
-	log := slog.New(&resumeCounter{Handler: testLogger(t).Handler(), count: func() { counted(func() { run.resumedAfterGrowth++ }) }})
+	log := slog.New(&logCounter{Handler: testLogger(t).Handler(), count: func(msg string) {
+		switch msg {
+		case "domain resumed after its volume grew":
+			counted(func() { run.resumedAfterGrowth++ })
+		case "volume grown at its block threshold":
+			counted(func() { run.thresholdGrowths++ })
+		}
+	}})
 	thin := NewThinController(mgr, log)
-	if !thresholds {
+	if !g.thresholds {
 		thin.DisableThresholds()
 	}
 	thin.SetAllocationInterval(500 * time.Millisecond)
@@ -137,9 +165,13 @@ func runThinGuest(t *testing.T, mgr *backend.Manager, base, bootDisk, name strin
 		}
 		allocations <- seen
 	}()
-	domain := testutil.TestDomainPrefix + "thin-" + name
+	domain := testutil.TestDomainPrefix + "thin-" + g.name
+	var started time.Time // the domain's STARTED event
 	c, err := Dial(Options{URI: testutil.LibvirtURI, Logger: log}, thin.Handlers(Handlers{
 		DomainLifecycle: func(d string, event libvirt.DomainEventType, detail int) {
+			if d == domain && event == libvirt.DOMAIN_EVENT_STARTED {
+				counted(func() { started = time.Now() })
+			}
 			if d == domain && event == libvirt.DOMAIN_EVENT_SUSPENDED && libvirt.DomainEventSuspendedDetailType(detail) == libvirt.DOMAIN_EVENT_SUSPENDED_IOERROR {
 				counted(func() { run.ioErrorPauses++ })
 			}
@@ -172,23 +204,44 @@ func runThinGuest(t *testing.T, mgr *backend.Manager, base, bootDisk, name strin
 	// request, far too slow for 200 MiB under nested KVM. error_policy
 	// 'stop' is qemu's default (werror=enospc) made explicit.
 	serial := filepath.Join(t.TempDir(), "serial.log")
+	created := time.Now()
 	startDomain(t, domain,
-		fmt.Sprintf("<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='%s'/><target dev='vda' bus='virtio'/><boot order='1'/></disk>", bootDisk),
+		fmt.Sprintf("<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='%s'/><target dev='vda' bus='virtio'/><boot order='1'/></disk>", g.bootDisk),
 		fmt.Sprintf("<disk type='block' device='disk'><driver name='qemu' type='qcow2' error_policy='stop'/><source dev='%s'/><target dev='vdb' bus='virtio'/><boot order='2'/></disk>", vol.DevicePath),
 		fmt.Sprintf("<serial type='file'><source path='%s'/><target port='0'/></serial>", serial))
 
-	deadline := time.Now().Add(5 * time.Minute)
+	// The guest's speed varies with the host's load: it fails when its
+	// writes (the allocation the controller reads every 500 ms) stop
+	// moving for two minutes, not at a fixed time.
+	written := int64(g.writer.DoneLBA+1) * testguest.SectorSize
+	const stall = 2 * time.Minute
+	var progress int64
+	deadline := time.Now().Add(stall)
 	for {
 		out, _ := os.ReadFile(serial)
 		if strings.Contains(string(out), testguest.SerialDone) {
 			break
 		}
+		if v, err := mgr.Volume(vol.ID); err == nil && v.HighestAllocated > progress {
+			progress, deadline = v.HighestAllocated, time.Now().Add(stall)
+		}
 		state, _, _ := testutil.Virsh("domstate", "--reason", domain)
 		if strings.Contains(string(out), testguest.SerialError) || strings.Contains(string(out), testguest.SerialNoExt) || time.Now().After(deadline) {
-			t.Fatalf("the guest did not finish: serial %q, domain %s, device %d bytes", out, strings.TrimSpace(state), deviceSize(vol))
+			t.Fatalf("the guest did not finish (no progress for %v after %d bytes): serial %q, domain %s, device %d bytes", stall, progress, out, strings.TrimSpace(state), deviceSize(vol))
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+	// The guest's DONE is the serial file's last write.
+	fi, err := os.Stat(serial)
+	if err != nil {
+		t.Fatal(err)
+	}
+	counted(func() {
+		if started.IsZero() {
+			started = created // no STARTED event seen: from the create call
+		}
+		run.writing, run.written = fi.ModTime().Sub(started), int64(g.writer.Sectors)*testguest.SectorSize
+	})
 	if state := strings.TrimSpace(testutil.MustVirsh(t, "domstate", domain)); state != "running" {
 		t.Fatalf("domain is %q after the guest finished", state)
 	}
@@ -196,9 +249,8 @@ func runThinGuest(t *testing.T, mgr *backend.Manager, base, bootDisk, name strin
 	// Past what the guest wrote, but not by much: a threshold grows the
 	// device at half a chunk before its end, by one chunk (1 MiB more
 	// for the qcow2 metadata).
-	written := int64(thinGuest.DoneLBA+1) * testguest.SectorSize
-	chunk := max(int64(thinChunk), thin.largestChunk(vol.ID)) // larger for a fast guest
-	if run.deviceSize < written || run.deviceSize > written+chunk+chunk/2+1<<20 {
+	chunk := max(settings.ChunkSize, thin.largestChunk(vol.ID)) // larger for a fast guest
+	if run.deviceSize < written || run.deviceSize > max(settings.InitialSize, written+chunk+chunk/2+1<<20) {
 		t.Fatalf("device is %d bytes after the guest wrote %d: want more, by at most 1.5 chunks of %d", run.deviceSize, written, chunk)
 	}
 
@@ -207,7 +259,7 @@ func runThinGuest(t *testing.T, mgr *backend.Manager, base, bootDisk, name strin
 	// image holds at least the sectors the guest wrote.
 	// libvirt's allocation is read at threshold events and every few
 	// seconds: the last of the guest's writes shows at the next reading.
-	data := int64(thinGuest.Sectors) * testguest.SectorSize
+	data := int64(g.writer.Sectors) * testguest.SectorSize
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(200 * time.Millisecond) {
 		got, err := mgr.Volume(vol.ID)
 		if err == nil && got.HighestAllocated >= data {
@@ -232,8 +284,9 @@ func runThinGuest(t *testing.T, mgr *backend.Manager, base, bootDisk, name strin
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer os.Remove(image) // as large as what the guest wrote
 	defer f.Close()
-	if err := thinGuest.Verify(f); err != nil {
+	if err := g.writer.Verify(f); err != nil {
 		t.Fatalf("what the guest wrote does not read back: %v", err)
 	}
 	if out, err := exec.Command("qemu-img", "check", "-f", "qcow2", vol.DevicePath).CombinedOutput(); err != nil || !strings.Contains(string(out), "No errors") {
@@ -245,23 +298,21 @@ func runThinGuest(t *testing.T, mgr *backend.Manager, base, bootDisk, name strin
 	return run
 }
 
-// resumeCounter counts the controller's "resumed after growth" records.
-type resumeCounter struct {
+// logCounter calls count with the message of every record.
+type logCounter struct {
 	slog.Handler
-	count func()
+	count func(msg string)
 }
 
-func (h *resumeCounter) Handle(ctx context.Context, r slog.Record) error {
-	if r.Message == "domain resumed after its volume grew" {
-		h.count()
-	}
+func (h *logCounter) Handle(ctx context.Context, r slog.Record) error {
+	h.count(r.Message)
 	return h.Handler.Handle(ctx, r)
 }
 
-func (h *resumeCounter) WithAttrs(attrs []slog.Attr) slog.Handler {
-	return &resumeCounter{Handler: h.Handler.WithAttrs(attrs), count: h.count}
+func (h *logCounter) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return &logCounter{Handler: h.Handler.WithAttrs(attrs), count: h.count}
 }
 
-func (h *resumeCounter) WithGroup(name string) slog.Handler {
-	return &resumeCounter{Handler: h.Handler.WithGroup(name), count: h.count}
+func (h *logCounter) WithGroup(name string) slog.Handler {
+	return &logCounter{Handler: h.Handler.WithGroup(name), count: h.count}
 }

@@ -18,19 +18,19 @@ import (
 	"github.com/volagent/volagent/qcow2"
 )
 
-type testLogWriter struct{ t *testing.T }
+type testLogWriter struct{ t testing.TB }
 
 func (w testLogWriter) Write(p []byte) (int, error) {
 	w.t.Logf("%s", strings.TrimRight(string(p), "\n"))
 	return len(p), nil
 }
 
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(testLogWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
 // startDomain starts a transient domain, destroyed at cleanup.
-func startDomain(t *testing.T, name string, disks ...string) {
+func startDomain(t testing.TB, name string, disks ...string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), name+".xml")
 	if err := os.WriteFile(path, []byte(testutil.DomainXML(name, disks...)), 0o644); err != nil {
