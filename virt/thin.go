@@ -241,6 +241,9 @@ func (t *ThinController) noteAllocations(dom *libvirt.Domain, disks []thinDisk) 
 		}
 		if info.Allocation > 0 {
 			sink.NoteAllocation(d.volume.ID, int64(info.Allocation))
+			// A rate known before the first crossing sizes the first
+			// growth (and the threshold after it) for a fast guest.
+			t.observe(d.volume.ID, int64(info.Allocation), time.Now())
 		}
 	}
 }
