@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/qcow2"
@@ -80,6 +81,9 @@ func (m *Manager) CreateOverlay(ctx context.Context, c Caller, req OverlayReques
 	}
 	defer m.release(id)
 
+	if err := m.ensureBackingActive(ctx, req.BackingVolume); err != nil {
+		return VolumeInfo{}, err
+	}
 	b, err := m.resolveBacking(p, req)
 	if err != nil {
 		return VolumeInfo{}, err
@@ -471,6 +475,13 @@ func (m *Manager) DeleteWith(ctx context.Context, c Caller, id string, opts Dele
 	if err := m.checkNotInUse(ctx, &v); err != nil {
 		return err
 	}
+	// Shared pool: the LV's exclusive lock first, so a volume active on
+	// another host is refused (naming it) before anything changes.
+	release, err := m.holdLock(ctx, p, &v, hostblk.LockExclusive, "delete")
+	if err != nil {
+		return err
+	}
+	defer release()
 	meta := v.meta
 	if err := m.setState(ctx, p, v.info.Name, meta, "", stateDeleting); err != nil {
 		return fmt.Errorf("%w: volume %q (%s): marking it for deletion: %w", ErrFailed, v.info.Name, id, err)
@@ -556,11 +567,23 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 	if err := m.checkNotInUse(ctx, &v); err != nil {
 		return err
 	}
+	release, err := m.holdLock(ctx, p, &v, hostblk.LockExclusive, "resize")
+	if err != nil {
+		return err
+	}
 	// resizeImage holds qemu-img's writer locks while it writes.
-	if err := resizeImage(v.info.DevicePath, virtualSize); err != nil {
+	err = resizeImage(v.info.DevicePath, virtualSize)
+	if err == nil {
+		// Read back before a volume activated for this is deactivated.
+		m.refresh(p, &v)
+	}
+	release()
+	if p.shared != nil {
+		m.refreshShared(p, &v)
+	}
+	if err != nil {
 		return fmt.Errorf("volume %q (%s): %w", v.info.Name, id, err)
 	}
-	m.refresh(p, &v)
 	m.log.Info("volume resized", "pool", p.cfg.Name, "volume", v.info.Name, "id", id, "virtual_size", virtualSize, "uid", c.UID)
 	return nil
 }
@@ -646,6 +669,12 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 	if err := m.checkNotInUse(ctx, &v); err != nil {
 		return err
 	}
+	release, err := m.holdLock(ctx, p, &v, hostblk.LockExclusive, "write")
+	if err != nil {
+		return err
+	}
+	releaseOnce := sync.OnceFunc(release)
+	defer releaseOnce()
 
 	s, err := m.openWriteSession(p, &v)
 	if err != nil {
@@ -659,6 +688,10 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 		err = fmt.Errorf("%w: volume %q: flushing: %w", ErrFailed, v.info.Name, cerr)
 	}
 	m.refresh(p, &v)
+	if p.shared != nil {
+		releaseOnce()
+		m.refreshShared(p, &v)
+	}
 	if err != nil {
 		return err
 	}
@@ -673,13 +706,20 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 // guest); ErrPolicyViolation if the header is refused; ErrNotFound;
 // ErrFailed for I/O errors.
 func (m *Manager) Check(ctx context.Context, id string) (*qcow2.CheckResult, error) {
-	v, _, err := m.lookup(id)
+	v, p, err := m.lookup(id)
 	if err != nil {
 		return nil, err
 	}
 	lock := m.opLock(id)
 	lock.Lock()
 	defer lock.Unlock()
+	if v.notHere {
+		release, err := m.holdLock(ctx, p, &v, hostblk.LockShared, "check")
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+	}
 	d, err := hostblk.OpenDevice(v.info.DevicePath, hostblk.OpenOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("%w: volume %q: %w", ErrFailed, v.info.Name, err)

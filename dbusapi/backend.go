@@ -37,6 +37,10 @@ type Backend interface {
 	Resize(ctx context.Context, c backend.Caller, id string, virtualSize int64) error
 	Write(ctx context.Context, c backend.Caller, id string, offset int64, data []byte) error
 	Check(ctx context.Context, id string) (*qcow2.CheckResult, error)
+	// Activate and Deactivate change where a shared pool's volume is
+	// active (lvmlockd's LV lock).
+	Activate(ctx context.Context, c backend.Caller, id string, shared bool) error
+	Deactivate(ctx context.Context, c backend.Caller, id string) error
 	Inspect(ctx context.Context, r io.ReaderAt, size int64, name, format string) (*qcow2.Report, error)
 	Rescan(ctx context.Context) error
 	CancelJob(c backend.Caller, id uint64) error

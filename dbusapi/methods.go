@@ -31,6 +31,8 @@ func (o object) apiMethods() methodTable {
 		add("Resize", o.resizeVolume)
 		add("Write", o.writeVolume)
 		add("Check", o.checkVolume)
+		add("Activate", o.activateVolume)
+		add("Deactivate", o.deactivateVolume)
 	case kindJob:
 		add("Cancel", o.cancelJob)
 	}
@@ -432,4 +434,33 @@ func (o object) checkDomain(c *call, args []any) ([]any, *dbus.Error) {
 		return nil, failed("CheckDomain: encoding the report: %v", err)
 	}
 	return []any{allowed, string(out)}, nil
+}
+
+func (o object) activateVolume(c *call, args []any) ([]any, *dbus.Error) {
+	caller, id, derr := c.volumeMethod("Activate", args[0], "shared")
+	if derr != nil {
+		return nil, derr
+	}
+	opts, _ := parseOptions("Activate", args[0].(map[string]dbus.Variant), "shared")
+	shared, derr := opts.bool("shared")
+	if derr != nil {
+		return nil, derr
+	}
+	if err := o.s.backend.Activate(o.s.ctx, caller, id, shared); err != nil {
+		return nil, toDBusError(err)
+	}
+	o.s.refreshVolume(id)
+	return nil, nil
+}
+
+func (o object) deactivateVolume(c *call, args []any) ([]any, *dbus.Error) {
+	caller, id, derr := c.volumeMethod("Deactivate", args[0])
+	if derr != nil {
+		return nil, derr
+	}
+	if err := o.s.backend.Deactivate(o.s.ctx, caller, id); err != nil {
+		return nil, toDBusError(err)
+	}
+	o.s.refreshVolume(id)
+	return nil, nil
 }
