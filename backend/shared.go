@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -443,4 +445,98 @@ func (m *Manager) leaseBack(p *pool) {
 		m.log.Warn("lease storage answers again", "pool", p.cfg.Name, "volume_group", p.cfg.VolumeGroup)
 		m.emit(Event{Kind: EventLeaseLost, Lease: &LeaseEvent{Pool: p.cfg.Name, Lost: false, Message: "the lease storage answers again"}})
 	}
+}
+
+// MigrationRefusal says why a domain must not be live-migrated: it has
+// disks (or backing images) on volumes of a shared pool. Migration needs
+// each volume active on both hosts, then exclusive on the destination;
+// volagent does not do that hand-over yet, and an exclusive volume left
+// on the source while the destination writes would corrupt it. One
+// violation (code CodeSharedMigration) per disk; none when the domain may
+// migrate. The chains come from the policy's report when there is one,
+// else from the XML.
+func MigrationRefusal(cfg *Config, domainXML []byte, rep *DomainReport) []DomainViolation {
+	if cfg == nil {
+		return nil
+	}
+	shared := false
+	for _, pc := range cfg.Pools {
+		shared = shared || pc.Shared
+	}
+	if !shared {
+		return nil
+	}
+	_, disks, err := DomainDisks(domainXML)
+	if err != nil {
+		return nil // the policy reports the XML
+	}
+	chains := map[string][]string{}
+	if rep != nil {
+		for _, d := range rep.Disks {
+			for _, l := range d.Chain {
+				chains[d.Target] = append(chains[d.Target], l.Path)
+			}
+		}
+	}
+	var out []DomainViolation
+	for _, d := range disks {
+		layers, ok := chains[d.Target]
+		if !ok {
+			layers = append([]string{d.Path}, d.Backing...)
+		}
+		for _, path := range layers {
+			if pool := sharedPoolOf(cfg, path); pool != "" {
+				out = append(out, DomainViolation{Disk: d.Target, Image: path, Code: CodeSharedMigration,
+					Message: fmt.Sprintf("%s is a volume of shared pool %q: live migration is refused (its LV lock would have to be shared by both hosts during the migration, then exclusive on the destination, and volagent does not hand it over); shut the domain down, deactivate its volumes here (volagent volumes deactivate), and start it on the other host", path, pool)})
+				break
+			}
+		}
+	}
+	return out
+}
+
+// CodeSharedMigration is the violation code of a live migration refused
+// because of a shared pool's volume.
+const CodeSharedMigration = "shared-pool-migration"
+
+// MigrationRefusal is MigrationRefusal with the daemon's configuration.
+func (m *Manager) MigrationRefusal(domainXML []byte, rep *DomainReport) []DomainViolation {
+	return MigrationRefusal(m.cfg, domainXML, rep)
+}
+
+// sharedPoolOf names the shared pool whose volume path is, by any name on
+// its way through symlinks (/dev/VG/LV, a request link) or by its
+// device-mapper name; "" for none.
+func sharedPoolOf(cfg *Config, path string) string {
+	if path == "" {
+		return ""
+	}
+	names := []string{path}
+	for p, i := path, 0; i < 16; i++ {
+		t, err := os.Readlink(p)
+		if err != nil {
+			break
+		}
+		if !filepath.IsAbs(t) {
+			t = filepath.Join(filepath.Dir(p), t)
+		}
+		names = append(names, t)
+		p = t
+	}
+	dm := hostblk.DeviceMapperName(path)
+	for _, pc := range cfg.Pools {
+		if !pc.Shared {
+			continue
+		}
+		dmPrefix := strings.ReplaceAll(pc.VolumeGroup, "-", "--") + "-"
+		if dm != "" && strings.HasPrefix(dm, dmPrefix) && !strings.HasPrefix(dm[len(dmPrefix):], "-") {
+			return pc.Name
+		}
+		for _, n := range names {
+			if p, ok := ConfigManagesPath(&Config{Pools: []PoolConfig{pc}}, n); ok {
+				return p
+			}
+		}
+	}
+	return ""
 }

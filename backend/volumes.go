@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/qcow2"
@@ -827,12 +828,13 @@ func (s *writeSession) do(ctx context.Context, need int64, fn func(w *qcow2.Writ
 		}
 		// A failed grow leaves the session closed: the device is as it
 		// was, and nothing is left to write.
+		growStart := time.Now()
 		size, gerr := s.m.growDeviceWithin(ctx, s.p, s.v, minimum, preferred)
 		if gerr != nil {
 			return gerr
 		}
 		s.m.poolChanged(s.p)
-		s.m.log.Info("volume device grown", "pool", s.p.cfg.Name, "volume", s.v.info.Name, "device_size", size)
+		s.m.log.Info("volume device grown", "pool", s.p.cfg.Name, "volume", s.v.info.Name, "device_size", size, "seconds", time.Since(growStart).Seconds())
 		if err := s.open(); err != nil {
 			return err
 		}

@@ -48,6 +48,9 @@ type Backend interface {
 	// policy (the qemu hook's question). It reads the header of every
 	// image the XML names, so the adapter lets only root call it.
 	CheckDomain(ctx context.Context, domainXML []byte) (allowed bool, report *backend.DomainReport, err error)
+	// MigrationRefusal lists the disks on shared pools' volumes, which
+	// refuse a live migration (CheckDomain's option operation "migrate").
+	MigrationRefusal(domainXML []byte, report *backend.DomainReport) []backend.DomainViolation
 
 	Subscribe() (<-chan backend.Event, func())
 }

@@ -340,3 +340,7 @@ func (f *fakeBackend) Activate(_ context.Context, _ backend.Caller, id string, _
 func (f *fakeBackend) Deactivate(_ context.Context, _ backend.Caller, id string) error {
 	return fmt.Errorf("%w: volume %q: the fake has no shared pools", backend.ErrInvalidArgument, id)
 }
+
+func (f *fakeBackend) MigrationRefusal([]byte, *backend.DomainReport) []backend.DomainViolation {
+	return nil
+}

@@ -410,7 +410,12 @@ const maxDomainXML = 16 << 20
 // make the daemon do (the volagent group included).
 func (o object) checkDomain(c *call, args []any) ([]any, *dbus.Error) {
 	domainXML := args[0].(string)
-	if _, derr := parseOptions("CheckDomain", args[1].(map[string]dbus.Variant)); derr != nil {
+	opts, derr := parseOptions("CheckDomain", args[1].(map[string]dbus.Variant), "operation")
+	if derr != nil {
+		return nil, derr
+	}
+	operation, derr := opts.string("operation", "")
+	if derr != nil {
 		return nil, derr
 	}
 	s := o.s
@@ -428,6 +433,14 @@ func (o object) checkDomain(c *call, args []any) ([]any, *dbus.Error) {
 	allowed, rep, err := s.backend.CheckDomain(s.ctx, []byte(domainXML))
 	if err != nil {
 		return nil, toDBusError(err)
+	}
+	if operation == "migrate" {
+		// Whatever the policy mode: a shared volume must not be left
+		// exclusive on the source while the destination writes.
+		if refused := s.backend.MigrationRefusal([]byte(domainXML), rep); len(refused) > 0 {
+			rep.Violations = append(rep.Violations, refused...)
+			allowed = false
+		}
 	}
 	out, err := json.Marshal(rep)
 	if err != nil {

@@ -7,9 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"regexp"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Shared volume groups: a VG on storage several hosts see, whose metadata
@@ -229,4 +232,19 @@ func ParseLVMConfigValue(r io.Reader, key string) (string, error) {
 		return "", err
 	}
 	return "", fmt.Errorf("lvmconfig %s: no %s= line in its output", key, name)
+}
+
+// DeviceMapperName is the device-mapper name of the block device at path
+// ("VG-LV", hyphens in each part doubled), read from sysfs; "" when path
+// is not a device-mapper device.
+func DeviceMapperName(path string) string {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return ""
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/dm/name", unix.Major(uint64(st.Rdev)), unix.Minor(uint64(st.Rdev))))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
 }

@@ -78,6 +78,7 @@ cleanup() {
 	[ "$mode" = explore ] || rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT
 # The shared LUN: raw, no host page cache, no qemu image locks (both
 # guests open it read-write, as two hosts open a SAN LUN).
 truncate -s 2G "$work/shared.img"

@@ -84,7 +84,9 @@ ExecStart=
 ExecStart=/usr/sbin/lvmlockd --foreground -o 2
 EOF
 systemctl daemon-reload
-systemctl start sanlock lvmlockd
+# Both are enabled at boot: restarted with the drop-in.
+systemctl restart lvmlockd
+systemctl start sanlock
 waitfor 30 lvmlockd lvmlockctl --info
 "
 }
@@ -122,6 +124,151 @@ served
 	done
 }
 
+# hosttime: seconds since the epoch on this (the test) host.
+hosttime() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(hosttime)" 'BEGIN { printf "%.2f", b - a }'; }
+# seen_within HOST SECONDS WHAT COND-SCRIPT: polls COND-SCRIPT in HOST
+# (one guest command, polling inside) and prints how long it took from
+# the call, measured on this host.
+seen_within() {
+	local h=$1 secs=$2 what=$3 cond=$4 t0
+	t0=$(hosttime)
+	g "$h" $((secs + 30)) "cond() { $cond; }
+waitfor $secs '$what' cond" || return 1
+	echo "timing: $what: $(elapsed "$t0") s after the change returned"
+}
+# dbus_call HOST VOLUME METHOD SIG ARGS...: a Volume method by name.
+vol_call() {
+	local h=$1 name=$2 method=$3
+	shift 3
+	g "$h" 120 "busctl call org.volagent.VolAgent1 /org/volagent/VolAgent1/volumes/\$(volid $name) org.volagent.VolAgent1.Volume $method $*"
+}
+
+s_create_visible() {
+	g A 120 "
+head -c 4M /dev/urandom >/root/one.raw
+t0=\$(now)
+volagent volumes import --pool shared --name vol1 /root/one.raw >/dev/null
+echo \"timing: import of a 4 MiB volume on A: \$(since \$t0) s\"
+active_on vol1 local
+"
+	seen_within B 10 "vol1 made on A listed on B" "has_vol vol1"
+	g B 30 "vols | jq -c '.[] | select(.name == \"vol1\") | {name, \"active-on\", \"device-size\"}'; active_on vol1 hosta"
+	g A 120 "volagent volumes deactivate vol1; active_on vol1 ''"
+	seen_within B 15 "vol1 deactivated on A shown inactive on B" "active_on vol1 ''"
+	g A 120 "busctl call org.volagent.VolAgent1 /org/volagent/VolAgent1/volumes/\$(volid vol1) org.volagent.VolAgent1.Volume Delete a{sv} 0"
+	seen_within B 10 "vol1 deleted on A gone from B" "no_vol vol1"
+}
+
+s_import_write_refused() {
+	g A 300 "
+head -c 8M /dev/urandom >/root/two.raw
+volagent volumes import --pool shared --name vol2 /root/two.raw >/dev/null
+active_on vol2 local
+# Write (and flush) a marker through the daemon: \"volA\" at 1 MiB.
+busctl call org.volagent.VolAgent1 /org/volagent/VolAgent1/volumes/\$(volid vol2) org.volagent.VolAgent1.Volume Write 'taya{sv}' 1048576 4 118 111 108 65 0
+printf volA | dd of=/root/two.raw bs=1 seek=1048576 conv=notrunc 2>/dev/null
+volagent export /dev/\$VG/vol2 - | cmp - /root/two.raw
+sha256sum </root/two.raw | cut -d' ' -f1 >/root/two.sum
+"
+	g B 60 "waitfor 15 'vol2 on B' has_vol vol2"
+	g B 120 "
+out=\$(volagent volumes activate vol2 2>&1) && { echo \"activated on B while A has it: \$out\"; exit 1; }
+echo \"refused: \$out\"
+grep -q hosta <<<\"\$out\"
+out=\$(lvchange -aey \$VG/vol2 2>&1) && { echo 'lvchange -aey succeeded on B'; exit 1; }
+echo \"lvm: \$out\"
+out=\$(busctl call org.volagent.VolAgent1 /org/volagent/VolAgent1/volumes/\$(volid vol2) org.volagent.VolAgent1.Volume Write 'taya{sv}' 0 1 66 0 2>&1) && { echo 'Write succeeded on B'; exit 1; }
+echo \"Write on B refused: \$out\"
+grep -q hosta <<<\"\$out\"
+"
+}
+
+s_grow() {
+	g A 300 "
+head -c 40M /dev/urandom >/root/three.raw
+t0=\$(now)
+volagent volumes import --pool shared --name vol3 /root/three.raw >/dev/null
+echo \"timing: import of 40 MiB with the device grown from 16 MiB: \$(since \$t0) s\"
+volagent export /dev/\$VG/vol3 - | cmp - /root/three.raw
+size=\$(vol vol3 device-size)
+echo \"device size \$size\"
+[ \"\$size\" -gt \$((40 << 20)) ]
+journalctl -u volagent -o json --no-pager | jq -r 'select(.MESSAGE == \"volume device grown\" and .VOLUME == \"vol3\") | \"timing: lvextend and refresh under the exclusive lock: \" + .SECONDS + \" s (to \" + .DEVICE_SIZE + \" bytes)\"'
+[ \$(journalctl -u volagent -o json --no-pager | jq -r 'select(.MESSAGE == \"volume device grown\" and .VOLUME == \"vol3\") | .SECONDS' | wc -l) -ge 1 ]
+echo \$size >/root/three.size
+"
+	local size
+	size=$(g A 10 "cat /root/three.size")
+	seen_within B 15 "vol3 grown on A shows its new LV size on B" "[ \"\$(vol vol3 device-size)\" -ge $size ]"
+}
+
+s_delete_refused() {
+	g B 120 "
+out=\$(busctl call org.volagent.VolAgent1 /org/volagent/VolAgent1/volumes/\$(volid vol2) org.volagent.VolAgent1.Volume Delete a{sv} 0 2>&1) && { echo 'Delete succeeded on B'; exit 1; }
+echo \"Delete on B refused: \$out\"
+grep -q 'active on hosta' <<<\"\$out\"
+has_vol vol2
+"
+	g A 60 "has_vol vol2; active_on vol2 local; lvs \$VG/vol2"
+}
+
+s_shared_base() {
+	g A 300 "
+head -c 4M /dev/urandom >/root/base.raw
+volagent volumes import --pool shared --name base6 /root/base.raw >/dev/null
+volagent volumes deactivate base6
+volagent overlay create --pool shared --name ovA --backing-volume shared/base6 >/dev/null
+active_on ovA local
+active_on base6 local
+volagent export /dev/\$VG/ovA - | cmp - /root/base.raw
+"
+	g B 300 "
+waitfor 15 'ovA on B' has_vol ovA
+volagent overlay create --pool shared --name ovB --backing-volume shared/base6 >/dev/null
+active_on ovB local
+active_on base6 local
+lvs -o lv_name,lv_attr \$VG
+out=\$(volagent volumes activate base6 2>&1) && { echo 'base6 taken exclusively on B while A reads it'; exit 1; }
+echo \"exclusive activation of the shared base refused: \$out\"
+grep -q hosta <<<\"\$out\"
+"
+	# The guest views agree: both overlays read the same base.
+	local a b
+	a=$(g A 120 "volagent export /dev/\$VG/ovA - | sha256sum | cut -d' ' -f1")
+	b=$(g B 120 "volagent export /dev/\$VG/ovB - | sha256sum | cut -d' ' -f1")
+	echo "ovA $a ovB $b"
+	[ -n "$a" ] && [ "$a" = "$b" ]
+}
+
+s_host_death() {
+	echo "killing host A's qemu (pid ${qpid[A]})"
+	kill -KILL "${qpid[A]}"
+	wait "${qpid[A]}" 2>/dev/null || true
+	unset 'qpid[A]'
+	local t0 want
+	want=$(cat "$work/two.sum")
+	[ -n "$want" ] || { echo "no checksum of vol2 from A"; return 1; }
+	t0=$(hosttime)
+	g B 400 "
+waitfor 300 'vol2 activated on B after the lease of A expired' volagent volumes activate vol2
+"
+	echo "timing: vol2 taken over by B after A was killed: $(elapsed "$t0") s"
+	g B 120 "
+active_on vol2 local
+sum=\$(volagent export /dev/\$VG/vol2 - | sha256sum | cut -d' ' -f1)
+echo \"vol2 on B: \$sum\"
+[ \"\$sum\" = \"$want\" ]
+"
+}
+
 run_scenarios() {
 	setup_hosts
+	scenario "13.4 create on A: listed on B without a Rescan, active on hosta; deactivated and deleted on A: B follows" s_create_visible
+	scenario "13.2 import and write on A while B is refused activation (naming hosta)" s_import_write_refused
+	g A 10 "cat /root/two.sum" >"$work/two.sum" || true
+	scenario "13.3 grow on A: the import grows the LV under A's exclusive lock; B sees the new size" s_grow
+	scenario "13.2 delete from B refused while A has the volume active" s_delete_refused
+	scenario "13.2 a shared base backs overlays on both hosts" s_shared_base
+	scenario "13.5 kill A's qemu: B takes over after the lease expires, flushed data intact" s_host_death
 }
