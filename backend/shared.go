@@ -166,8 +166,17 @@ func (m *Manager) lockRefusal(ctx context.Context, p *pool, name, what string, c
 		return fmt.Errorf("%w: pool %q: cannot %s volume %q: %w", ErrFailed, p.cfg.Name, what, name, cause)
 	}
 	holder := "another host"
-	if locks, err := m.sharedLocks(context.WithoutCancel(ctx), p); err == nil && locks[name] != "" && locks[name] != ActiveLocal {
-		holder = locks[name]
+	if lks, err := m.lvm.LVLocks(context.WithoutCancel(ctx), p.cfg.VolumeGroup); err == nil {
+		for _, lk := range lks {
+			if lk.Name != name {
+				continue
+			}
+			// The other holders, also when it is active here (shared, and
+			// the exclusive lock was asked).
+			if where, err := m.remoteHolders(p, lk); err == nil && where != "" {
+				holder = where
+			}
+		}
 	}
 	return fmt.Errorf("%w: pool %q: cannot %s volume %q: it is active on %s (deactivate it there with `volagent volumes deactivate`, or, if that host is dead, wait until its sanlock lease expires): %w",
 		ErrBusy, p.cfg.Name, what, name, holder, cause)
@@ -195,7 +204,7 @@ func (m *Manager) holdLock(ctx context.Context, p *pool, v *volume, mode hostblk
 		return func() {}, nil
 	}
 	return func() {
-		if err := p.act.Deactivate(context.WithoutCancel(ctx), p.cfg.VolumeGroup, v.info.Name); err != nil {
+		if err := p.act.Deactivate(context.WithoutCancel(ctx), p.cfg.VolumeGroup, v.info.Name); err != nil && !errors.Is(err, hostblk.ErrLVNotFound) {
 			m.log.Error("could not deactivate a volume after using it; it stays active here", "pool", p.cfg.Name, "volume", v.info.Name, "err", err)
 		}
 	}, nil
@@ -396,12 +405,11 @@ func (m *Manager) WatchSharedPools(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			if err != nil && (timedOut || errors.Is(err, hostblk.ErrLockspace)) {
-				m.leaseTrouble(p, err, timedOut)
-				continue
-			}
 			if err != nil {
-				m.log.Warn("reading a shared volume group's sequence number", "pool", p.cfg.Name, "err", err)
+				// Lost locks, I/O errors, no answer: the same to a host
+				// that must not write without its leases. The next
+				// answer clears it.
+				m.leaseTrouble(p, err, timedOut)
 				continue
 			}
 			m.leaseBack(p)
