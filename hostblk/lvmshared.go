@@ -123,7 +123,7 @@ type LVLock struct {
 	// on this host.
 	Attr string
 	// LeaseOffset is the byte offset of the LV's sanlock lease in the VG's
-	// lvmlock LV (from lv_lock_args "VERSION:OFFSET"); -1 when it has none.
+	// lvmlock LV (from lv_lockargs "VERSION:OFFSET"); -1 when it has none.
 	LeaseOffset int64
 }
 
@@ -137,19 +137,25 @@ func (l *LVM) LVLocks(ctx context.Context, vg string) ([]LVLock, error) {
 		return nil, err
 	}
 	defer l.lockVG(vg)()
-	args := append(append([]string{}, reportArgs...), "-o", "lv_name,lv_uuid,lv_attr,lv_lock_args", "--", vg)
+	args := append(append([]string{}, reportArgs...), "-o", "lv_name,lv_uuid,lv_attr,lv_lockargs", "--", vg)
 	rows, err := l.report(ctx, "lvs", args, "lv")
 	if err != nil {
 		return nil, err
 	}
+	return parseLVLocks(vg, rows)
+}
+
+func parseLVLocks(vg string, rows []reportRow) ([]LVLock, error) {
 	var out []LVLock
 	for _, r := range rows {
 		var f fieldErrs
 		lk := LVLock{Name: f.str(r, "lv_name"), UUID: f.str(r, "lv_uuid"), Attr: f.str(r, "lv_attr")}
-		lockArgs := f.str(r, "lv_lock_args")
+		// The report names the field by its canonical name, lv_lockargs.
+		lockArgs := f.str(r, "lv_lockargs")
 		if f.err != nil {
 			return nil, f.err
 		}
+		var err error
 		if lk.LeaseOffset, err = ParseLockArgsOffset(lockArgs); err != nil {
 			return nil, fmt.Errorf("LV %s/%s: %w", vg, lk.Name, err)
 		}

@@ -92,7 +92,7 @@ boot() { # GUEST HOST_ID
 	truncate -s 512M "$work/$g/vmtest.img"
 	mkfs.ext4 -q -F -L vmtest -d "$work/$g/in" "$work/$g/vmtest.img"
 	qemu-img create -q -f qcow2 -F raw -b "$image/root.img" "$work/$g/root.qcow2"
-	mkfifo "$work/$g.ctl.in" "$work/$g.ctl.out"
+	mkfifo "$work/$g.ctl.in" "$work/$g.ctl.out" "$work/$g.mon.in" "$work/$g.mon.out"
 	qemu-system-x86_64 -accel tcg -m 1536 -smp 1 -nodefaults -no-user-config -display none -nic none \
 		-kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
 		-append "root=UUID=$(cat "$image/root.uuid") rw console=ttyS0,115200 panic=-1 vmtest" \
@@ -102,12 +102,23 @@ boot() { # GUEST HOST_ID
 		-device virtio-blk-pci,drive=sh,share-rw=on,serial=vmtest-shared \
 		-device virtio-serial-pci -chardev "pipe,id=ctl,path=$work/$g.ctl" \
 		-device virtserialport,chardev=ctl,name=vmtest.ctl \
+		-chardev "pipe,id=mon,path=$work/$g.mon" -mon chardev=mon,mode=readline \
 		-serial "file:$work/$g.console.log" -no-reboot &
 	qpid[$g]=$!
-	local in out
-	exec {in}<>"$work/$g.ctl.in" {out}<>"$work/$g.ctl.out"
+	local in out mon
+	exec {in}<>"$work/$g.ctl.in" {out}<>"$work/$g.ctl.out" {mon}<>"$work/$g.mon.in"
 	printf -v "fd_${g}_in" '%s' "$in"
 	printf -v "fd_${g}_out" '%s' "$out"
+	printf -v "fd_${g}_mon" '%s' "$mon"
+	# Nobody reads the monitor's answers: drain them so qemu never blocks.
+	cat "$work/$g.mon.out" >"$work/$g.mon.log" &
+}
+
+# monitor GUEST COMMAND: an HMP command to the guest's qemu.
+monitor() {
+	local fd
+	fd=$(fdof "$1" mon)
+	printf '%s\n' "$2" >&"$fd"
 }
 
 step "image $image; booting hosts A (host_id 1) and B (host_id 2)"
@@ -165,7 +176,9 @@ fi
 [ "$mode" = test ] || fail "unknown mode $mode (test or explore)"
 
 deadline=$(( start + timeout ))
-( while sleep 5; do [ "$(date +%s)" -lt "$deadline" ] || { echo "vm-test-shared: timeout after $timeout s" >&2; kill -TERM $$; exit; }; done ) &
+# At the deadline the guests are killed first: a step waiting on one then
+# fails at once, and the script ends (and cleans up) without waiting.
+( while sleep 5; do [ "$(date +%s)" -lt "$deadline" ] || { echo "vm-test-shared: timeout after $timeout s" >&2; kill -KILL "${qpid[@]}" 2>/dev/null; kill -TERM $$; exit; }; done ) &
 watchdog=$!
 run_scenarios
 kill "$watchdog" 2>/dev/null || true

@@ -262,6 +262,31 @@ echo \"vol2 on B: \$sum\"
 "
 }
 
+s_lease_storage_lost() {
+	# B watches for the signal, then loses the shared disk (qemu's drive
+	# removed under the guest: every I/O to it fails, as with a dead path).
+	g B 60 "
+rm -f /root/signals
+setsid busctl monitor --system --match \"type='signal',interface='org.volagent.VolAgent1.Manager',member='LeaseLost'\" >/root/signals 2>&1 </dev/null &
+waitfor 10 'busctl monitor' grep -q Monitoring /root/signals
+journalctl --cursor-file=/root/cursor -n 0 >/dev/null 2>&1 || true
+"
+	local t0
+	t0=$(hosttime)
+	monitor B "drive_del sh"
+	g B 120 "
+waitfor 60 'the LeaseLost signal' grep -q 'Member=LeaseLost' /root/signals
+grep -A12 'Member=LeaseLost' /root/signals | head -20
+journalctl -u volagent --no-pager --cursor-file=/root/cursor | grep -m1 'LEASE STORAGE LOST'
+"
+	echo "timing: LeaseLost signalled and logged $(elapsed "$t0") s after the disk went away (sanlock fails its lease renewal after 8 x 2 s = 16 s; lvmlockd's kill follows)"
+	g B 120 "
+out=\$(busctl call org.volagent.VolAgent1 /org/volagent/VolAgent1/volumes/\$(volid vol2) org.volagent.VolAgent1.Volume Write 'taya{sv}' 0 1 66 0 2>&1) && { echo 'Write accepted without the lease storage'; exit 1; }
+echo \"Write refused: \$out\"
+grep -Eq 'lost access|not answered' <<<\"\$out\"
+"
+}
+
 run_scenarios() {
 	setup_hosts
 	scenario "13.4 create on A: listed on B without a Rescan, active on hosta; deactivated and deleted on A: B follows" s_create_visible
@@ -271,4 +296,5 @@ run_scenarios() {
 	scenario "13.2 delete from B refused while A has the volume active" s_delete_refused
 	scenario "13.2 a shared base backs overlays on both hosts" s_shared_base
 	scenario "13.5 kill A's qemu: B takes over after the lease expires, flushed data intact" s_host_death
+	scenario "13.5 B loses the lease storage: journal and LeaseLost signal at once, writes refused" s_lease_storage_lost
 }
