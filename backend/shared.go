@@ -519,18 +519,7 @@ func sharedPoolOf(cfg *Config, path string) string {
 	if path == "" {
 		return ""
 	}
-	names := []string{path}
-	for p, i := path, 0; i < 16; i++ {
-		t, err := os.Readlink(p)
-		if err != nil {
-			break
-		}
-		if !filepath.IsAbs(t) {
-			t = filepath.Join(filepath.Dir(p), t)
-		}
-		names = append(names, t)
-		p = t
-	}
+	names := linkChain(path)
 	dm := hostblk.DeviceMapperName(path)
 	for _, pc := range cfg.Pools {
 		if !pc.Shared {
@@ -547,4 +536,92 @@ func sharedPoolOf(cfg *Config, path string) string {
 		}
 	}
 	return ""
+}
+
+// sharedVolumeOf names the shared pool and volume whose device path is,
+// by any name on its way through symlinks (/dev/VG/LV, a request link):
+// ok false for none. The volume need not be active (its /dev/VG/LV link
+// may dangle).
+func sharedVolumeOf(cfg *Config, path string) (pool, name string, ok bool) {
+	names := linkChain(path)
+	for _, pc := range cfg.Pools {
+		if !pc.Shared {
+			continue
+		}
+		prefix := "/dev/" + pc.VolumeGroup + "/"
+		for _, n := range names {
+			n = filepath.Clean(n)
+			if rest, found := strings.CutPrefix(n, prefix); found && rest != "" && !strings.Contains(rest, "/") {
+				return pc.Name, rest, true
+			}
+		}
+	}
+	return "", "", false
+}
+
+// ActivateForDomain activates on this host the shared pools' volumes a
+// domain about to start here uses: each disk exclusively (shared for a
+// <shareable/> or read-only disk), and its backing volume shared. What
+// cannot be activated (another host holds it) is returned as a violation
+// naming that host (code CodeSharedBusy), so the domain is refused before
+// qemu opens anything. Volumes stay active here after the domain stops,
+// until `volagent volumes deactivate`.
+func (m *Manager) ActivateForDomain(ctx context.Context, domainXML []byte) []DomainViolation {
+	_, disks, err := DomainDisks(domainXML)
+	if err != nil {
+		return nil // the policy reports the XML
+	}
+	var out []DomainViolation
+	for _, d := range disks {
+		poolName, name, ok := sharedVolumeOf(m.cfg, d.Path)
+		if !ok {
+			continue
+		}
+		v, p, err := m.lookup(VolumeID(poolName, name))
+		if err != nil || p.shared == nil {
+			continue // not a volume volagent knows: the policy says what it is
+		}
+		mode := hostblk.LockExclusive
+		if d.ReadOnly || d.Shareable {
+			mode = hostblk.LockShared
+		}
+		err = nil
+		if v.info.ActiveOn != ActiveLocal || mode == hostblk.LockExclusive {
+			_, err = m.lvm.ActivateMode(ctx, p.cfg.VolumeGroup, name, mode)
+		}
+		if err == nil {
+			m.refreshShared(p, &v)
+			err = m.ensureBackingActive(ctx, v.meta.BackingName)
+		} else {
+			err = m.lockRefusal(ctx, p, name, "activate for the domain", err)
+		}
+		if err != nil {
+			out = append(out, DomainViolation{Disk: d.Target, Image: d.Path, Code: CodeSharedBusy, Message: err.Error()})
+			continue
+		}
+		m.log.Info("volume activated for a domain", "pool", poolName, "volume", name, "disk", d.Target, "mode", string(mode))
+	}
+	return out
+}
+
+// CodeSharedBusy is the violation code of a domain disk on a shared pool's
+// volume that this host cannot activate (another host holds it).
+const CodeSharedBusy = "shared-volume-busy"
+
+// linkChain is path and every name its symlinks lead through, one link at
+// a time (at most 16), the last one dangling or not.
+func linkChain(path string) []string {
+	names := []string{path}
+	for p, i := path, 0; i < 16; i++ {
+		t, err := os.Readlink(p)
+		if err != nil {
+			break
+		}
+		if !filepath.IsAbs(t) {
+			t = filepath.Join(filepath.Dir(p), t)
+		}
+		names = append(names, t)
+		p = t
+	}
+	return names
 }

@@ -2,6 +2,8 @@ package backend
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -116,5 +118,29 @@ activation = "device-mapper"
 	}
 	if got := MigrationRefusal(cfg, domain(disk("vdb", "/dev/vg0/data")), nil); len(got) != 0 {
 		t.Fatalf("a domain without shared volumes refused: %+v", got)
+	}
+}
+
+func TestSharedVolumeOf(t *testing.T) {
+	cfg := &Config{Pools: []PoolConfig{
+		{Name: "san", Type: PoolLVM, VolumeGroup: "vgsan", Shared: true},
+		{Name: "local", Type: PoolLVM, VolumeGroup: "vg0"},
+	}}
+	// A request link to a volume that is not active here: the link
+	// dangles, its name says the volume.
+	dir := t.TempDir()
+	link := filepath.Join(dir, "vm1")
+	if err := os.Symlink("/dev/vgsan/vm1", link); err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]string{"/dev/vgsan/vm1": "san/vm1", link: "san/vm1", "/dev/vg0/data": "", "/dev/vgsan": "", "/dev/vgsan/a/b": ""} {
+		pool, name, ok := sharedVolumeOf(cfg, path)
+		got := ""
+		if ok {
+			got = pool + "/" + name
+		}
+		if got != want {
+			t.Errorf("sharedVolumeOf(%q) = %q, want %q", path, got, want)
+		}
 	}
 }

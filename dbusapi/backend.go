@@ -51,6 +51,10 @@ type Backend interface {
 	// MigrationRefusal lists the disks on shared pools' volumes, which
 	// refuse a live migration (CheckDomain's option operation "migrate").
 	MigrationRefusal(domainXML []byte, report *backend.DomainReport) []backend.DomainViolation
+	// ActivateForDomain activates here the shared pools' volumes of a
+	// domain about to start (CheckDomain's operation "prepare" or
+	// "restore"); what another host holds comes back as violations.
+	ActivateForDomain(ctx context.Context, domainXML []byte) []backend.DomainViolation
 
 	Subscribe() (<-chan backend.Event, func())
 }

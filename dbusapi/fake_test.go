@@ -344,3 +344,7 @@ func (f *fakeBackend) Deactivate(_ context.Context, _ backend.Caller, id string)
 func (f *fakeBackend) MigrationRefusal([]byte, *backend.DomainReport) []backend.DomainViolation {
 	return nil
 }
+
+func (f *fakeBackend) ActivateForDomain(context.Context, []byte) []backend.DomainViolation {
+	return nil
+}

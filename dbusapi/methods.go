@@ -430,9 +430,19 @@ func (o object) checkDomain(c *call, args []any) ([]any, *dbus.Error) {
 	if len(domainXML) > maxDomainXML {
 		return nil, invalidArgument("CheckDomain: domain_xml is %d bytes; at most %d", len(domainXML), maxDomainXML)
 	}
+	var busy []backend.DomainViolation
+	if operation == "prepare" || operation == "restore" {
+		// The domain starts here: its shared volumes are activated first
+		// (the check reads their headers through their devices).
+		busy = s.backend.ActivateForDomain(s.ctx, []byte(domainXML))
+	}
 	allowed, rep, err := s.backend.CheckDomain(s.ctx, []byte(domainXML))
 	if err != nil {
 		return nil, toDBusError(err)
+	}
+	if len(busy) > 0 {
+		rep.Violations = append(rep.Violations, busy...)
+		allowed = false
 	}
 	if operation == "migrate" {
 		// Whatever the policy mode: a shared volume must not be left

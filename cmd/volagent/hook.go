@@ -170,6 +170,14 @@ func runHookQemu(ctx context.Context, opts hookOptions, args []string, stdin io.
 	if err != nil {
 		return hookRefusal(opts, stderr, fmt.Errorf("domain %q: %w", domainName, err))
 	}
+	if busy := sharedBusy(v); len(busy) > 0 {
+		// Not a policy matter either: qemu could not open them here.
+		rep := backend.DomainReport{Domain: domainName, Violations: busy}
+		for _, line := range rep.Lines() {
+			fmt.Fprintln(stderr, line)
+		}
+		return &exitError{code: exitHookRefused, err: fmt.Errorf("domain %q refused: %d of its disks are volumes of a shared pool that another host holds", domainName, len(busy))}
+	}
 	if operation == "migrate" {
 		if refused := migrationRefused(opts, domainXML, v); len(refused) > 0 {
 			// In audit mode too: a volume exclusive on the source while
@@ -421,6 +429,20 @@ func migrationRefused(opts hookOptions, domainXML []byte, v hookVerdict) []backe
 		if !seen[x.Disk] {
 			seen[x.Disk] = true
 			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// sharedBusy lists the disks the daemon could not activate here because
+// another host holds their shared pool's volume.
+func sharedBusy(v hookVerdict) []backend.DomainViolation {
+	var out []backend.DomainViolation
+	if v.report != nil {
+		for _, x := range v.report.Violations {
+			if x.Code == backend.CodeSharedBusy {
+				out = append(out, x)
+			}
 		}
 	}
 	return out
