@@ -210,6 +210,26 @@ func (m *Manager) holdLock(ctx context.Context, p *pool, v *volume, mode hostblk
 	}, nil
 }
 
+// lockForChange takes a shared pool's volume's exclusive lock for a change
+// (holdLock) and, when its header was not read here (it was active
+// elsewhere), reads it, so the change is checked against the image as it
+// is. A no-op for other pools.
+func (m *Manager) lockForChange(ctx context.Context, p *pool, v *volume, what string) (func(), error) {
+	release, err := m.holdLock(ctx, p, v, hostblk.LockExclusive, what)
+	if err != nil || p.shared == nil || !v.notHere {
+		return release, err
+	}
+	fresh := m.readVolume(p, v.info.Name, hostblk.LVPath(p.cfg.VolumeGroup, v.info.Name), "", v.meta)
+	if fresh.problem != "" {
+		release()
+		return nil, fmt.Errorf("%w: volume %q (%s) cannot be changed: %s", ErrFailed, v.info.Name, v.info.ID, fresh.problem)
+	}
+	// It stays as it was before (not here) for holdLock's release.
+	fresh.info.ActiveOn, fresh.notHere = v.info.ActiveOn, v.notHere
+	*v = *fresh
+	return release, nil
+}
+
 // Activate activates a volume of a shared pool on this host: exclusively
 // (for a domain here to use it, or to write it), or shared (a base that
 // overlays on several hosts read). Results: ErrBusy when another host

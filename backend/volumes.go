@@ -548,6 +548,15 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 	if v.problem != "" {
 		return fmt.Errorf("%w: volume %q (%s) cannot be resized: %s", ErrFailed, v.info.Name, id, v.problem)
 	}
+	lock := m.opLock(id)
+	lock.Lock()
+	defer lock.Unlock()
+	release, err := m.lockForChange(ctx, p, &v, "resize")
+	if err != nil {
+		return err
+	}
+	releaseOnce := sync.OnceFunc(release)
+	defer releaseOnce()
 	switch {
 	case virtualSize <= 0 || virtualSize%512 != 0:
 		return fmt.Errorf("%w: virtual size %d: want a positive multiple of 512", ErrInvalidArgument, virtualSize)
@@ -556,9 +565,6 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 	case virtualSize == v.info.VirtualSize:
 		return nil
 	}
-	lock := m.opLock(id)
-	lock.Lock()
-	defer lock.Unlock()
 
 	// A running domain's disk is resized by its qemu, through libvirt
 	// (its qemu holds the image locks checkNotInUse would refuse).
@@ -568,17 +574,13 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 	if err := m.checkNotInUse(ctx, &v); err != nil {
 		return err
 	}
-	release, err := m.holdLock(ctx, p, &v, hostblk.LockExclusive, "resize")
-	if err != nil {
-		return err
-	}
 	// resizeImage holds qemu-img's writer locks while it writes.
 	err = resizeImage(v.info.DevicePath, virtualSize)
 	if err == nil {
 		// Read back before a volume activated for this is deactivated.
 		m.refresh(p, &v)
 	}
-	release()
+	releaseOnce()
 	if p.shared != nil {
 		m.refreshShared(p, &v)
 	}
@@ -646,17 +648,26 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 	if v.problem != "" {
 		return fmt.Errorf("%w: volume %q (%s) cannot be written: %s", ErrFailed, v.info.Name, id, v.problem)
 	}
-	switch {
-	case len(data) == 0:
+	if len(data) == 0 {
 		return nil
+	}
+	lock := m.opLock(id)
+	lock.Lock()
+	defer lock.Unlock()
+	// A shared pool's volume: its lock first (refused, naming the holder,
+	// when another host has it), and its header once it is here.
+	release, err := m.lockForChange(ctx, p, &v, "write")
+	if err != nil {
+		return err
+	}
+	releaseOnce := sync.OnceFunc(release)
+	defer releaseOnce()
+	switch {
 	case len(data) > MaxWriteSize:
 		return fmt.Errorf("%w: write of %d bytes: at most %d per call (use Import for bulk data)", ErrInvalidArgument, len(data), MaxWriteSize)
 	case offset < 0 || offset > v.info.VirtualSize || int64(len(data)) > v.info.VirtualSize-offset:
 		return fmt.Errorf("%w: write of %d bytes at offset %d: outside the virtual disk of %d bytes", ErrInvalidArgument, len(data), offset, v.info.VirtualSize)
 	}
-	lock := m.opLock(id)
-	lock.Lock()
-	defer lock.Unlock()
 	m.mu.Lock()
 	busy := m.dependentLocked(&v)
 	m.mu.Unlock()
@@ -670,12 +681,6 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 	if err := m.checkNotInUse(ctx, &v); err != nil {
 		return err
 	}
-	release, err := m.holdLock(ctx, p, &v, hostblk.LockExclusive, "write")
-	if err != nil {
-		return err
-	}
-	releaseOnce := sync.OnceFunc(release)
-	defer releaseOnce()
 
 	s, err := m.openWriteSession(p, &v)
 	if err != nil {

@@ -52,10 +52,28 @@ chunk_size = "16M"
 EOF
 }
 
+# both SECONDS SCRIPT-A SCRIPT-B: runs the two scripts at once, one on
+# each host, and waits for both.
+both() {
+	local secs=$1 ra=0 rb=0 pa pb
+	g A "$secs" "$2" >"$work/both.A" 2>&1 &
+	pa=$!
+	g B "$secs" "$3" >"$work/both.B" 2>&1 &
+	pb=$!
+	wait "$pa" || ra=$?
+	wait "$pb" || rb=$?
+	sed 's/^/A: /' "$work/both.A"
+	sed 's/^/B: /' "$work/both.B"
+	[ "$ra" -eq 0 ] && [ "$rb" -eq 0 ]
+}
+
+INSTALL="dpkg-query -W volagent >/dev/null 2>&1 || apt-get install -y -q /vmtest/debs/volagent_N.deb >/dev/null 2>&1"
+
 s_refuse_unconfigured() {
 	# Before lvmlockd is configured on B: the daemon says what is missing.
-	g B 300 "
-apt-get install -y -q /vmtest/debs/volagent_N.deb >/dev/null
+	# (A installs the package meanwhile.)
+	both 300 "$INSTALL" "
+$INSTALL
 cat >\$CONF <<'EOF'
 $(volagent_conf)
 EOF
@@ -63,17 +81,17 @@ systemctl restart volagent
 waitfor 60 'volagent to start' systemctl is-active -q volagent
 status=\$(systemctl show -P StatusText volagent)
 echo \"STATUS=\$status\"
-grep -q 'use_lvmlockd' <<<\"\$status\"
+grep -q 'use_lvmlockd = 1' <<<\"\$status\"
 "
 }
 
-setup_lvmlockd() { # GUEST HOST_ID
-	g "$1" 300 "
-sed -i -E 's/^(\s*)#?\s*use_lvmlockd = [01]\s*$/\1use_lvmlockd = 1/' /etc/lvm/lvm.conf
-[ \"\$(lvmconfig global/use_lvmlockd)\" = use_lvmlockd=1 ] || { echo 'use_lvmlockd not set'; lvmconfig global/use_lvmlockd; exit 1; }
+lvmlockd_script() { # HOST_ID
+	cat <<EOS
+sed -i -E 's/^(\s*)#?\s*use_lvmlockd = [01]\s*\$/\1use_lvmlockd = 1/' /etc/lvm/lvm.conf
+[ "\$(lvmconfig global/use_lvmlockd)" = use_lvmlockd=1 ] || { echo 'use_lvmlockd not set'; lvmconfig global/use_lvmlockd; exit 1; }
 cat >/etc/lvm/lvmlocal.conf <<'EOF'
 local {
-	host_id = $2
+	host_id = $1
 }
 EOF
 # lvm2's own test suite: a 2 s sanlock I/O timeout instead of 10 s.
@@ -88,13 +106,16 @@ systemctl daemon-reload
 systemctl restart lvmlockd
 systemctl start sanlock
 waitfor 30 lvmlockd lvmlockctl --info
-"
+EOS
+}
+
+s_setup_lvmlockd() {
+	both 300 "$(lvmlockd_script 1)" "$(lvmlockd_script 2)"
 }
 
 setup_hosts() {
 	scenario "13.1 set-up: volagentd refuses a shared pool without use_lvmlockd = 1, and says so in STATUS" s_refuse_unconfigured
-	scenario "13.1 set-up: lvmlockd and sanlock on A (host_id 1)" setup_lvmlockd A 1
-	scenario "13.1 set-up: lvmlockd and sanlock on B (host_id 2)" setup_lvmlockd B 2
+	scenario "13.1 set-up: lvmlockd and sanlock on A (host_id 1) and B (host_id 2)" s_setup_lvmlockd
 	scenario "13.1 set-up: vgcreate --shared on A (lockspace started)" s_vgcreate
 	scenario "13.1 set-up: volagentd on both hosts starts the lockspace, READY after it" s_start_volagent
 }
@@ -108,20 +129,22 @@ vgs -o vg_name,vg_lock_type,vg_lock_args \$VG
 "
 }
 
-s_start_volagent() {
-	for h in A B; do
-		g "$h" 300 "
-dpkg-query -W volagent >/dev/null 2>&1 || apt-get install -y -q /vmtest/debs/volagent_N.deb >/dev/null
+start_volagent_script() { # HOST
+	cat <<EOS
+$INSTALL
 cat >\$CONF <<'EOF'
 $(volagent_conf)
 EOF
 t0=\$(now)
 systemctl restart volagent
-echo \"timing: systemctl restart volagent (READY after the lockspace started) on $h: \$(since \$t0) s\"
+echo "timing: systemctl restart volagent (READY after the lockspace started) on $1: \$(since \$t0) s"
 systemctl show -P StatusText volagent
 served
-"
-	done
+EOS
+}
+
+s_start_volagent() {
+	both 300 "$(start_volagent_script A)" "$(start_volagent_script B)"
 }
 
 # hosttime: seconds since the epoch on this (the test) host.
