@@ -38,6 +38,8 @@ type sharedState struct {
 
 	mu    sync.Mutex
 	seqno uint64
+	// failures counts the watcher's polls that failed in a row.
+	failures int
 	// lost is set while this host cannot renew or reach its leases (the
 	// reason), "" otherwise: writes are refused meanwhile.
 	lost string
@@ -388,10 +390,15 @@ func (m *Manager) sharedVolume(p *pool, name string, meta hostblk.VolumeMeta, lv
 // numbers; a change on another host shows here within about that (plus
 // the rescan). sharedRescanEvery rescans anyway (activations on other
 // hosts change leases, not the VG's metadata).
+// sharedLostAfter failed polls in a row mean the lease storage is lost:
+// one failure may be a lock another command of this host holds, or a
+// slow lvm; three take a few seconds, well inside lvmlockd's deadline
+// (8 x sanlock's I/O timeout: 80 s by default).
 const (
 	sharedPollInterval = time.Second
 	sharedRescanEvery  = 5
 	sharedPollTimeout  = 8 * time.Second
+	sharedLostAfter    = 3
 )
 
 // WatchSharedPools follows the shared pools until ctx ends: it rescans a
@@ -427,9 +434,16 @@ func (m *Manager) WatchSharedPools(ctx context.Context) {
 			}
 			if err != nil {
 				// Lost locks, I/O errors, no answer: the same to a host
-				// that must not write without its leases. The next
-				// answer clears it.
-				m.leaseTrouble(p, err, timedOut)
+				// that must not write without its leases, once they
+				// last. The next answer clears it.
+				p.shared.mu.Lock()
+				p.shared.failures++
+				n := p.shared.failures
+				p.shared.mu.Unlock()
+				m.log.Warn("reading a shared volume group failed", "pool", p.cfg.Name, "failures_in_a_row", n, "err", err)
+				if n >= sharedLostAfter || errors.Is(err, hostblk.ErrLockspace) {
+					m.leaseTrouble(p, err, timedOut)
+				}
 				continue
 			}
 			m.leaseBack(p)
@@ -468,6 +482,7 @@ func (m *Manager) leaseBack(p *pool) {
 	p.shared.mu.Lock()
 	was := p.shared.lost
 	p.shared.lost = ""
+	p.shared.failures = 0
 	p.shared.mu.Unlock()
 	if was != "" {
 		m.log.Warn("lease storage answers again", "pool", p.cfg.Name, "volume_group", p.cfg.VolumeGroup)

@@ -94,11 +94,12 @@ type SharedVG struct {
 
 // SharedVGStatus reports vg's lock type and metadata sequence number. On a
 // shared VG it is one read of the metadata under lvmlockd's shared VG lock.
+// It does not wait for this process's other commands on vg (a read that
+// lvm's own locks order): a caller timing it times lvm and the storage.
 func (l *LVM) SharedVGStatus(ctx context.Context, vg string) (SharedVG, error) {
 	if err := validateVGName(vg); err != nil {
 		return SharedVG{}, err
 	}
-	defer l.lockVG(vg)()
 	args := append(append([]string{}, reportArgs...), "-o", "vg_name,vg_lock_type,vg_seqno", "--", vg)
 	rows, err := l.report(ctx, "vgs", args, "vg")
 	if err != nil {
