@@ -48,10 +48,11 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 		name, dev, file string
 		meta            hostblk.VolumeMeta
 		problem         string
-		// Shared pools: the LV's size and where it is active
-		// (sharedLocks).
-		lvSize int64
-		where  string
+		// Shared pools: the LV's size, where it is active and whether
+		// this host made it (sharedLocks).
+		lvSize   int64
+		where    string
+		madeHere bool
 	}
 	var candidates []found
 	switch p.cfg.Type {
@@ -60,7 +61,7 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 		if err != nil {
 			return nil, err
 		}
-		var where map[string]string
+		var where map[string]lvState
 		if p.shared != nil {
 			if where, err = m.sharedLocks(ctx, p); err != nil {
 				return nil, err
@@ -71,7 +72,8 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 			if !owned && err == nil {
 				continue // not volagent's
 			}
-			f := found{name: lv.Name, meta: meta, lvSize: int64(lv.Size), where: where[lv.Name]}
+			st := where[lv.Name]
+			f := found{name: lv.Name, meta: meta, lvSize: int64(lv.Size), where: st.where, madeHere: st.madeHere}
 			if err != nil {
 				// Tags another tool mangled: the LV is volagent's (it has
 				// "volagent." tags) but what it is cannot be told.
@@ -101,8 +103,11 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 			continue // an operation of ours is on it; it registers the result
 		}
 		if c.meta.State != "" {
-			if p.shared != nil && c.where != "" && c.where != ActiveLocal {
-				continue // another host's operation is on it, or its crash is that host's to clean up
+			if p.shared != nil && (!c.madeHere || c.where != "" && c.where != ActiveLocal) {
+				// Another host's operation is on it (between lvcreate and
+				// its activation nobody holds its lock yet), or its crash
+				// is that host's to clean up when it starts again.
+				continue
 			}
 			if err := m.removeDevice(ctx, p, c.name); err != nil {
 				m.log.Error("could not remove a volume an interrupted operation left", "pool", p.cfg.Name, "volume", c.name, "state", c.meta.State, "err", err)

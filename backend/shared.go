@@ -135,25 +135,32 @@ func (m *Manager) remoteHolders(p *pool, lk hostblk.LVLock) (string, error) {
 	return strings.Join(names, ","), nil
 }
 
+// lvState is where a shared pool's LV is active (ActiveLocal, the other
+// holders' names, or "") and whether this host created it.
+type lvState struct {
+	where    string
+	madeHere bool
+}
+
 // sharedLocks lists a shared pool's LVs by name with where they are
-// active: ActiveLocal, the other holders' names, or "".
-func (m *Manager) sharedLocks(ctx context.Context, p *pool) (map[string]string, error) {
+// active and who made them.
+func (m *Manager) sharedLocks(ctx context.Context, p *pool) (map[string]lvState, error) {
 	lks, err := m.lvm.LVLocks(ctx, p.cfg.VolumeGroup)
 	if err != nil {
 		return nil, err
 	}
-	out := map[string]string{}
+	self, _ := os.Hostname()
+	out := map[string]lvState{}
 	for _, lk := range lks {
-		if lk.ActiveHere() {
-			out[lk.Name] = ActiveLocal
-			continue
+		st := lvState{where: ActiveLocal, madeHere: lk.Host != "" && lk.Host == self}
+		if !lk.ActiveHere() {
+			st.where, err = m.remoteHolders(p, lk)
+			if err != nil {
+				m.log.Warn("cannot read a volume's lease", "pool", p.cfg.Name, "volume", lk.Name, "err", err)
+				st.where = "unknown"
+			}
 		}
-		where, err := m.remoteHolders(p, lk)
-		if err != nil {
-			m.log.Warn("cannot read a volume's lease", "pool", p.cfg.Name, "volume", lk.Name, "err", err)
-			where = "unknown"
-		}
-		out[lk.Name] = where
+		out[lk.Name] = st
 	}
 	return out, nil
 }
@@ -346,7 +353,7 @@ func (m *Manager) Deactivate(ctx context.Context, c Caller, id string) error {
 func (m *Manager) refreshShared(p *pool, v *volume) {
 	where := ""
 	if locks, err := m.sharedLocks(context.Background(), p); err == nil {
-		where = locks[v.info.Name]
+		where = locks[v.info.Name].where
 	}
 	nv := m.sharedVolume(p, v.info.Name, v.meta, int64(0), where, v)
 	m.mu.Lock()

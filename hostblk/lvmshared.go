@@ -123,6 +123,8 @@ type LVLock struct {
 	// Attr is lv_attr; its fifth character is 'a' while the LV is active
 	// on this host.
 	Attr string
+	// Host is the host name of the host that created the LV (lv_host).
+	Host string
 	// LeaseOffset is the byte offset of the LV's sanlock lease in the VG's
 	// lvmlock LV (from lv_lockargs "VERSION:OFFSET"); -1 when it has none.
 	LeaseOffset int64
@@ -138,7 +140,7 @@ func (l *LVM) LVLocks(ctx context.Context, vg string) ([]LVLock, error) {
 		return nil, err
 	}
 	defer l.lockVG(vg)()
-	args := append(append([]string{}, reportArgs...), "-o", "lv_name,lv_uuid,lv_attr,lv_lockargs", "--", vg)
+	args := append(append([]string{}, reportArgs...), "-o", "lv_name,lv_uuid,lv_attr,lv_host,lv_lockargs", "--", vg)
 	rows, err := l.report(ctx, "lvs", args, "lv")
 	if err != nil {
 		return nil, err
@@ -150,7 +152,7 @@ func parseLVLocks(vg string, rows []reportRow) ([]LVLock, error) {
 	var out []LVLock
 	for _, r := range rows {
 		var f fieldErrs
-		lk := LVLock{Name: f.str(r, "lv_name"), UUID: f.str(r, "lv_uuid"), Attr: f.str(r, "lv_attr")}
+		lk := LVLock{Name: f.str(r, "lv_name"), UUID: f.str(r, "lv_uuid"), Attr: f.str(r, "lv_attr"), Host: f.str(r, "lv_host")}
 		// The report names the field by its canonical name, lv_lockargs.
 		lockArgs := f.str(r, "lv_lockargs")
 		if f.err != nil {

@@ -119,8 +119,8 @@ func TestLockErrors(t *testing.T) {
 // lvm 2.03 prints it for a sanlock VG (the field under its canonical name).
 func TestParseLVLocksReport(t *testing.T) {
 	const out = `{"report": [{"lv": [
-		{"lv_name":"vx", "lv_uuid":"BniEGv-ntnK-0Z1s-ZTqq-82MI-RG0Z-TkjHJo", "lv_attr":"-wi-------", "lv_lockargs":"1.0.0:70254592"},
-		{"lv_name":"vy", "lv_uuid":"dsaof9-6axW-U1am-Zykj-3qVv-n0hR-U5sVS2", "lv_attr":"-wi-a-----", "lv_lockargs":"1.0.0:71303168"}]}]}`
+		{"lv_name":"vx", "lv_uuid":"BniEGv-ntnK-0Z1s-ZTqq-82MI-RG0Z-TkjHJo", "lv_attr":"-wi-------", "lv_host":"hosta", "lv_lockargs":"1.0.0:70254592"},
+		{"lv_name":"vy", "lv_uuid":"dsaof9-6axW-U1am-Zykj-3qVv-n0hR-U5sVS2", "lv_attr":"-wi-a-----", "lv_host":"hostb", "lv_lockargs":"1.0.0:71303168"}]}]}`
 	rows, err := decodeReport(strings.NewReader(out), "lv")
 	if err != nil {
 		t.Fatal(err)
@@ -129,7 +129,7 @@ func TestParseLVLocksReport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(lks) != 2 || lks[0].Name != "vx" || lks[0].LeaseOffset != 70254592 || lks[0].ActiveHere() ||
+	if len(lks) != 2 || lks[0].Name != "vx" || lks[0].LeaseOffset != 70254592 || lks[0].ActiveHere() || lks[0].Host != "hosta" ||
 		lks[1].LeaseOffset != 71303168 || !lks[1].ActiveHere() {
 		t.Fatalf("parsed %+v", lks)
 	}
