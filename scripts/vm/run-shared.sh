@@ -155,7 +155,7 @@ scenario() {
 	{ echo "== $n $name"; cat "$work/step.log"; } >>"$work/log.txt"
 	if [ "$rc" -eq 0 ]; then
 		tap "ok $n - $name ($took s)"
-		grep '^timing:' "$work/step.log" | sed 's/^/#   /' | tee -a "$results" >&2 || true
+		grep -E '^([AB]: )?timing:' "$work/step.log" | sed 's/^/#   /' | tee -a "$results" >&2 || true
 	else
 		tap "not ok $n - $name ($took s)"
 		tail -n 30 "$work/step.log" | sed 's/^/#   /' | tee -a "$results" >&2
