@@ -117,12 +117,26 @@ func (m *Manager) hostName(id int) string {
 	return fmt.Sprintf("host_id %d", id)
 }
 
+// sharedHostsScanned is how many host ids a lease read looks at for shared
+// holders at least (a sector each): more when [hosts] or this host's id
+// go higher.
+const sharedHostsScanned = 64
+
+// maxHostID is the highest host id whose shared holds are read.
+func (m *Manager) maxHostID(p *pool) int {
+	n := max(sharedHostsScanned, p.shared.hostID)
+	for id := range m.cfg.Hosts {
+		n = max(n, id)
+	}
+	return n
+}
+
 // remoteHolders names the other hosts holding an LV's lease, "" for none.
 func (m *Manager) remoteHolders(p *pool, lk hostblk.LVLock) (string, error) {
 	if lk.LeaseOffset < 0 {
 		return "", nil
 	}
-	h, err := hostblk.ReadLeaseHolders(p.shared.lockDev, lk.LeaseOffset)
+	h, err := hostblk.ReadLeaseHolders(p.shared.lockDev, lk.LeaseOffset, m.maxHostID(p))
 	if err != nil {
 		return "", err
 	}

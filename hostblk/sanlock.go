@@ -51,9 +51,11 @@ func (h LeaseHolders) Hosts() []int {
 }
 
 // ReadLeaseHolders reads the lease at offset in the lvmlock device dev and
-// returns its holders. It reads with O_DIRECT: sanlock writes the leases
-// with direct I/O from every host, and a page-cached copy would be stale.
-func ReadLeaseHolders(dev string, offset int64) (LeaseHolders, error) {
+// returns its holders: the exclusive one, and the shared ones among host
+// ids 1 to maxHost (each host id costs a sector to read; 0 means all of
+// sanlock's 2000). It reads with O_DIRECT: sanlock writes the leases with
+// direct I/O from every host, and a page-cached copy would be stale.
+func ReadLeaseHolders(dev string, offset int64, maxHost int) (LeaseHolders, error) {
 	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
 	if err != nil {
 		return LeaseHolders{}, fmt.Errorf("reading sanlock leases: %w", err)
@@ -74,8 +76,11 @@ func ReadLeaseHolders(dev string, offset int64) (LeaseHolders, error) {
 		return LeaseHolders{}, fmt.Errorf("the sanlock lease at %s:%d: %w", dev, offset, err)
 	}
 	n := min(numHosts, maxSanlockHosts)
-	if n == 0 {
-		return h, nil
+	if maxHost > 0 {
+		n = min(n, int64(maxHost))
+	}
+	if n == 0 || h.Exclusive != 0 {
+		return h, nil // an exclusive holder excludes shared ones
 	}
 	blocks, freeBlocks, err := directBuffer(int((2 + n) * sectorSize))
 	if err != nil {
