@@ -267,6 +267,28 @@ grep -q hosta <<<\"\$out\"
 	[ -n "$a" ] && [ "$a" = "$b" ]
 }
 
+# A domain with vol2 as its disk, as the hook gets it on stdin.
+DOMAIN_XML="<domain type='kvm'><name>vm2</name><devices><disk type='block' device='disk'><driver name='qemu' type='qcow2'/><source dev='/dev/$VG/vol2'/><target dev='vda' bus='virtio'/></disk></devices></domain>"
+
+s_hook() {
+	g A 120 "
+xml=\"$DOMAIN_XML\"
+out=\$(volagent hook qemu vm2 migrate begin - <<<\"\$xml\" 2>&1) && { echo \"migration allowed: \$out\"; exit 1; }
+echo \"migrate begin refused: \$out\"
+grep -q shared-pool-migration <<<\"\$out\"
+volagent hook qemu vm2 prepare begin - <<<\"\$xml\"
+echo 'prepare begin on A (which holds vol2): allowed'
+active_on vol2 local
+"
+	g B 120 "
+xml=\"$DOMAIN_XML\"
+out=\$(volagent hook qemu vm2 prepare begin - <<<\"\$xml\" 2>&1) && { echo \"start allowed on B while A holds vol2: \$out\"; exit 1; }
+echo \"prepare begin on B refused: \$out\"
+grep -q shared-volume-busy <<<\"\$out\"
+grep -q hosta <<<\"\$out\"
+"
+}
+
 s_host_death() {
 	echo "killing host A's qemu (pid ${qpid[A]})"
 	kill -KILL "${qpid[A]}"
@@ -320,6 +342,7 @@ run_scenarios() {
 	scenario "13.3 grow on A: the import grows the LV under A's exclusive lock; B sees the new size" s_grow
 	scenario "13.2 delete from B refused while A has the volume active" s_delete_refused
 	scenario "13.2 a shared base backs overlays on both hosts" s_shared_base
+	scenario "13.2/13.6 hook: migrate begin refused (shared-pool-migration); prepare begin activates on A, is refused on B naming hosta (shared-volume-busy)" s_hook
 	scenario "13.5 kill A's qemu: B takes over after the lease expires, flushed data intact" s_host_death
 	scenario "13.5 B loses the lease storage: journal and LeaseLost signal at once, writes refused" s_lease_storage_lost
 }
