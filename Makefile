@@ -14,7 +14,7 @@ FUZZTIME_LONG ?= 10m
 # The daemon's packages: make test runs them with the race detector.
 RACE_PKGS := ./backend ./dbusapi ./virt
 
-.PHONY: all deps build demo test check unit lint fuzz fuzz-short bench clean fuzz-seeds packages package-test cockpit cockpit-test vm-test vm-shell
+.PHONY: all deps build demo test check unit lint fuzz fuzz-short bench clean fuzz-seeds packages package-test cockpit cockpit-test vm-test vm-test-shared vm-shell
 
 all: build
 
@@ -55,7 +55,7 @@ fuzz-short: deps
 fuzz: deps
 	@scripts/fuzz.sh $(FUZZTIME_LONG) matrix
 
-test: lint build check unit fuzz-short package-test cockpit-test vm-test
+test: lint build check unit fuzz-short package-test cockpit-test vm-test vm-test-shared
 
 bench: build
 	@scripts/bench.sh $(BIN) $(DAEMON)
@@ -90,6 +90,11 @@ cockpit-test: build cockpit
 # and runs scripts/vm/guest-tests.sh (needs root).
 vm-test: deps
 	@scripts/vm/run.sh test
+
+# Shared pools (issue 13): two such guests share one raw disk, with
+# lvmlockd and sanlock, and volagentd on both (needs root).
+vm-test-shared: deps
+	@scripts/vm/run-shared.sh test
 
 # The same guest with root logged in on this terminal (Ctrl-A X quits).
 vm-shell: deps

@@ -118,6 +118,9 @@ type PoolInfo struct {
 	// SpaceLow is Free < SpaceNeeded: a guest may pause when its volume
 	// cannot grow.
 	SpaceLow bool
+	// Shared is true for an LVM pool on a volume group shared with other
+	// hosts (lvmlockd).
+	Shared bool
 }
 
 // GrowthNeed is the next growth of one volume a running domain writes:
@@ -149,6 +152,11 @@ type VolumeInfo struct {
 	// Origin is OverlayRequest.Origin of the request that made the
 	// volume, "" for none.
 	Origin string
+	// ActiveOn is where a shared pool's volume is active: "" nowhere,
+	// ActiveLocal on this host, else the other hosts' names (the [hosts]
+	// table, or "host_id N"), comma-separated. Volumes of other pools are
+	// always ActiveLocal.
+	ActiveOn string
 }
 
 // OverlayRequest asks for a new qcow2 overlay. Exactly one of BackingPath
@@ -224,6 +232,9 @@ const (
 	EventJobProgress     EventKind = "job-progress"
 	EventJobCompleted    EventKind = "job-completed"
 	EventPolicyViolation EventKind = "policy-violation"
+	// EventLeaseLost: a shared pool's lease storage stopped (Lost) or
+	// started again to answer on this host.
+	EventLeaseLost EventKind = "lease-lost"
 )
 
 // Event is sent to subscribers when state changes. Exactly the field that
@@ -235,6 +246,14 @@ type Event struct {
 	Pool      *PoolInfo
 	Job       *JobInfo
 	Violation *Violation
+	Lease     *LeaseEvent // for EventLeaseLost
+}
+
+// LeaseEvent is a shared pool's lease storage lost or back.
+type LeaseEvent struct {
+	Pool    string
+	Lost    bool
+	Message string
 }
 
 // Violation is one policy violation found in an image.

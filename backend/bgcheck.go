@@ -64,7 +64,10 @@ func (m *Manager) BackgroundChecksPending() int {
 // uncheckedLocked lists the volumes waiting for their check, by ID.
 func (m *Manager) uncheckedLocked() []string {
 	var ids []string
-	for id := range m.volumes {
+	for id, v := range m.volumes {
+		if v.notHere {
+			continue // a shared pool's volume not active here: no device
+		}
 		if _, done := m.checked[id]; !done {
 			ids = append(ids, id)
 		}

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -20,6 +22,10 @@ import (
 type Config struct {
 	Pools   []PoolConfig  `toml:"pool"`
 	Libvirt LibvirtConfig `toml:"libvirt"`
+	// Hosts names the hosts that share volume groups by their sanlock
+	// host_id (the [hosts] table: 1 = "alpha"), so messages and ActiveOn
+	// say "alpha" rather than "host_id 1".
+	Hosts map[int]string
 }
 
 // LibvirtConfig is the [libvirt] table. Without it (URI "") volagent does
@@ -70,7 +76,21 @@ type PoolConfig struct {
 	ChunkSize int64 `toml:"chunk_size"`
 	// Policy is "enforce" (default) or "audit".
 	Policy PolicyMode `toml:"policy"`
+	// Shared (lvm only) says the volume group is on storage several hosts
+	// see and is shared through lvmlockd (vgcreate --shared): volagent
+	// starts its lockspace and activates each LV with the lock that
+	// follows its use (shared.go).
+	Shared bool `toml:"shared"`
+	// LockType is the shared VG's lock manager; only LockSanlock. Set
+	// (to its default) only when Shared.
+	LockType string `toml:"lock_type"`
 }
+
+// LockSanlock is the lock manager of shared pools.
+const LockSanlock = "sanlock"
+
+// MaxHostID is sanlock's (and so lvmlockd's) largest host_id.
+const MaxHostID = 2000
 
 // Defaults of ParseConfig.
 const (
@@ -87,8 +107,9 @@ const (
 // rawConfig mirrors Config for decoding: sizes may be strings or integers,
 // which only an untyped field can take.
 type rawConfig struct {
-	Pools   []rawPool   `toml:"pool"`
-	Libvirt *rawLibvirt `toml:"libvirt"`
+	Pools   []rawPool         `toml:"pool"`
+	Libvirt *rawLibvirt       `toml:"libvirt"`
+	Hosts   map[string]string `toml:"hosts"`
 }
 
 type rawLibvirt struct {
@@ -108,6 +129,8 @@ type rawPool struct {
 	InitialSize  any      `toml:"initial_size"`
 	ChunkSize    any      `toml:"chunk_size"`
 	Policy       string   `toml:"policy"`
+	Shared       bool     `toml:"shared"`
+	LockType     string   `toml:"lock_type"`
 }
 
 // LoadConfig reads and parses the configuration file at path. Errors name
@@ -158,8 +181,25 @@ func ParseConfig(data []byte, source string) (*Config, error) {
 		}
 		cfg.Libvirt = lc
 	}
+	if len(raw.Hosts) > 0 {
+		cfg.Hosts = map[int]string{}
+		for k, name := range raw.Hosts {
+			id, err := strconv.Atoi(k)
+			if err != nil || id < 1 || id > MaxHostID || strconv.Itoa(id) != k {
+				return nil, fmt.Errorf("%w: %s: hosts.%s: want a sanlock host_id from 1 to %d as the key", ErrInvalidArgument, source, k, MaxHostID)
+			}
+			if !hostNamePattern.MatchString(name) {
+				return nil, fmt.Errorf("%w: %s: hosts.%s: %q: want 1 to 64 characters of [a-zA-Z0-9._-]", ErrInvalidArgument, source, k, name)
+			}
+			cfg.Hosts[id] = name
+		}
+	}
 	return cfg, nil
 }
+
+// hostNamePattern is what a [hosts] name may be: a host name, printable
+// in messages and ActiveOn as it is.
+var hostNamePattern = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$`)
 
 // sharedStorage refuses a pool whose volume group or directory an earlier
 // pool has: two pools over the same storage would each take the other's
@@ -245,7 +285,7 @@ func describeTOMLError(source string, err error) string {
 func (rp rawPool) build() (PoolConfig, error) {
 	pc := PoolConfig{
 		Name: rp.Name, Type: PoolType(rp.Type), VolumeGroup: rp.VolumeGroup, Activation: rp.Activation,
-		Directory: rp.Directory, Policy: PolicyMode(rp.Policy),
+		Directory: rp.Directory, Policy: PolicyMode(rp.Policy), Shared: rp.Shared,
 	}
 	if !poolNamePattern().MatchString(rp.Name) {
 		return pc, fmt.Errorf("name: %q: want 1 to %d characters of %s", rp.Name, MaxPoolNameLength, PoolNameChars)
@@ -264,6 +304,21 @@ func (rp rawPool) build() (PoolConfig, error) {
 		if rp.Directory != "" {
 			return pc, fmt.Errorf("directory: %q: only loop pools have a directory", rp.Directory)
 		}
+		if rp.Shared {
+			switch rp.LockType {
+			case "", LockSanlock:
+				pc.LockType = LockSanlock
+			case "dlm", "idm":
+				return pc, fmt.Errorf("lock_type: %q: volagent supports shared volume groups with %q only so far (create the VG with vgcreate --shared --locktype sanlock)", rp.LockType, LockSanlock)
+			default:
+				return pc, fmt.Errorf("lock_type: %q: want %q", rp.LockType, LockSanlock)
+			}
+			if rp.Activation != string(hostblk.ActivationDeviceMapper) {
+				return pc, fmt.Errorf("activation: %q: a shared pool needs %q (lvmlockd's locks are taken by lvm's own activation)", rp.Activation, hostblk.ActivationDeviceMapper)
+			}
+		} else if rp.LockType != "" {
+			return pc, fmt.Errorf("lock_type: %q: only a shared pool (shared = true) has a lock type", rp.LockType)
+		}
 	case PoolLoop:
 		if rp.Directory == "" || !filepath.IsAbs(rp.Directory) {
 			return pc, fmt.Errorf("directory: %q: want an absolute path", rp.Directory)
@@ -274,6 +329,9 @@ func (rp rawPool) build() (PoolConfig, error) {
 		}
 		if rp.Activation != "" {
 			return pc, fmt.Errorf("activation: %q: only lvm pools have an activation mode", rp.Activation)
+		}
+		if rp.Shared || rp.LockType != "" {
+			return pc, fmt.Errorf("shared: only lvm pools can be shared between hosts (lvmlockd)")
 		}
 	case "":
 		return pc, fmt.Errorf("type: missing: give %q or %q", PoolLVM, PoolLoop)

@@ -114,6 +114,7 @@ type pool struct {
 	cfg    PoolConfig
 	act    hostblk.Activator // lvm pools
 	loop   *hostblk.LoopPool // loop pools, after Load
+	shared *sharedState      // shared lvm pools, after Load
 	opened atomic.Bool       // set once by Load; read without locks
 }
 
@@ -133,6 +134,9 @@ type volume struct {
 	// problem is why the volume cannot be used ("" when it can): a header
 	// that is refused, a backing that is not what its metadata says.
 	problem string
+	// notHere: a shared pool's volume not active on this host; its header
+	// is not read (nor checked) here.
+	notHere bool
 }
 
 // NewManager checks the configuration and prepares the pools; nothing on
@@ -225,7 +229,7 @@ func (m *Manager) Load(ctx context.Context) error {
 		}
 		p.opened.Store(true)
 	}
-	m.scanLocked(ctx)
+	m.scanLocked(ctx, nil)
 	m.wakeChecker()
 	if len(errs) > 0 {
 		return fmt.Errorf("%w (%d of %d pools failed)", errs[0], len(errs), len(m.pools))
@@ -253,6 +257,11 @@ func (m *Manager) openPool(ctx context.Context, p *pool) error {
 		}
 		p.loop = lp
 	case PoolLVM:
+		if p.cfg.Shared {
+			// lvmlockd's set-up first: without it the VG may not even be
+			// seen as what it is.
+			return m.openShared(ctx, p)
+		}
 		if _, err := m.lvm.VolumeGroup(ctx, p.cfg.VolumeGroup); err != nil {
 			if errors.Is(err, hostblk.ErrVGNotFound) {
 				return fmt.Errorf("%w: pool %q: volume group %q does not exist (create it with vgcreate, or fix volume_group)", ErrNotFound, p.cfg.Name, p.cfg.VolumeGroup)
@@ -263,14 +272,19 @@ func (m *Manager) openPool(ctx context.Context, p *pool) error {
 	return nil
 }
 
-// scanLocked rebuilds the volume map from every opened pool. A pool whose
-// listing fails keeps its previous volumes (an lvm hiccup must not make
-// volumes vanish for clients).
-func (m *Manager) scanLocked(ctx context.Context) {
+// scanLocked rebuilds the volume map from every opened pool (only that
+// one when only is not nil). A pool whose listing fails keeps its
+// previous volumes (an lvm hiccup must not make volumes vanish for
+// clients), as do the pools not scanned.
+func (m *Manager) scanLocked(ctx context.Context, only *pool) {
 	found := map[string]*volume{}
 	failed := map[string]bool{}
 	for _, p := range m.pools {
 		if !p.opened.Load() {
+			continue
+		}
+		if only != nil && p != only {
+			failed[p.cfg.Name] = true
 			continue
 		}
 		vols, err := m.scanPool(ctx, p)
@@ -325,7 +339,7 @@ func (m *Manager) scanLocked(ctx context.Context) {
 // device.
 func (m *Manager) checkBackingsLocked(vols map[string]*volume) {
 	for _, v := range vols {
-		if v.problem != "" || !isVolumeID(v.meta.BackingName) {
+		if v.problem != "" || v.notHere || !isVolumeID(v.meta.BackingName) {
 			continue
 		}
 		b, ok := vols[v.meta.BackingName]
@@ -441,7 +455,7 @@ func (m *Manager) poolChanged(p *pool) {
 // when the fill state changed, so that subscribers follow a change a
 // reader found.
 func (m *Manager) poolInfo(ctx context.Context, p *pool, emit bool) PoolInfo {
-	info := PoolInfo{Name: p.cfg.Name, Type: p.cfg.Type, Policy: p.cfg.Policy}
+	info := PoolInfo{Name: p.cfg.Name, Type: p.cfg.Type, Policy: p.cfg.Policy, Shared: p.cfg.Shared}
 	m.fillMu.Lock()
 	defer m.fillMu.Unlock()
 	capacity, free, err := m.poolSpace(ctx, p)

@@ -48,6 +48,11 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 		name, dev, file string
 		meta            hostblk.VolumeMeta
 		problem         string
+		// Shared pools: the LV's size, where it is active and whether
+		// this host made it (sharedLocks).
+		lvSize   int64
+		where    string
+		madeHere bool
 	}
 	var candidates []found
 	switch p.cfg.Type {
@@ -56,12 +61,19 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 		if err != nil {
 			return nil, err
 		}
+		var where map[string]lvState
+		if p.shared != nil {
+			if where, err = m.sharedLocks(ctx, p); err != nil {
+				return nil, err
+			}
+		}
 		for _, lv := range lvs {
 			meta, owned, err := hostblk.ParseVolumeTags(lv.Tags)
 			if !owned && err == nil {
 				continue // not volagent's
 			}
-			f := found{name: lv.Name, meta: meta}
+			st := where[lv.Name]
+			f := found{name: lv.Name, meta: meta, lvSize: int64(lv.Size), where: st.where, madeHere: st.madeHere}
 			if err != nil {
 				// Tags another tool mangled: the LV is volagent's (it has
 				// "volagent." tags) but what it is cannot be told.
@@ -91,6 +103,12 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 			continue // an operation of ours is on it; it registers the result
 		}
 		if c.meta.State != "" {
+			if p.shared != nil && (!c.madeHere || c.where != "" && c.where != ActiveLocal) {
+				// Another host's operation is on it (between lvcreate and
+				// its activation nobody holds its lock yet), or its crash
+				// is that host's to clean up when it starts again.
+				continue
+			}
 			if err := m.removeDevice(ctx, p, c.name); err != nil {
 				m.log.Error("could not remove a volume an interrupted operation left", "pool", p.cfg.Name, "volume", c.name, "state", c.meta.State, "err", err)
 			} else {
@@ -98,7 +116,7 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 			}
 			continue
 		}
-		if p.cfg.Type == PoolLVM && c.problem == "" {
+		if p.cfg.Type == PoolLVM && c.problem == "" && p.shared == nil {
 			dev, err := p.act.Activate(ctx, p.cfg.VolumeGroup, c.name)
 			if err != nil {
 				c.problem = fmt.Sprintf("it cannot be activated: %v", err)
@@ -119,7 +137,15 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 			defer wg.Done()
 			for i := range next {
 				c := todo[i].c
-				v := m.readVolume(p, c.name, c.dev, c.file, c.meta)
+				var v *volume
+				if p.shared != nil && c.problem == "" {
+					m.mu.Lock()
+					prev := m.volumes[todo[i].id]
+					m.mu.Unlock()
+					v = m.sharedVolume(p, c.name, c.meta, c.lvSize, c.where, prev)
+				} else {
+					v = m.readVolume(p, c.name, c.dev, c.file, c.meta)
+				}
 				if c.problem != "" && v.problem == "" {
 					v.problem = c.problem
 					v.info.Problem = c.problem
@@ -159,6 +185,7 @@ func (m *Manager) createdVolume(p *pool, name, dev, file string, meta hostblk.Vo
 		info: VolumeInfo{
 			ID: VolumeID(p.cfg.Name, name), Name: name, Pool: p.cfg.Name, DevicePath: dev, Role: Role(meta.Role),
 			Origin:           meta.Origin,
+			ActiveOn:         ActiveLocal,
 			Format:           "qcow2",
 			VirtualSize:      img.layout.VirtualSize,
 			DeviceSize:       img.deviceSize,
@@ -182,7 +209,7 @@ func (m *Manager) createdVolume(p *pool, name, dev, file string, meta hostblk.Vo
 // table.
 func (m *Manager) readVolume(p *pool, name, dev, file string, meta hostblk.VolumeMeta) *volume {
 	v := &volume{
-		info: VolumeInfo{ID: VolumeID(p.cfg.Name, name), Name: name, Pool: p.cfg.Name, DevicePath: dev, Role: Role(meta.Role), Origin: meta.Origin},
+		info: VolumeInfo{ID: VolumeID(p.cfg.Name, name), Name: name, Pool: p.cfg.Name, DevicePath: dev, Role: Role(meta.Role), Origin: meta.Origin, ActiveOn: ActiveLocal},
 		meta: meta, file: file, backingPath: dev,
 	}
 	if file != "" {
@@ -237,6 +264,9 @@ func (m *Manager) readVolume(p *pool, name, dev, file string, meta hostblk.Volum
 func (m *Manager) createDevice(ctx context.Context, p *pool, op, name string, size int64, meta hostblk.VolumeMeta) (dev, file string, err error) {
 	switch p.cfg.Type {
 	case PoolLVM:
+		if err := p.refuseIfLeaseLost("make volume " + name); err != nil {
+			return "", "", err
+		}
 		vg, err := m.lvm.VolumeGroup(ctx, p.cfg.VolumeGroup)
 		if err != nil {
 			return "", "", fmt.Errorf("%w: pool %q: %w", ErrFailed, p.cfg.Name, err)
@@ -385,6 +415,9 @@ func (m *Manager) growDevice(ctx context.Context, p *pool, v *volume, size int64
 // even minimum fits, the error wraps ErrNoSpace and names the pool, the
 // volume, the sizes and the pool's free space; the device is unchanged.
 func (m *Manager) growDeviceWithin(ctx context.Context, p *pool, v *volume, minimum, preferred int64) (int64, error) {
+	if err := p.refuseIfLeaseLost("grow volume " + v.info.Name); err != nil {
+		return 0, err
+	}
 	minimum = roundUp(minimum, sizeAlignment)
 	preferred = roundUp(max(preferred, minimum), sizeAlignment)
 	var lvSize uint64 // the extended LV's size, for RefreshSize

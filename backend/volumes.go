@@ -7,6 +7,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
+	"time"
 
 	"github.com/volagent/volagent/hostblk"
 	"github.com/volagent/volagent/qcow2"
@@ -80,6 +82,9 @@ func (m *Manager) CreateOverlay(ctx context.Context, c Caller, req OverlayReques
 	}
 	defer m.release(id)
 
+	if err := m.ensureBackingActive(ctx, req.BackingVolume); err != nil {
+		return VolumeInfo{}, err
+	}
 	b, err := m.resolveBacking(p, req)
 	if err != nil {
 		return VolumeInfo{}, err
@@ -471,6 +476,13 @@ func (m *Manager) DeleteWith(ctx context.Context, c Caller, id string, opts Dele
 	if err := m.checkNotInUse(ctx, &v); err != nil {
 		return err
 	}
+	// Shared pool: the LV's exclusive lock first, so a volume active on
+	// another host is refused (naming it) before anything changes.
+	release, err := m.holdLock(ctx, p, &v, hostblk.LockExclusive, "delete")
+	if err != nil {
+		return err
+	}
+	defer release()
 	meta := v.meta
 	if err := m.setState(ctx, p, v.info.Name, meta, "", stateDeleting); err != nil {
 		return fmt.Errorf("%w: volume %q (%s): marking it for deletion: %w", ErrFailed, v.info.Name, id, err)
@@ -536,6 +548,15 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 	if v.problem != "" {
 		return fmt.Errorf("%w: volume %q (%s) cannot be resized: %s", ErrFailed, v.info.Name, id, v.problem)
 	}
+	lock := m.opLock(id)
+	lock.Lock()
+	defer lock.Unlock()
+	release, err := m.lockForChange(ctx, p, &v, "resize")
+	if err != nil {
+		return err
+	}
+	releaseOnce := sync.OnceFunc(release)
+	defer releaseOnce()
 	switch {
 	case virtualSize <= 0 || virtualSize%512 != 0:
 		return fmt.Errorf("%w: virtual size %d: want a positive multiple of 512", ErrInvalidArgument, virtualSize)
@@ -544,9 +565,6 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 	case virtualSize == v.info.VirtualSize:
 		return nil
 	}
-	lock := m.opLock(id)
-	lock.Lock()
-	defer lock.Unlock()
 
 	// A running domain's disk is resized by its qemu, through libvirt
 	// (its qemu holds the image locks checkNotInUse would refuse).
@@ -557,10 +575,18 @@ func (m *Manager) Resize(ctx context.Context, c Caller, id string, virtualSize i
 		return err
 	}
 	// resizeImage holds qemu-img's writer locks while it writes.
-	if err := resizeImage(v.info.DevicePath, virtualSize); err != nil {
+	err = resizeImage(v.info.DevicePath, virtualSize)
+	if err == nil {
+		// Read back before a volume activated for this is deactivated.
+		m.refresh(p, &v)
+	}
+	releaseOnce()
+	if p.shared != nil {
+		m.refreshShared(p, &v)
+	}
+	if err != nil {
 		return fmt.Errorf("volume %q (%s): %w", v.info.Name, id, err)
 	}
-	m.refresh(p, &v)
 	m.log.Info("volume resized", "pool", p.cfg.Name, "volume", v.info.Name, "id", id, "virtual_size", virtualSize, "uid", c.UID)
 	return nil
 }
@@ -622,17 +648,26 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 	if v.problem != "" {
 		return fmt.Errorf("%w: volume %q (%s) cannot be written: %s", ErrFailed, v.info.Name, id, v.problem)
 	}
-	switch {
-	case len(data) == 0:
+	if len(data) == 0 {
 		return nil
+	}
+	lock := m.opLock(id)
+	lock.Lock()
+	defer lock.Unlock()
+	// A shared pool's volume: its lock first (refused, naming the holder,
+	// when another host has it), and its header once it is here.
+	release, err := m.lockForChange(ctx, p, &v, "write")
+	if err != nil {
+		return err
+	}
+	releaseOnce := sync.OnceFunc(release)
+	defer releaseOnce()
+	switch {
 	case len(data) > MaxWriteSize:
 		return fmt.Errorf("%w: write of %d bytes: at most %d per call (use Import for bulk data)", ErrInvalidArgument, len(data), MaxWriteSize)
 	case offset < 0 || offset > v.info.VirtualSize || int64(len(data)) > v.info.VirtualSize-offset:
 		return fmt.Errorf("%w: write of %d bytes at offset %d: outside the virtual disk of %d bytes", ErrInvalidArgument, len(data), offset, v.info.VirtualSize)
 	}
-	lock := m.opLock(id)
-	lock.Lock()
-	defer lock.Unlock()
 	m.mu.Lock()
 	busy := m.dependentLocked(&v)
 	m.mu.Unlock()
@@ -659,6 +694,10 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 		err = fmt.Errorf("%w: volume %q: flushing: %w", ErrFailed, v.info.Name, cerr)
 	}
 	m.refresh(p, &v)
+	if p.shared != nil {
+		releaseOnce()
+		m.refreshShared(p, &v)
+	}
 	if err != nil {
 		return err
 	}
@@ -673,13 +712,20 @@ func (m *Manager) Write(ctx context.Context, c Caller, id string, offset int64, 
 // guest); ErrPolicyViolation if the header is refused; ErrNotFound;
 // ErrFailed for I/O errors.
 func (m *Manager) Check(ctx context.Context, id string) (*qcow2.CheckResult, error) {
-	v, _, err := m.lookup(id)
+	v, p, err := m.lookup(id)
 	if err != nil {
 		return nil, err
 	}
 	lock := m.opLock(id)
 	lock.Lock()
 	defer lock.Unlock()
+	if v.notHere {
+		release, err := m.holdLock(ctx, p, &v, hostblk.LockShared, "check")
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+	}
 	d, err := hostblk.OpenDevice(v.info.DevicePath, hostblk.OpenOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("%w: volume %q: %w", ErrFailed, v.info.Name, err)
@@ -787,12 +833,13 @@ func (s *writeSession) do(ctx context.Context, need int64, fn func(w *qcow2.Writ
 		}
 		// A failed grow leaves the session closed: the device is as it
 		// was, and nothing is left to write.
+		growStart := time.Now()
 		size, gerr := s.m.growDeviceWithin(ctx, s.p, s.v, minimum, preferred)
 		if gerr != nil {
 			return gerr
 		}
 		s.m.poolChanged(s.p)
-		s.m.log.Info("volume device grown", "pool", s.p.cfg.Name, "volume", s.v.info.Name, "device_size", size)
+		s.m.log.Info("volume device grown", "pool", s.p.cfg.Name, "volume", s.v.info.Name, "device_size", size, "seconds", time.Since(growStart).Seconds())
 		if err := s.open(); err != nil {
 			return err
 		}

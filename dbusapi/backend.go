@@ -37,6 +37,10 @@ type Backend interface {
 	Resize(ctx context.Context, c backend.Caller, id string, virtualSize int64) error
 	Write(ctx context.Context, c backend.Caller, id string, offset int64, data []byte) error
 	Check(ctx context.Context, id string) (*qcow2.CheckResult, error)
+	// Activate and Deactivate change where a shared pool's volume is
+	// active (lvmlockd's LV lock).
+	Activate(ctx context.Context, c backend.Caller, id string, shared bool) error
+	Deactivate(ctx context.Context, c backend.Caller, id string) error
 	Inspect(ctx context.Context, r io.ReaderAt, size int64, name, format string) (*qcow2.Report, error)
 	Rescan(ctx context.Context) error
 	CancelJob(c backend.Caller, id uint64) error
@@ -44,6 +48,13 @@ type Backend interface {
 	// policy (the qemu hook's question). It reads the header of every
 	// image the XML names, so the adapter lets only root call it.
 	CheckDomain(ctx context.Context, domainXML []byte) (allowed bool, report *backend.DomainReport, err error)
+	// MigrationRefusal lists the disks on shared pools' volumes, which
+	// refuse a live migration (CheckDomain's option operation "migrate").
+	MigrationRefusal(domainXML []byte, report *backend.DomainReport) []backend.DomainViolation
+	// ActivateForDomain activates here the shared pools' volumes of a
+	// domain about to start (CheckDomain's operation "prepare" or
+	// "restore"); what another host holds comes back as violations.
+	ActivateForDomain(ctx context.Context, domainXML []byte) []backend.DomainViolation
 
 	Subscribe() (<-chan backend.Event, func())
 }

@@ -331,3 +331,20 @@ func (f *fakeBackend) CheckDomain(_ context.Context, domainXML []byte) (bool, *b
 	}
 	return rep.Allowed(), rep, nil
 }
+
+// Activate and Deactivate: the fake has no shared pools.
+func (f *fakeBackend) Activate(_ context.Context, _ backend.Caller, id string, _ bool) error {
+	return fmt.Errorf("%w: volume %q: the fake has no shared pools", backend.ErrInvalidArgument, id)
+}
+
+func (f *fakeBackend) Deactivate(_ context.Context, _ backend.Caller, id string) error {
+	return fmt.Errorf("%w: volume %q: the fake has no shared pools", backend.ErrInvalidArgument, id)
+}
+
+func (f *fakeBackend) MigrationRefusal([]byte, *backend.DomainReport) []backend.DomainViolation {
+	return nil
+}
+
+func (f *fakeBackend) ActivateForDomain(context.Context, []byte) []backend.DomainViolation {
+	return nil
+}

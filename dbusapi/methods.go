@@ -31,6 +31,8 @@ func (o object) apiMethods() methodTable {
 		add("Resize", o.resizeVolume)
 		add("Write", o.writeVolume)
 		add("Check", o.checkVolume)
+		add("Activate", o.activateVolume)
+		add("Deactivate", o.deactivateVolume)
 	case kindJob:
 		add("Cancel", o.cancelJob)
 	}
@@ -408,7 +410,12 @@ const maxDomainXML = 16 << 20
 // make the daemon do (the volagent group included).
 func (o object) checkDomain(c *call, args []any) ([]any, *dbus.Error) {
 	domainXML := args[0].(string)
-	if _, derr := parseOptions("CheckDomain", args[1].(map[string]dbus.Variant)); derr != nil {
+	opts, derr := parseOptions("CheckDomain", args[1].(map[string]dbus.Variant), "operation")
+	if derr != nil {
+		return nil, derr
+	}
+	operation, derr := opts.string("operation", "")
+	if derr != nil {
 		return nil, derr
 	}
 	s := o.s
@@ -423,13 +430,60 @@ func (o object) checkDomain(c *call, args []any) ([]any, *dbus.Error) {
 	if len(domainXML) > maxDomainXML {
 		return nil, invalidArgument("CheckDomain: domain_xml is %d bytes; at most %d", len(domainXML), maxDomainXML)
 	}
+	var busy []backend.DomainViolation
+	if operation == "prepare" || operation == "restore" {
+		// The domain starts here: its shared volumes are activated first
+		// (the check reads their headers through their devices).
+		busy = s.backend.ActivateForDomain(s.ctx, []byte(domainXML))
+	}
 	allowed, rep, err := s.backend.CheckDomain(s.ctx, []byte(domainXML))
 	if err != nil {
 		return nil, toDBusError(err)
+	}
+	if len(busy) > 0 {
+		rep.Violations = append(rep.Violations, busy...)
+		allowed = false
+	}
+	if operation == "migrate" {
+		// Whatever the policy mode: a shared volume must not be left
+		// exclusive on the source while the destination writes.
+		if refused := s.backend.MigrationRefusal([]byte(domainXML), rep); len(refused) > 0 {
+			rep.Violations = append(rep.Violations, refused...)
+			allowed = false
+		}
 	}
 	out, err := json.Marshal(rep)
 	if err != nil {
 		return nil, failed("CheckDomain: encoding the report: %v", err)
 	}
 	return []any{allowed, string(out)}, nil
+}
+
+func (o object) activateVolume(c *call, args []any) ([]any, *dbus.Error) {
+	caller, id, derr := c.volumeMethod("Activate", args[0], "shared")
+	if derr != nil {
+		return nil, derr
+	}
+	opts, _ := parseOptions("Activate", args[0].(map[string]dbus.Variant), "shared")
+	shared, derr := opts.bool("shared")
+	if derr != nil {
+		return nil, derr
+	}
+	if err := o.s.backend.Activate(o.s.ctx, caller, id, shared); err != nil {
+		return nil, toDBusError(err)
+	}
+	o.s.refreshVolume(id)
+	return nil, nil
+}
+
+func (o object) deactivateVolume(c *call, args []any) ([]any, *dbus.Error) {
+	caller, id, derr := c.volumeMethod("Deactivate", args[0])
+	if derr != nil {
+		return nil, derr
+	}
+	if err := o.s.backend.Deactivate(o.s.ctx, caller, id); err != nil {
+		return nil, toDBusError(err)
+	}
+	o.s.refreshVolume(id)
+	return nil, nil
 }

@@ -190,6 +190,10 @@ func (s *Server) apply(ev backend.Event) {
 		if v := ev.Violation; v != nil {
 			s.emit(ManagerPath, ManagerIface+".PolicyViolation", v.Subject, v.Code, v.Message)
 		}
+	case backend.EventLeaseLost:
+		if l := ev.Lease; l != nil {
+			s.emit(ManagerPath, ManagerIface+".LeaseLost", l.Pool, l.Lost, l.Message)
+		}
 	default:
 		s.log.Debug("ignoring backend event", "kind", ev.Kind)
 	}
@@ -416,6 +420,7 @@ func poolProps(p backend.PoolInfo) map[string]dbus.Variant {
 		"Capacity":   dbus.MakeVariant(unsigned(p.Capacity)),
 		"Free":       dbus.MakeVariant(unsigned(p.Free)),
 		"PolicyMode": dbus.MakeVariant(string(p.Policy)),
+		"Shared":     dbus.MakeVariant(p.Shared),
 
 		"SpaceNeeded": dbus.MakeVariant(unsigned(p.SpaceNeeded)),
 		"SpaceLow":    dbus.MakeVariant(p.SpaceLow),
@@ -436,6 +441,7 @@ func volumeProps(v backend.VolumeInfo) map[string]dbus.Variant {
 		"BackingFormat":    dbus.MakeVariant(v.BackingFormat),
 		"Role":             dbus.MakeVariant(string(v.Role)),
 		"Problem":          dbus.MakeVariant(v.Problem),
+		"ActiveOn":         dbus.MakeVariant(v.ActiveOn),
 	}
 }
 

@@ -128,6 +128,10 @@ func (a *dmActivator) Deactivate(ctx context.Context, vg, lv string) error {
 
 func dmPath(vg, lv string) string { return "/dev/" + vg + "/" + lv }
 
+// LVPath is the device of LV vg/lv under device-mapper activation,
+// /dev/VG/LV, whether or not it is active now.
+func LVPath(vg, lv string) string { return dmPath(vg, lv) }
+
 // loopActivator activates an LV as a loop device over its physical volume,
 // starting at the LV's first extent and limited to its size. It keeps no
 // state: the loop device of an LV is the one whose backing file is the PV

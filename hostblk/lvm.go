@@ -53,7 +53,7 @@ func (e *LVMError) Unwrap() error { return e.cause }
 // always in English. Each pattern matches within one line. Compiled on
 // first use: the static volagent starts at every domain start.
 var stderrPatterns = sync.OnceValue(func() map[error]*regexp.Regexp {
-	return map[error]*regexp.Regexp{
+	m := map[error]*regexp.Regexp{
 		ErrVGNotFound: regexp.MustCompile(`(?i)volume group "[^"\n]*" not found`),
 		// "Failed to find logical volume "vg/lv"" (lvs, lvchange, lvremove),
 		// "Existing logical volume "lv" not found in volume group" (lvrename).
@@ -61,6 +61,8 @@ var stderrPatterns = sync.OnceValue(func() map[error]*regexp.Regexp {
 		ErrLVExists:   regexp.MustCompile(`(?i)logical volume "[^"\n]*" already exists in volume group`),
 		ErrNoSpace:    regexp.MustCompile(`(?i)insufficient (free space|free extents|suitable)`),
 	}
+	addSharedStderrPatterns(m)
+	return m
 })
 
 // Is matches the sentinels ErrVGNotFound, ErrLVNotFound, ErrLVExists and

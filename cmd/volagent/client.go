@@ -140,6 +140,9 @@ type volumeJSON struct {
 	Role             string `json:"role"`
 	// Problem is why the daemon will not use the volume; "" when usable.
 	Problem string `json:"problem"`
+	// ActiveOn is where the volume is active: "local", "" (nowhere), or
+	// the other hosts of a shared pool.
+	ActiveOn string `json:"active-on"`
 }
 
 func volumeFromProps(o objectProps, pools map[string]string) volumeJSON {
@@ -152,7 +155,7 @@ func volumeFromProps(o objectProps, pools map[string]string) volumeJSON {
 		DevicePath: o.str("DevicePath"), Format: o.str("Format"), VirtualSize: o.u64("VirtualSize"),
 		DeviceSize: o.u64("DeviceSize"), HighestAllocated: o.u64("HighestAllocated"),
 		BackingName: o.str("BackingName"), BackingFormat: o.str("BackingFormat"), Role: o.str("Role"),
-		Problem: o.str("Problem"),
+		Problem: o.str("Problem"), ActiveOn: o.str("ActiveOn"),
 	}
 }
 

@@ -27,7 +27,10 @@ func newVolumesCmd() *cobra.Command {
 with their format, sizes and recorded backing, and, under PROBLEM, why the
 daemon will not use or write a volume ("-" when it is usable: a volume
 whose header it refuses or whose metadata is corrupt is listed, never
-hidden, so that you can inspect and delete it). It asks the daemon over
+hidden, so that you can inspect and delete it). ACTIVE says where the
+volume is active: "local" (this host), "-" (nowhere: a volume of a shared
+pool), or the other hosts of a shared pool that hold it ("volumes
+activate" and "volumes deactivate" move it). It asks the daemon over
 D-Bus; reading is open to every user. --json prints the same fields,
 "problem" being "" for a usable volume. "volumes import" imports an image
 into a new volume.
@@ -39,7 +42,7 @@ Exit status: 0 success, 2 error (e.g. the daemon is not running).`,
 		},
 	}
 	fl.register(cmd)
-	cmd.AddCommand(newVolumesImportCmd())
+	cmd.AddCommand(newVolumesImportCmd(), newVolumesActivateCmd(true), newVolumesActivateCmd(false))
 	return cmd
 }
 
@@ -72,14 +75,18 @@ func printVolumes(out io.Writer, vols []volumeJSON) error {
 		return nil
 	}
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tPOOL\tROLE\tFORMAT\tVIRTUAL\tALLOCATED\tDEVICE\tBACKING\tPROBLEM")
+	fmt.Fprintln(tw, "NAME\tPOOL\tROLE\tFORMAT\tVIRTUAL\tALLOCATED\tDEVICE\tBACKING\tACTIVE\tPROBLEM")
 	for _, v := range vols {
 		backing := "-"
 		if v.BackingName != "" {
 			backing = quoteIfNeeded(v.BackingName) + " (" + quoteIfNeeded(v.BackingFormat) + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Pool, v.Role, v.Format,
-			bytesize.Format(v.VirtualSize), bytesize.Format(v.HighestAllocated), v.DevicePath, backing, problemText(v.Problem))
+		active := v.ActiveOn
+		if active == "" {
+			active = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Pool, v.Role, v.Format,
+			bytesize.Format(v.VirtualSize), bytesize.Format(v.HighestAllocated), v.DevicePath, backing, active, problemText(v.Problem))
 	}
 	return tw.Flush()
 }
@@ -181,4 +188,60 @@ func runVolumesImport(out, errOut io.Writer, source string, fl volumesImportFlag
 		return nil
 	}
 	return w.watch(out, errOut, []dbus.ObjectPath{job}, fl.json)
+}
+
+// newVolumesActivateCmd is "volumes activate" (activate true) or "volumes
+// deactivate": where a shared pool's volume is active.
+func newVolumesActivateCmd(activate bool) *cobra.Command {
+	var fl clientFlags
+	var shared bool
+	cmd := &cobra.Command{
+		Use:   "deactivate [--bus-address ADDRESS] VOLUME",
+		Short: "Deactivate a shared pool's volume on this host, so another host may activate it",
+		Long: `volumes deactivate deactivates VOLUME (NAME, POOL/NAME, ID or object
+path), a volume of a shared pool, on this host: lvmlockd releases its lock,
+and another host may activate it. Refused while it is in use here.
+
+Exit status: 0 success, 2 error.`,
+		Args: cobra.ExactArgs(1),
+	}
+	method := "Deactivate"
+	if activate {
+		method = "Activate"
+		cmd.Use = "activate [--shared] [--bus-address ADDRESS] VOLUME"
+		cmd.Short = "Activate a shared pool's volume on this host (exclusively, or --shared)"
+		cmd.Long = `volumes activate activates VOLUME (NAME, POOL/NAME, ID or object path), a
+volume of a shared pool, on this host: exclusively (for a domain here, or
+to write it), or with --shared shared (a base image that overlays on
+several hosts read). Refused while another host holds it in a conflicting
+mode; the message names that host.
+
+Exit status: 0 success, 2 error.`
+		cmd.Flags().BoolVar(&shared, "shared", false, "activate shared instead of exclusively")
+	}
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		conn, err := dialDaemon(fl)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		objs, err := getManagedObjects(conn)
+		if err != nil {
+			return err
+		}
+		vol, err := findVolume(objs, args[0])
+		if err != nil {
+			return err
+		}
+		opts := map[string]dbus.Variant{}
+		if activate {
+			opts["shared"] = dbus.MakeVariant(shared)
+		}
+		if err := conn.Object(dbusapi.BusName, vol).Call(dbusapi.VolumeIface+"."+method, 0, opts).Err; err != nil {
+			return daemonError(err)
+		}
+		return nil
+	}
+	fl.register(cmd)
+	return cmd
 }

@@ -54,6 +54,9 @@ type hookOptions struct {
 	// allowHeaderInRaw makes a raw disk that starts with an image header a
 	// warning (local checks only; the daemon has its own setting).
 	allowHeaderInRaw bool
+	// operation is libvirt's OPERATION argument, passed to the daemon's
+	// CheckDomain (a "migrate" of a shared pool's volume is refused).
+	operation string
 }
 
 var hookCmd = &cobra.Command{
@@ -166,9 +169,29 @@ func runHookQemu(ctx context.Context, opts hookOptions, args []string, stdin io.
 	if ctx == nil {
 		ctx = context.Background()
 	}
+	opts.operation = operation
 	v, err := judgeDomain(ctx, opts, domainXML, stderr)
 	if err != nil {
 		return hookRefusal(opts, stderr, fmt.Errorf("domain %q: %w", domainName, err))
+	}
+	if busy := sharedBusy(v); len(busy) > 0 {
+		// Not a policy matter either: qemu could not open them here.
+		rep := backend.DomainReport{Domain: domainName, Violations: busy}
+		for _, line := range rep.Lines() {
+			fmt.Fprintln(stderr, line)
+		}
+		return &exitError{code: exitHookRefused, err: fmt.Errorf("domain %q refused: %d of its disks are volumes of a shared pool that another host holds", domainName, len(busy))}
+	}
+	if operation == "migrate" {
+		if refused := migrationRefused(opts, domainXML, v); len(refused) > 0 {
+			// In audit mode too: a volume exclusive on the source while
+			// the destination writes is corrupted, not a policy matter.
+			rep := backend.DomainReport{Domain: domainName, Violations: refused}
+			for _, line := range rep.Lines() {
+				fmt.Fprintln(stderr, line)
+			}
+			return &exitError{code: exitHookRefused, err: fmt.Errorf("domain %q: live migration refused: %d of its disks are volumes of a shared pool", domainName, len(refused))}
+		}
 	}
 	// Whatever the policy's mode: qemu would refuse these itself if it
 	// saw the locks (libvirt gives it a private /dev, where it does not).
@@ -241,7 +264,11 @@ func askDaemon(ctx context.Context, opts hookOptions, domainXML []byte) (hookVer
 	defer conn.Close()
 	var allowed bool
 	var reportJSON string
-	call := conn.Object(dbusapi.BusName, dbusapi.ManagerPath).CallWithContext(ctx, dbusapi.ManagerIface+".CheckDomain", 0, string(domainXML), map[string]dbus.Variant{})
+	options := map[string]dbus.Variant{}
+	if opts.operation != "" {
+		options["operation"] = dbus.MakeVariant(opts.operation)
+	}
+	call := conn.Object(dbusapi.BusName, dbusapi.ManagerPath).CallWithContext(ctx, dbusapi.ManagerIface+".CheckDomain", 0, string(domainXML), options)
 	if err := call.Store(&allowed, &reportJSON); err != nil {
 		var de dbus.Error
 		if errors.As(err, &de) && de.Name == dbusapi.ErrorPrefix+"InvalidArgument" {
@@ -382,4 +409,46 @@ func disksInUse(domainXML []byte, rep *backend.DomainReport, locks *hostblk.Lock
 		}
 	}
 	return lines
+}
+
+// migrationRefused lists the disks of a domain about to migrate that are
+// shared pools' volumes: as the daemon found them (its report), and as the
+// configuration says, so the refusal holds when the daemon cannot be
+// asked.
+func migrationRefused(opts hookOptions, domainXML []byte, v hookVerdict) []backend.DomainViolation {
+	var out []backend.DomainViolation
+	seen := map[string]bool{}
+	if v.report != nil {
+		for _, x := range v.report.Violations {
+			if x.Code == backend.CodeSharedMigration && !seen[x.Disk] {
+				seen[x.Disk] = true
+				out = append(out, x)
+			}
+		}
+	}
+	cfg, err := hookConfig(opts.config)
+	if err != nil || cfg == nil {
+		return out
+	}
+	for _, x := range backend.MigrationRefusal(cfg, domainXML, v.report) {
+		if !seen[x.Disk] {
+			seen[x.Disk] = true
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// sharedBusy lists the disks the daemon could not activate here because
+// another host holds their shared pool's volume.
+func sharedBusy(v hookVerdict) []backend.DomainViolation {
+	var out []backend.DomainViolation
+	if v.report != nil {
+		for _, x := range v.report.Violations {
+			if x.Code == backend.CodeSharedBusy {
+				out = append(out, x)
+			}
+		}
+	}
+	return out
 }

@@ -42,7 +42,7 @@ func TestVolumesShowProblem(t *testing.T) {
 	b := &listOnlyBackend{
 		pools: []backend.PoolInfo{{Name: "fast", Type: backend.PoolLoop, Policy: backend.PolicyEnforce}},
 		volumes: []backend.VolumeInfo{
-			{ID: backend.VolumeID("fast", "good"), Name: "good", Pool: "fast", Format: "qcow2", Role: backend.RoleBase, VirtualSize: 1 << 30, DevicePath: "/dev/loop8"},
+			{ID: backend.VolumeID("fast", "good"), Name: "good", Pool: "fast", Format: "qcow2", Role: backend.RoleBase, VirtualSize: 1 << 30, DevicePath: "/dev/loop8", ActiveOn: "hostb"},
 			{ID: backend.VolumeID("fast", "bad"), Name: "bad", Pool: "fast", Format: "qcow2", Role: backend.RoleOverlay, DevicePath: "/dev/loop9", Problem: problem},
 		},
 	}
@@ -62,8 +62,8 @@ func TestVolumesShowProblem(t *testing.T) {
 		t.Fatalf("volagent volumes: exit %d: %s", code, errOut)
 	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 3 || !strings.HasSuffix(strings.TrimSpace(lines[0]), "BACKING  PROBLEM") {
-		t.Fatalf("volagent volumes: want a header ending in PROBLEM and two rows:\n%s", out)
+	if len(lines) != 3 || !strings.HasSuffix(strings.TrimSpace(lines[0]), "BACKING  ACTIVE  PROBLEM") {
+		t.Fatalf("volagent volumes: want a header ending in ACTIVE PROBLEM and two rows:\n%s", out)
 	}
 	for _, l := range lines[1:] {
 		fields := strings.Fields(l)
@@ -71,6 +71,9 @@ func TestVolumesShowProblem(t *testing.T) {
 		case "good":
 			if fields[len(fields)-1] != "-" {
 				t.Errorf("usable volume: PROBLEM is not \"-\": %q", l)
+			}
+			if fields[len(fields)-2] != "hostb" {
+				t.Errorf("volume active on another host: ACTIVE is not \"hostb\": %q", l)
 			}
 		case "bad":
 			if !strings.Contains(l, `"its qcow2 header is refused: unsafe backing file name: backing_file = \"\x1b]0;owned\a\""`) {

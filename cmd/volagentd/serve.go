@@ -119,11 +119,20 @@ func runServe(opts serveOptions) error {
 	}
 	defer mgr.Close()
 
-	systemd.Status(fmt.Sprintf("loading %d pool(s)", len(cfg.Pools)))
-	if err := mgr.Load(context.Background()); err != nil {
+	loading := fmt.Sprintf("loading %d pool(s)", len(cfg.Pools))
+	for _, pc := range cfg.Pools {
+		if pc.Shared {
+			// READY only once the lockspaces are started (or given up).
+			loading += "; starting the lvmlockd lockspaces of shared pools (sanlock: up to a few minutes)"
+			break
+		}
+	}
+	systemd.Status(loading)
+	loadErr := mgr.Load(context.Background())
+	if loadErr != nil {
 		// The pools that did load are served; the others are named here
 		// and in the status line.
-		log.Error("some pools could not be loaded", "error", err)
+		log.Error("some pools could not be loaded", "error", loadErr)
 	}
 
 	srv := dbusapi.NewServer(mgr, dbusapi.Options{Version: version.Version, Logger: log})
@@ -155,6 +164,9 @@ func runServe(opts serveOptions) error {
 
 	pools, volumes := mgr.Pools(), mgr.Volumes()
 	status := fmt.Sprintf("serving %d of %d pool(s), %d volume(s)", len(pools), len(cfg.Pools), len(volumes))
+	if loadErr != nil {
+		status += "; not loaded: " + loadErr.Error()
+	}
 	if err := systemd.Ready(status); err != nil {
 		log.Warn("notifying the service manager", "error", err)
 	}
@@ -162,6 +174,8 @@ func runServe(opts serveOptions) error {
 	// Load read headers and refcounts only; every table is checked now,
 	// one volume at a time at idle I/O priority.
 	mgr.StartBackgroundChecks()
+	// Shared pools: other hosts' changes show here without a Rescan.
+	go mgr.WatchSharedPools(ctx)
 
 	go systemd.RunWatchdog(ctx, func() error {
 		if !conn.Connected() {
