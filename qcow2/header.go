@@ -286,10 +286,13 @@ func (v *validator) read(r io.ReaderAt, imageSize int64) (*Header, error) {
 		v.add(fieldErr(ErrNotQcow2, "image size", imageSize, "too small to hold a qcow2 header"))
 		return nil, nil
 	}
-	fixed := make([]byte, min(imageSize, v3HeaderLengthWithCmp))
-	if err := readFull(r, fixed, 0); err != nil {
+	// One read of headerPrefix bytes holds the fixed header and, as qemu
+	// writes images, the extensions and the backing name too.
+	prefix := make([]byte, min(imageSize, headerPrefix))
+	if err := readFull(r, prefix, 0); err != nil {
 		return nil, fmt.Errorf("reading qcow2 header: %w", err)
 	}
+	fixed := prefix[:min(len(prefix), v3HeaderLengthWithCmp)]
 	be := binary.BigEndian
 	if m := be.Uint32(fixed[offMagic:]); m != Magic {
 		v.add(fieldErr(ErrNotQcow2, "magic", hex(m), "want %#08x (QFI\\xfb)", Magic))
@@ -354,10 +357,14 @@ func (v *validator) read(r io.ReaderAt, imageSize int64) (*Header, error) {
 	}
 
 	// The first cluster holds the header, its extensions and the backing
-	// name; it is at most 2 MiB, so reading it whole is bounded.
-	first := make([]byte, min(int64(clusterSize), imageSize))
-	if err := readFull(r, first, 0); err != nil {
-		return nil, fmt.Errorf("reading qcow2 header cluster: %w", err)
+	// name; it is at most 2 MiB, so reading it whole is bounded. It is
+	// read whole only when they reach past the prefix.
+	first := prefix[:min(uint64(len(prefix)), clusterSize)]
+	if whole := min(int64(clusterSize), imageSize); int64(len(first)) < whole && !headerAreaIn(h, first, clusterSize) {
+		first = make([]byte, whole)
+		if err := readFull(r, first, 0); err != nil {
+			return nil, fmt.Errorf("reading qcow2 header cluster: %w", err)
+		}
 	}
 
 	v.checkFeatures(h)
@@ -464,6 +471,46 @@ func (v *validator) checkTables(h *Header, imageSize int64) {
 		// Each entry is at least 40 bytes; the walk checks the real extent.
 		v.checkTable(h, "snapshot_table", h.SnapshotsOffset, uint64(h.NbSnapshots), 40, maxSnapshotTableBytes, imageSize)
 	}
+}
+
+// headerPrefix is how much of an image ReadHeader reads first: a block
+// device's page, more than qemu's header, extensions and backing name
+// take.
+const headerPrefix = 4096
+
+// headerAreaIn reports whether parsing the extensions and the backing
+// name from buf, a prefix of the first cluster, reads exactly what
+// parsing them from the whole cluster would: every byte parseExtensions
+// and readBackingName would look at lies in buf. It walks the extensions
+// as parseExtensions does, and stops where that would stop.
+func headerAreaIn(h *Header, buf []byte, clusterSize uint64) bool {
+	n := uint64(len(buf))
+	if off, size := h.BackingFileOffset, uint64(h.BackingFileSize); off != 0 && (off > n || size > n-off) {
+		return false
+	}
+	end := clusterSize
+	if h.BackingFileOffset != 0 && h.BackingFileOffset < end {
+		end = h.BackingFileOffset
+	}
+	be := binary.BigEndian
+	for off := uint64(h.HeaderLength); off < end; {
+		if off+8 > end {
+			return true // refused without reading
+		}
+		if off+8 > n {
+			return false
+		}
+		typ, length := be.Uint32(buf[off:]), be.Uint32(buf[off+4:])
+		dataOff := off + 8
+		if typ == ExtEnd || uint64(length) > end-dataOff {
+			return true // the end, or refused without reading
+		}
+		if dataOff+uint64(length) > n {
+			return false
+		}
+		off = dataOff + (uint64(length)+7)&^7
+	}
+	return true
 }
 
 // parseExtensions walks the extensions from header_length up to the backing

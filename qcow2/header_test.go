@@ -2,6 +2,7 @@ package qcow2_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -396,5 +397,63 @@ func TestReadHeaderBoundsCostlyImages(t *testing.T) {
 	}
 	if len(rep.Qcow2.Extensions) != qcow2.MaxListedExtensions || rep.Qcow2.ExtensionCount != hostile.CostlyExtensions || len(rep.Violations) != qcow2.MaxViolations+1 {
 		t.Errorf("report: %d extensions listed of %d, %d violations", len(rep.Qcow2.Extensions), rep.Qcow2.ExtensionCount, len(rep.Violations))
+	}
+}
+
+// TestReadHeaderPastPrefix: ReadHeader reads the first 4 KiB of an image
+// and the rest of the first cluster only when the extensions or the
+// backing name reach past them. An image whose extension area (a 5000-byte
+// unknown extension before the backing format) and backing name (at 8192)
+// lie past 4 KiB reads as qemu-img info reads it.
+func TestReadHeaderPastPrefix(t *testing.T) {
+	testutil.RequireTool(t, "qemu-img")
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.raw")
+	testutil.QemuImg(t, "create", "-q", "-f", "raw", base, "1M")
+	path := filepath.Join(dir, "far.qcow2")
+	testutil.QemuImg(t, "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", path, "1M")
+	img, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	be := binary.BigEndian
+	hdrLen := int(be.Uint32(img[100:]))
+	// The extension area: an unknown extension of 5000 bytes, the backing
+	// format, the end marker; the backing name at 8192.
+	ext := make([]byte, 0, 5100)
+	ext = be.AppendUint32(ext, 0x12345678)
+	ext = be.AppendUint32(ext, 5000)
+	ext = append(ext, make([]byte, 5000)...)
+	ext = be.AppendUint32(ext, qcow2.ExtBackingFormat)
+	ext = be.AppendUint32(ext, 3)
+	ext = append(ext, 'r', 'a', 'w', 0, 0, 0, 0, 0)
+	ext = append(ext, make([]byte, 8)...) // end marker
+	const nameOff = 8192
+	if hdrLen+len(ext) > nameOff {
+		t.Fatalf("extension area of %d bytes at %d runs into the name at %d", len(ext), hdrLen, nameOff)
+	}
+	clear(img[hdrLen:65536])
+	copy(img[hdrLen:], ext)
+	copy(img[nameOff:], base)
+	be.PutUint64(img[8:], nameOff)
+	be.PutUint32(img[16:], uint32(len(base)))
+	if err := os.WriteFile(path, img, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	out := testutil.QemuImg(t, "info", "--output=json", "-f", "qcow2", path)
+	var want qemuInfo
+	if err := json.Unmarshal([]byte(out), &want); err != nil {
+		t.Fatalf("qemu-img info: %v\n%s", err, out)
+	}
+	if want.BackingFilename != base || want.BackingFilenameFormat != "raw" {
+		t.Fatalf("qemu-img info reads backing %q (%q): the test image is not what it means to be", want.BackingFilename, want.BackingFilenameFormat)
+	}
+	h, err := readHeaderFile(t, path)
+	if err != nil {
+		t.Fatalf("ReadHeader: %v", err)
+	}
+	if h.BackingFile != base || h.BackingFormat != "raw" || h.ExtensionCount != 2 {
+		t.Fatalf("ReadHeader: backing %q (%q), %d extensions; want %q (raw), 2 extensions", h.BackingFile, h.BackingFormat, h.ExtensionCount, base)
 	}
 }
