@@ -421,25 +421,51 @@ func (p *LoopPool) AttachAll() ([]PoolVolume, error) {
 	if err := loopIdx.refresh(); err != nil {
 		return nil, fmt.Errorf("attach loop pool: listing loop devices: %w", err)
 	}
-	var vols []PoolVolume
+	found := make([]PoolVolume, 0, len(names))
 	for _, name := range names {
 		vol, err := p.volumeFrom(name, false)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		if vol.Device == "" {
-			dev, err := AttachLoop(vol.File, p.opts)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("attach pool volume %s: %w", name, err))
-				continue
-			}
-			vol.Device = dev.Path
+		found = append(found, vol)
+	}
+	// Attaching waits in the kernel (LOOP_CONFIGURE freezes the device's
+	// queue: RCU grace periods, not CPU), so after a reboot the pool's
+	// files are attached several at a time.
+	attachErrs := make([]error, len(found))
+	sem := make(chan struct{}, parallelAttaches)
+	var wg sync.WaitGroup
+	for i := range found {
+		if found[i].Device != "" {
+			continue
 		}
-		vols = append(vols, vol)
+		wg.Add(1)
+		sem <- struct{}{}
+		go func(v *PoolVolume, errp *error) {
+			defer func() { <-sem; wg.Done() }()
+			dev, err := AttachLoop(v.File, p.opts)
+			if err != nil {
+				*errp = fmt.Errorf("attach pool volume %s: %w", v.Name, err)
+				return
+			}
+			v.Device = dev.Path
+		}(&found[i], &attachErrs[i])
+	}
+	wg.Wait()
+	vols := found[:0]
+	for i, v := range found {
+		if attachErrs[i] != nil {
+			errs = append(errs, attachErrs[i])
+			continue
+		}
+		vols = append(vols, v)
 	}
 	return vols, errors.Join(errs...)
 }
+
+// parallelAttaches bounds the loop devices AttachAll attaches at once.
+const parallelAttaches = 16
 
 // Grow grows a volume's backing file to size bytes and its loop device
 // with it. Growing to the current size is a no-op that still refreshes
