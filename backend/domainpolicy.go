@@ -211,6 +211,41 @@ type DomainDisk struct {
 	ReadOnly, Shareable bool
 }
 
+// DiskLayers is a domain's disk with the local images qemu opens for it,
+// top first.
+type DiskLayers struct {
+	DomainDisk
+	Layers []string
+}
+
+// DomainDiskLayers parses a domain XML into its disks, each with its
+// layers: the chain the policy read for it (rep's, when there is a
+// report), else the disk's source and its explicit <backingStore> levels.
+// A disk with neither (network disks, unresolved volumes) has none.
+func DomainDiskLayers(domainXML []byte, rep *DomainReport) ([]DiskLayers, error) {
+	_, disks, err := DomainDisks(domainXML)
+	if err != nil {
+		return nil, err
+	}
+	chains := map[string][]string{}
+	if rep != nil {
+		for _, d := range rep.Disks {
+			for _, l := range d.Chain {
+				chains[d.Target] = append(chains[d.Target], l.Path)
+			}
+		}
+	}
+	out := make([]DiskLayers, 0, len(disks))
+	for _, d := range disks {
+		layers, ok := chains[d.Target]
+		if !ok && d.Path != "" {
+			layers = append([]string{d.Path}, d.Backing...)
+		}
+		out = append(out, DiskLayers{DomainDisk: d, Layers: layers})
+	}
+	return out, nil
+}
+
 // DomainDisks parses a domain XML (with the policy's one parser) into its
 // name and disks, without opening anything.
 func DomainDisks(domain []byte) (name string, disks []DomainDisk, err error) {

@@ -505,3 +505,37 @@ func TestDomainManagerCheck(t *testing.T) {
 		})
 	}
 }
+
+// DomainDiskLayers: a disk's layers are the chain the policy read when
+// its report has one, else the XML's source and <backingStore> levels; a
+// network disk has none.
+func TestDomainDiskLayers(t *testing.T) {
+	xml := []byte(`<domain type='kvm'><name>d</name><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/img/a.qcow2'/><target dev='vda'/></disk>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/img/b.qcow2'/>
+  <backingStore type='file'><format type='raw'/><source file='/img/b-base.raw'/></backingStore><target dev='vdb'/></disk>
+<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='x'><host name='h'/></source><target dev='vdc'/></disk>
+</devices></domain>`)
+	rep := &DomainReport{Disks: []DiskReport{{Target: "vda", Chain: []ChainLink{{Path: "/img/a.qcow2"}, {Path: "/img/a-base.raw"}}}}}
+	disks, err := DomainDiskLayers(xml, rep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string][]string{}
+	for _, d := range disks {
+		got[d.Target] = d.Layers
+	}
+	want := map[string][]string{
+		"vda": {"/img/a.qcow2", "/img/a-base.raw"}, // the report's chain
+		"vdb": {"/img/b.qcow2", "/img/b-base.raw"}, // the XML's
+		"vdc": nil,
+	}
+	if len(got) != len(want) {
+		t.Fatalf("disks %v, want %v", got, want)
+	}
+	for target, w := range want {
+		if fmt.Sprint(got[target]) != fmt.Sprint(w) {
+			t.Errorf("%s: layers %q, want %q", target, got[target], w)
+		}
+	}
+}

@@ -530,25 +530,13 @@ func MigrationRefusal(cfg *Config, domainXML []byte, rep *DomainReport) []Domain
 	if !shared {
 		return nil
 	}
-	_, disks, err := DomainDisks(domainXML)
+	disks, err := DomainDiskLayers(domainXML, rep)
 	if err != nil {
 		return nil // the policy reports the XML
 	}
-	chains := map[string][]string{}
-	if rep != nil {
-		for _, d := range rep.Disks {
-			for _, l := range d.Chain {
-				chains[d.Target] = append(chains[d.Target], l.Path)
-			}
-		}
-	}
 	var out []DomainViolation
 	for _, d := range disks {
-		layers, ok := chains[d.Target]
-		if !ok {
-			layers = append([]string{d.Path}, d.Backing...)
-		}
-		for _, path := range layers {
+		for _, path := range d.Layers {
 			if pool := sharedPoolOf(cfg, path); pool != "" {
 				out = append(out, DomainViolation{Disk: d.Target, Image: path, Code: CodeSharedMigration,
 					Message: fmt.Sprintf("%s is a volume of shared pool %q: live migration is refused (its LV lock would have to be shared by both hosts during the migration, then exclusive on the destination, and volagent does not hand it over); shut the domain down, deactivate its volumes here (volagent volumes deactivate), and start it on the other host", path, pool)})

@@ -377,28 +377,13 @@ func hookIsManaged(cfg *backend.Config, src string) bool {
 // (every layer it read), else from the XML. locks is one reading of
 // /proc/locks for all of them.
 func disksInUse(domainXML []byte, rep *backend.DomainReport, locks *hostblk.LockTable) []string {
-	_, disks, err := backend.DomainDisks(domainXML)
+	disks, err := backend.DomainDiskLayers(domainXML, rep)
 	if err != nil {
 		return nil // the policy reported the XML already
 	}
-	chains := map[string][]string{}
-	if rep != nil {
-		for _, d := range rep.Disks {
-			for _, l := range d.Chain {
-				chains[d.Target] = append(chains[d.Target], l.Path)
-			}
-		}
-	}
 	var lines []string
 	for _, d := range disks {
-		layers, ok := chains[d.Target]
-		if !ok {
-			if d.Path == "" {
-				continue // network and unresolved volume disks: nothing local
-			}
-			layers = append([]string{d.Path}, d.Backing...)
-		}
-		for i, path := range layers {
+		for i, path := range d.Layers {
 			set := hostblk.BackingLocks
 			if i == 0 {
 				set = hostblk.GuestDiskLocks(d.ReadOnly, d.Shareable)
