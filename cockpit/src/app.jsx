@@ -158,7 +158,9 @@ function usersOf(store, volume) {
         if (j.Volume === volume.path && j.State === "running")
             users.push(`job ${j.path.split("/").pop()} (${j.Operation}, running)`);
     }
-    if (volume.ActiveOn)
+    // "local" is every volume of an unshared pool: only another host's
+    // activation is a user.
+    if (volume.ActiveOn && volume.ActiveOn !== "local")
         users.push(`active on host ${volume.ActiveOn}`);
     return users;
 }
@@ -177,7 +179,8 @@ function Volumes({ store, onOpen, onAction }) {
     const [filter, setFilter] = useState("");
     const [sortIndex, setSortIndex] = useState(0);
     const [direction, setDirection] = useState("asc");
-    const hasActiveOn = Object.values(store.volumes).some(v => v.ActiveOn !== undefined);
+    // Where a volume is active says something only on a shared pool.
+    const hasActiveOn = Object.values(store.pools).some(p => p.Shared);
 
     const f = filter.toLowerCase();
     const rows = Object.values(store.volumes).map(v => ({ ...v, pool: store.poolName(v.Pool) }))
@@ -270,7 +273,7 @@ function VolumeDetail({ store, volume, onBack, onAction }) {
                 {[["Pool", store.poolName(volume.Pool)], ["Role", volume.Role], ["Format", volume.Format],
                     ["Device", volume.DevicePath], ["Virtual size", bytes(volume.VirtualSize)],
                     ["Allocated", bytes(volume.HighestAllocated)], ["Device size", bytes(volume.DeviceSize)],
-                    ["Id", volume.Id], ...(volume.ActiveOn !== undefined ? [["Active on", volume.ActiveOn || "—"]] : [])]
+                    ["Id", volume.Id], ...(store.pools[volume.Pool]?.Shared ? [["Active on", volume.ActiveOn || "—"]] : [])]
                         .map(([k, v]) => (
                             <DescriptionListGroup key={k}>
                                 <DescriptionListTerm>{k}</DescriptionListTerm>
