@@ -167,6 +167,7 @@ func LockImage(f *os.File, set LockSet) (*ImageLock, error) {
 		}
 	}
 	var conflicts []string
+	var holders []Holder // found by the test for other nodes
 	switch {
 	case errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES):
 		// Someone holds a write lock on the byte: not qemu's protocol,
@@ -178,7 +179,7 @@ func LockImage(f *os.File, set LockSet) (*ImageLock, error) {
 	default:
 		conflicts, err = testConflicts(f, set)
 		if err == nil && len(conflicts) == 0 {
-			conflicts, err = otherNodeConflicts(nil, f, set)
+			conflicts, holders, err = otherNodeConflicts(nil, f, set)
 		}
 		if err != nil {
 			unlockBytes(f, taken)
@@ -187,7 +188,9 @@ func LockImage(f *os.File, set LockSet) (*ImageLock, error) {
 	}
 	if len(conflicts) > 0 {
 		unlockBytes(f, taken)
-		holders, _ := FindHolders(f, true)
+		if holders == nil {
+			holders, _ = FindHolders(f, true)
+		}
 		return nil, &ImageInUseError{Path: l.path, Conflicts: conflicts, Holders: holders}
 	}
 	return l, nil
@@ -228,17 +231,18 @@ func testConflicts(f *os.File, set LockSet) ([]string, error) {
 // taken through another device node of the same device (a qemu in a
 // private /dev has its own node, with its own inode, which the kernel's
 // lock test does not see).
-func otherNodeConflicts(locks *LockTable, f *os.File, set LockSet) ([]string, error) {
+// It also returns the holders it found, for the refusal's message.
+func otherNodeConflicts(locks *LockTable, f *os.File, set LockSet) ([]string, []Holder, error) {
 	var st unix.Stat_t
 	if err := withFd(f, func(fd int) error { return unix.Fstat(fd, &st) }); err != nil {
-		return nil, &os.PathError{Op: "fstat", Path: f.Name(), Err: err}
+		return nil, nil, &os.PathError{Op: "fstat", Path: f.Name(), Err: err}
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
-		return nil, nil
+		return nil, nil, nil
 	}
 	holders, err := findHolders(locks, f, true, true)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var out []string
 	for _, h := range holders {
@@ -249,7 +253,7 @@ func otherNodeConflicts(locks *LockTable, f *os.File, set LockSet) ([]string, er
 			out = append(out, fmt.Sprintf("Failed to get shared %q lock (held through another node of the device)", i))
 		}
 	}
-	return out, nil
+	return out, holders, nil
 }
 
 // CheckImageLocks reports, without taking any lock, whether a qemu that
@@ -262,13 +266,16 @@ func otherNodeConflicts(locks *LockTable, f *os.File, set LockSet) ([]string, er
 // is a block device).
 func CheckImageLocks(locks *LockTable, f *os.File, set LockSet) error {
 	conflicts, err := testConflicts(f, set)
+	var holders []Holder // found by the test for other nodes
 	if err == nil && len(conflicts) == 0 {
-		conflicts, err = otherNodeConflicts(locks, f, set)
+		conflicts, holders, err = otherNodeConflicts(locks, f, set)
 	}
 	if err != nil || len(conflicts) == 0 {
 		return err
 	}
-	holders, _ := FindHoldersIn(locks, f, true)
+	if holders == nil {
+		holders, _ = findHolders(locks, f, true, false)
+	}
 	return &ImageInUseError{Path: f.Name(), Conflicts: conflicts, Holders: holders}
 }
 
@@ -482,19 +489,13 @@ func (e *ImageInUseError) Is(target error) bool {
 // lock is on an inode; for a block device, locks on any node of the same
 // device count (qemu in a private /dev has its own node). excludeSelf
 // leaves out f's own descriptor. It reads /proc/locks first (see
-// LockTable); FindHoldersIn takes a reading made before.
+// LockTable) and scans the processes only when a lock there may be f's.
 func FindHolders(f *os.File, excludeSelf bool) ([]Holder, error) {
-	return FindHoldersIn(nil, f, excludeSelf)
+	return findHolders(nil, f, excludeSelf, false)
 }
 
-// FindHoldersIn is FindHolders with locks, a reading of /proc/locks made
-// by the caller (nil: read it now). The per-process scan runs only when
-// locks shows a lock on qemu's bytes that may be f's.
-func FindHoldersIn(locks *LockTable, f *os.File, excludeSelf bool) ([]Holder, error) {
-	return findHolders(locks, f, excludeSelf, false)
-}
-
-// findHolders is FindHoldersIn; otherNodesOnly skips the scan when the
+// findHolders is FindHolders with locks, a reading of /proc/locks made by
+// the caller (nil: read it now); otherNodesOnly skips the scan when the
 // only locks on qemu's bytes are on f's own inode (which the lock test
 // sees without /proc): the check for another node of a block device.
 func findHolders(locks *LockTable, f *os.File, excludeSelf, otherNodesOnly bool) ([]Holder, error) {
