@@ -25,6 +25,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -505,7 +506,7 @@ func findHolders(locks *LockTable, f *os.File, excludeSelf, otherNodesOnly bool)
 	}
 	isBlock := st.Mode&unix.S_IFMT == unix.S_IFBLK
 	if locks == nil {
-		locks = ReadLockTable()
+		locks = NewLockTable()
 	}
 	if !locks.mayHoldQemuLocks(st, isBlock, otherNodesOnly) {
 		return nil, nil
@@ -638,30 +639,39 @@ func parseLockLine(line string) (lockLine, bool) {
 // A LockTable is one reading of /proc/locks: the OFD locks on qemu's
 // lock bytes, host-wide. Reading /proc/locks costs an RCU grace period
 // (the kernel takes file_rwsem for writing), several milliseconds of
-// waiting, so a caller that checks several images reads it once, and may
-// read it in a goroutine while it does other work.
+// waiting, so a caller that checks several images reads it once, on the
+// first check that needs it (only block devices do), and may start that
+// read early with Prefetch while it does other work.
 type LockTable struct {
+	once  sync.Once
 	locks []lockLine
 	// unknown: /proc/locks could not be read, so any image may be locked.
 	unknown bool
 }
 
-// ReadLockTable reads /proc/locks. When it cannot be read the table
-// answers "maybe" for every image, so callers scan /proc.
-func ReadLockTable() *LockTable {
-	b, err := os.ReadFile("/proc/locks")
-	if err != nil {
-		return &LockTable{unknown: true}
-	}
-	t := &LockTable{}
-	for _, line := range strings.Split(string(b), "\n") {
-		l, ok := parseLockLine(line)
-		if !ok || !l.ofd || l.end < lockPermBase || l.start > lockSharedBase+int64(numPerms)-1 {
-			continue
+// NewLockTable returns a table that reads /proc/locks when first asked.
+// When it cannot be read the table answers "maybe" for every image, so
+// callers scan /proc.
+func NewLockTable() *LockTable { return &LockTable{} }
+
+// Prefetch starts reading /proc/locks in the background.
+func (t *LockTable) Prefetch() { go t.load() }
+
+func (t *LockTable) load() {
+	t.once.Do(func() {
+		b, err := os.ReadFile("/proc/locks")
+		if err != nil {
+			t.unknown = true
+			return
 		}
-		t.locks = append(t.locks, l)
-	}
-	return t
+		for _, line := range strings.Split(string(b), "\n") {
+			l, ok := parseLockLine(line)
+			if !ok || !l.ofd || l.end < lockPermBase || l.start > lockSharedBase+int64(numPerms)-1 {
+				continue
+			}
+			t.locks = append(t.locks, l)
+		}
+	})
 }
 
 // mayHoldQemuLocks reports whether any OFD lock covers qemu's lock bytes
@@ -672,6 +682,7 @@ func ReadLockTable() *LockTable {
 // own inode: a writer that has just taken its own bytes asks whether
 // anyone holds the device through another node.
 func (t *LockTable) mayHoldQemuLocks(st unix.Stat_t, isBlock, otherNodesOnly bool) bool {
+	t.load()
 	if t.unknown {
 		return true
 	}

@@ -235,7 +235,7 @@ func TestQemuGuestName(t *testing.T) {
 // cannot.
 func TestCheckImageLocksOtherNode(t *testing.T) {
 	dev := qcow2Loop(t)
-	if err := CheckImageLocksPath(ReadLockTable(), dev, GuestDiskLocks(false, false)); err != nil {
+	if err := CheckImageLocksPath(NewLockTable(), dev, GuestDiskLocks(false, false)); err != nil {
 		t.Fatalf("CheckImageLocksPath before anyone holds %s: %v", dev, err)
 	}
 	node := filepath.Join(testDir(t), "othernode")
@@ -243,6 +243,6 @@ func TestCheckImageLocksOtherNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := testutil.HoldImageWithStorageDaemon(t, node)
-	err := CheckImageLocksPath(ReadLockTable(), dev, GuestDiskLocks(false, false))
+	err := CheckImageLocksPath(NewLockTable(), dev, GuestDiskLocks(false, false))
 	wantInUse(t, "CheckImageLocksPath through the other node", err, h)
 }

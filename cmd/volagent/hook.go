@@ -156,9 +156,10 @@ func runHookQemu(ctx context.Context, opts hookOptions, args []string, stdin io.
 			unreachableRefuseManaged, unreachableRefuseAll, unreachableAllow, unreachableCheckLocally)
 	}
 	// Reading /proc/locks waits for the kernel (see hostblk.LockTable):
-	// overlap that with the daemon's verdict.
-	lockTable := make(chan *hostblk.LockTable, 1)
-	go func() { lockTable <- hostblk.ReadLockTable() }()
+	// overlap that with the daemon's verdict. Only block devices need it;
+	// a domain with none does not wait for it.
+	lockTable := hostblk.NewLockTable()
+	lockTable.Prefetch()
 	domainXML, err := io.ReadAll(io.LimitReader(stdin, maxHookXML+1))
 	if err != nil {
 		return hookRefusal(opts, stderr, fmt.Errorf("domain %q: reading the domain XML from stdin: %w", domainName, err))
@@ -195,7 +196,7 @@ func runHookQemu(ctx context.Context, opts hookOptions, args []string, stdin io.
 	}
 	// Whatever the policy's mode: qemu would refuse these itself if it
 	// saw the locks (libvirt gives it a private /dev, where it does not).
-	if inUse := disksInUse(domainXML, v.report, <-lockTable); len(inUse) > 0 {
+	if inUse := disksInUse(domainXML, v.report, lockTable); len(inUse) > 0 {
 		for _, line := range append(inUse, v.lines...) {
 			fmt.Fprintln(stderr, line)
 		}
