@@ -415,13 +415,12 @@ func (s *Server) managerPropsLocked() map[string]dbus.Variant {
 
 func poolProps(p backend.PoolInfo) map[string]dbus.Variant {
 	return map[string]dbus.Variant{
-		"Name":       dbus.MakeVariant(p.Name),
-		"Type":       dbus.MakeVariant(string(p.Type)),
-		"Capacity":   dbus.MakeVariant(unsigned(p.Capacity)),
-		"Free":       dbus.MakeVariant(unsigned(p.Free)),
-		"PolicyMode": dbus.MakeVariant(string(p.Policy)),
-		"Shared":     dbus.MakeVariant(p.Shared),
-
+		"Name":        dbus.MakeVariant(p.Name),
+		"Type":        dbus.MakeVariant(string(p.Type)),
+		"Capacity":    dbus.MakeVariant(unsigned(p.Capacity)),
+		"Free":        dbus.MakeVariant(unsigned(p.Free)),
+		"PolicyMode":  dbus.MakeVariant(string(p.Policy)),
+		"Shared":      dbus.MakeVariant(p.Shared),
 		"SpaceNeeded": dbus.MakeVariant(unsigned(p.SpaceNeeded)),
 		"SpaceLow":    dbus.MakeVariant(p.SpaceLow),
 	}
