@@ -106,17 +106,7 @@ func (h *harness) signals(t *testing.T) chan *dbus.Signal {
 // waitSignal returns the first signal named name on path that pred accepts.
 func waitSignal(t *testing.T, ch chan *dbus.Signal, path dbus.ObjectPath, name string, pred func(*dbus.Signal) bool) *dbus.Signal {
 	t.Helper()
-	timeout := time.After(10 * time.Second)
-	for {
-		select {
-		case s := <-ch:
-			if s.Path == path && s.Name == name && (pred == nil || pred(s)) {
-				return s
-			}
-		case <-timeout:
-			t.Fatalf("no signal %s on %s within 10s", name, path)
-		}
-	}
+	return testutil.WaitSignal(t, ch, path, name, 10*time.Second, pred)
 }
 
 func TestPackagedIntrospectionIsTheEmbeddedOne(t *testing.T) {

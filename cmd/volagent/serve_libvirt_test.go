@@ -204,6 +204,17 @@ func (e *libvirtEnv) startDaemon() *libvirtDaemon {
 	return d
 }
 
+// client connects to the env's bus as root, closed when the test ends.
+func (e *libvirtEnv) client() *dbus.Conn {
+	e.t.Helper()
+	conn, err := dbus.Connect(e.bus.Address)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
 func (e *libvirtEnv) stopDaemon() {
 	e.t.Helper()
 	d := e.daemon
@@ -339,30 +350,8 @@ func hmp(t *testing.T, domain, command string) string {
 func TestServeLibvirt(t *testing.T) {
 	e := newLibvirtEnv(t)
 	e.startDaemon()
-	client, err := dbus.Connect(e.bus.Address)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	if err := client.AddMatchSignal(dbus.WithMatchSender(dbusapi.BusName), dbus.WithMatchMember("PolicyViolation")); err != nil {
-		t.Fatal(err)
-	}
-	violations := make(chan *dbus.Signal, 100)
-	client.Signal(violations)
-	waitViolation := func(subject, code string) {
-		t.Helper()
-		deadline := time.After(30 * time.Second)
-		for {
-			select {
-			case s := <-violations:
-				if s.Name == dbusapi.ManagerIface+".PolicyViolation" && s.Body[0] == subject && (code == "" || s.Body[1] == code) {
-					return
-				}
-			case <-deadline:
-				t.Fatalf("no PolicyViolation for %q (%s)", subject, code)
-			}
-		}
-	}
+	client := e.client()
+	violations := watchViolations(t, client)
 
 	t.Run("hook asks the daemon", func(t *testing.T) {
 		overlay := filepath.Join(e.images, "hook-overlay.qcow2")
@@ -379,7 +368,7 @@ func TestServeLibvirt(t *testing.T) {
 		if err == nil || !strings.Contains(stderr, "header-in-raw") || !strings.Contains(stderr, "daemon verdict") {
 			t.Fatalf("bad domain: %v\n%s", err, stderr)
 		}
-		waitViolation("domain "+bad+" disk vda", "header-in-raw")
+		violations.wait("domain "+bad+" disk vda", "header-in-raw")
 	})
 
 	for _, pool := range []string{libvirtLoopPool, libvirtLVMPool} {
@@ -413,7 +402,7 @@ func TestServeLibvirt(t *testing.T) {
 			if reason := e.waitRefused(bad); !strings.Contains(reason, "x.raw") {
 				t.Fatalf("reason %q does not name the backing", reason)
 			}
-			waitViolation("request "+pool+"/vm2.qcow2", "")
+			violations.wait("request "+pool+"/vm2.qcow2", "")
 
 			// A shut-off domain that names the volume only by its request
 			// link (which vol-delete unlinks first) blocks the deletion too.
@@ -426,7 +415,7 @@ func TestServeLibvirt(t *testing.T) {
 			testutil.MustVirsh(t, "define", holderXML)
 			t.Cleanup(func() { _, _, _ = testutil.Virsh("undefine", holder) })
 			testutil.MustVirsh(t, "vol-delete", "--pool", pool, "vm1.qcow2")
-			waitViolation("volume "+pool+"/vm1", "delete-refused")
+			violations.wait("volume "+pool+"/vm1", "delete-refused")
 			if got := e.waitMaterialized(good); got != dev {
 				t.Fatalf("the restored link points to %q, want %q", got, dev)
 			}
@@ -461,7 +450,7 @@ func TestServeLibvirt(t *testing.T) {
 		}
 		// A domain uses it: vol-delete is refused and the link restored.
 		testutil.MustVirsh(t, "vol-delete", "--pool", libvirtLoopPool, "thin.qcow2")
-		waitViolation("volume "+libvirtLoopPool+"/thin", "delete-refused")
+		violations.wait("volume "+libvirtLoopPool+"/thin", "delete-refused")
 		e.waitMaterialized(link)
 
 		// 300 MiB in 4 MiB writes, as a guest's stream of writes: each

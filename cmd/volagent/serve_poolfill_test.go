@@ -31,11 +31,7 @@ import (
 func TestServeLibvirtPoolFill(t *testing.T) {
 	e := newLibvirtEnv(t)
 	e.startDaemon()
-	client, err := dbus.Connect(e.bus.Address)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
+	client := e.client()
 	poolPath := dbusapi.PoolPath(libvirtLVMPool)
 	if err := client.AddMatchSignal(dbus.WithMatchSender(dbusapi.BusName), dbus.WithMatchObjectPath(poolPath)); err != nil {
 		t.Fatal(err)
@@ -164,17 +160,7 @@ func TestServeLibvirtPoolFill(t *testing.T) {
 // accepts (nil: any), within 60 s.
 func waitPoolSignal(t *testing.T, ch chan *dbus.Signal, path dbus.ObjectPath, name string, pred func(*dbus.Signal) bool) *dbus.Signal {
 	t.Helper()
-	timeout := time.After(60 * time.Second)
-	for {
-		select {
-		case s := <-ch:
-			if s.Path == path && s.Name == name && (pred == nil || pred(s)) {
-				return s
-			}
-		case <-timeout:
-			t.Fatalf("no signal %s on %s within 60 s", name, path)
-		}
-	}
+	return testutil.WaitSignal(t, ch, path, name, 60*time.Second, pred)
 }
 
 // poolRowHas: the `volagent pools` row of pool holds every one of cells.
