@@ -43,126 +43,160 @@ func (m *Manager) poolSpace(ctx context.Context, p *pool) (capacity, free int64,
 
 // scanPool lists a pool's volumes from the devices, removing the ones
 // that crashed operations left marked in progress.
+//
+// Reading the volumes is most of a start-up over many volumes, so it
+// begins as soon as the first device is there: a loop pool hands each
+// volume over as it is attached, an LVM pool activates all its LVs with a
+// fixed number of lvm commands (Activator.ActivateAll) first.
 func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
-	type found struct {
-		name, dev, file string
-		meta            hostblk.VolumeMeta
-		problem         string
-		// Shared pools: the LV's size, where it is active and whether
-		// this host made it (sharedLocks).
-		lvSize   int64
-		where    string
-		madeHere bool
-	}
-	var candidates []found
-	switch p.cfg.Type {
-	case PoolLVM:
-		lvs, err := m.lvm.LogicalVolumes(ctx, p.cfg.VolumeGroup)
-		if err != nil {
-			return nil, err
-		}
-		var where map[string]lvState
-		if p.shared != nil {
-			if where, err = m.sharedLocks(ctx, p); err != nil {
-				return nil, err
+	var (
+		outMu sync.Mutex
+		out   []*volume
+		stale []scanFound // marked in progress: removed once the scan is done
+	)
+	// The headers are read a few volumes at a time: each costs the disk a
+	// few small reads (closing a block device drops its page cache), which
+	// a deeper queue overlaps.
+	next := make(chan scanFound, scanReaders)
+	var wg sync.WaitGroup
+	for range scanReaders {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := range next {
+				v := m.scanVolume(p, c)
+				outMu.Lock()
+				out = append(out, v)
+				outMu.Unlock()
 			}
-		}
-		for _, lv := range lvs {
-			meta, owned, err := hostblk.ParseVolumeTags(lv.Tags)
-			if !owned && err == nil {
-				continue // not volagent's
-			}
-			st := where[lv.Name]
-			f := found{name: lv.Name, meta: meta, lvSize: int64(lv.Size), where: st.where, madeHere: st.madeHere}
-			if err != nil {
-				// Tags another tool mangled: the LV is volagent's (it has
-				// "volagent." tags) but what it is cannot be told.
-				f.problem = fmt.Sprintf("its LVM tags cannot be read: %v", err)
-			}
-			candidates = append(candidates, f)
-		}
-	case PoolLoop:
-		vols, err := p.loop.AttachAll()
-		if err != nil {
-			// One bad file must not hide the others; AttachAll returned them.
-			m.log.Error("loop pool: some volumes could not be attached", "pool", p.cfg.Name, "err", err)
-		}
-		for _, pv := range vols {
-			candidates = append(candidates, found{name: pv.Name, dev: pv.Device, file: pv.File, meta: pv.Meta})
-		}
+		}()
 	}
-
-	type work struct {
-		c  found
-		id string
-	}
-	var todo []work
-	for _, c := range candidates {
-		id := VolumeID(p.cfg.Name, c.name)
-		if m.isPending(id) {
-			continue // an operation of ours is on it; it registers the result
+	// offer sends a volume to the readers, or sets it aside. It is called
+	// from several goroutines at once (loop pools).
+	offer := func(c scanFound) {
+		if m.isPending(VolumeID(p.cfg.Name, c.name)) {
+			return // an operation of ours is on it; it registers the result
 		}
 		if c.meta.State != "" {
 			if p.shared != nil && (!c.madeHere || c.where != "" && c.where != ActiveLocal) {
 				// Another host's operation is on it (between lvcreate and
 				// its activation nobody holds its lock yet), or its crash
 				// is that host's to clean up when it starts again.
-				continue
+				return
 			}
-			if err := m.removeDevice(ctx, p, c.name); err != nil {
-				m.log.Error("could not remove a volume an interrupted operation left", "pool", p.cfg.Name, "volume", c.name, "state", c.meta.State, "err", err)
-			} else {
-				m.log.Warn("removed a volume an interrupted operation left", "pool", p.cfg.Name, "volume", c.name, "state", c.meta.State)
-			}
-			continue
+			outMu.Lock()
+			stale = append(stale, c)
+			outMu.Unlock()
+			return
 		}
-		if p.cfg.Type == PoolLVM && c.problem == "" && p.shared == nil {
-			dev, err := p.act.Activate(ctx, p.cfg.VolumeGroup, c.name)
-			if err != nil {
-				c.problem = fmt.Sprintf("it cannot be activated: %v", err)
-			}
-			c.dev = dev
-		}
-		todo = append(todo, work{c, id})
+		next <- c
 	}
-	// The headers are read a few volumes at a time: each costs the disk a
-	// few small reads (closing a block device drops its page cache), which
-	// a deeper queue overlaps.
-	out := make([]*volume, len(todo))
-	next := make(chan int)
-	var wg sync.WaitGroup
-	for range min(scanReaders, len(todo)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range next {
-				c := todo[i].c
-				var v *volume
-				if p.shared != nil && c.problem == "" {
-					m.mu.Lock()
-					prev := m.volumes[todo[i].id]
-					m.mu.Unlock()
-					v = m.sharedVolume(p, c.name, c.meta, c.lvSize, c.where, prev)
-				} else {
-					v = m.readVolume(p, c.name, c.dev, c.file, c.meta)
-				}
-				if c.problem != "" && v.problem == "" {
-					v.problem = c.problem
-					v.info.Problem = c.problem
-				}
-				if v.problem != "" {
-					m.log.Error("volume has a problem", "pool", p.cfg.Name, "volume", c.name, "id", todo[i].id, "problem", v.problem)
-				}
-				out[i] = v
-			}
-		}()
-	}
-	for i := range todo {
-		next <- i
-	}
+	err := m.findVolumes(ctx, p, offer)
 	close(next)
 	wg.Wait()
+	if err != nil {
+		return nil, err
+	}
+	for _, c := range stale {
+		if err := m.removeDevice(ctx, p, c.name); err != nil {
+			m.log.Error("could not remove a volume an interrupted operation left", "pool", p.cfg.Name, "volume", c.name, "state", c.meta.State, "err", err)
+		} else {
+			m.log.Warn("removed a volume an interrupted operation left", "pool", p.cfg.Name, "volume", c.name, "state", c.meta.State)
+		}
+	}
 	return out, nil
+}
+
+// scanFound is a volume scanPool found on a pool's devices.
+type scanFound struct {
+	name, dev, file string
+	meta            hostblk.VolumeMeta
+	problem         string
+	// Shared pools: the LV's size, where it is active and whether this
+	// host made it (sharedLocks).
+	lvSize   int64
+	where    string
+	madeHere bool
+}
+
+// findVolumes lists a pool's volumes, attaching or activating them, and
+// hands each to offer.
+func (m *Manager) findVolumes(ctx context.Context, p *pool, offer func(scanFound)) error {
+	if p.cfg.Type == PoolLoop {
+		_, err := p.loop.AttachAll(func(pv hostblk.PoolVolume) {
+			offer(scanFound{name: pv.Name, dev: pv.Device, file: pv.File, meta: pv.Meta})
+		})
+		if err != nil {
+			// One bad file must not hide the others; AttachAll gave them.
+			m.log.Error("loop pool: some volumes could not be attached", "pool", p.cfg.Name, "err", err)
+		}
+		return nil
+	}
+	lvs, err := m.lvm.LogicalVolumes(ctx, p.cfg.VolumeGroup)
+	if err != nil {
+		return err
+	}
+	var where map[string]lvState
+	if p.shared != nil {
+		if where, err = m.sharedLocks(ctx, p); err != nil {
+			return err
+		}
+	}
+	var found []scanFound
+	var toActivate []hostblk.LV
+	for _, lv := range lvs {
+		meta, owned, err := hostblk.ParseVolumeTags(lv.Tags)
+		if !owned && err == nil {
+			continue // not volagent's
+		}
+		st := where[lv.Name]
+		f := scanFound{name: lv.Name, meta: meta, lvSize: int64(lv.Size), where: st.where, madeHere: st.madeHere}
+		if err != nil {
+			// Tags another tool mangled: the LV is volagent's (it has
+			// "volagent." tags) but what it is cannot be told.
+			f.problem = fmt.Sprintf("its LVM tags cannot be read: %v", err)
+		} else if p.shared == nil && meta.State == "" && !m.isPending(VolumeID(p.cfg.Name, lv.Name)) {
+			// Shared pools activate on demand, under the VG's locks.
+			toActivate = append(toActivate, lv)
+		}
+		found = append(found, f)
+	}
+	var activated map[string]hostblk.Activation
+	if len(toActivate) > 0 {
+		activated = p.act.ActivateAll(ctx, p.cfg.VolumeGroup, toActivate)
+	}
+	for _, f := range found {
+		if a, ok := activated[f.name]; ok {
+			f.dev = a.Path
+			if a.Err != nil {
+				f.problem = fmt.Sprintf("it cannot be activated: %v", a.Err)
+			}
+		}
+		offer(f)
+	}
+	return nil
+}
+
+// scanVolume reads one volume scanPool found.
+func (m *Manager) scanVolume(p *pool, c scanFound) *volume {
+	id := VolumeID(p.cfg.Name, c.name)
+	var v *volume
+	if p.shared != nil && c.problem == "" {
+		m.mu.Lock()
+		prev := m.volumes[id]
+		m.mu.Unlock()
+		v = m.sharedVolume(p, c.name, c.meta, c.lvSize, c.where, prev)
+	} else {
+		v = m.readVolume(p, c.name, c.dev, c.file, c.meta)
+	}
+	if c.problem != "" && v.problem == "" {
+		v.problem = c.problem
+		v.info.Problem = c.problem
+	}
+	if v.problem != "" {
+		m.log.Error("volume has a problem", "pool", p.cfg.Name, "volume", c.name, "id", id, "problem", v.problem)
+	}
+	return v
 }
 
 // scanReaders is how many volumes a scan reads at once.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 )
@@ -48,6 +49,12 @@ type Activator interface {
 	// Activate makes LV vg/lv a block device and returns its path.
 	// Activating an active LV returns its existing device.
 	Activate(ctx context.Context, vg, lv string) (string, error)
+	// ActivateAll is Activate for the LVs lvs of vg (rows of
+	// LVM.LogicalVolumes), with a fixed number of lvm commands however
+	// many LVs there are: a pool of a thousand volumes starts in a second,
+	// not in the minutes a command per LV takes. It returns one result
+	// per LV name.
+	ActivateAll(ctx context.Context, vg string, lvs []LV) map[string]Activation
 	// DevicePath returns the block device of an active LV, or ErrNotActive.
 	// It works across restarts of the process: it looks at the system, not
 	// at memory.
@@ -58,6 +65,13 @@ type Activator interface {
 	// Deactivate removes the LV's block device. An inactive LV is not an
 	// error.
 	Deactivate(ctx context.Context, vg, lv string) error
+}
+
+// Activation is one LV's outcome of Activator.ActivateAll: its block
+// device, or why it has none.
+type Activation struct {
+	Path string
+	Err  error
 }
 
 // NewActivator returns the Activator for mode. It checks that lvm is set up
@@ -98,13 +112,52 @@ func (a *dmActivator) Activate(ctx context.Context, vg, lv string) (string, erro
 	return dmPath(vg, lv), nil
 }
 
+// ActivateAll passes the LVs the listing shows inactive to one lvchange.
+// Should it fail, each is activated alone, so that every LV gets its own
+// error and one bad LV does not keep the others down.
+func (a *dmActivator) ActivateAll(ctx context.Context, vg string, lvs []LV) map[string]Activation {
+	res := make(map[string]Activation, len(lvs))
+	var inactive []string
+	for _, lv := range lvs {
+		switch {
+		case validateNames(vg, lv.Name) != nil:
+			res[lv.Name] = Activation{Err: validateNames(vg, lv.Name)}
+		case lvActive(lv.Attr):
+			res[lv.Name] = Activation{Path: dmPath(vg, lv.Name)}
+		default:
+			inactive = append(inactive, lv.Name)
+		}
+	}
+	if len(inactive) == 0 {
+		return res
+	}
+	args := []string{"--activate", "y", "--"}
+	for _, name := range inactive {
+		args = append(args, vg+"/"+name)
+	}
+	if err := a.lvm.runVG(ctx, vg, "lvchange", args...); err == nil {
+		for _, name := range inactive {
+			res[name] = Activation{Path: dmPath(vg, name)}
+		}
+		return res
+	}
+	for _, name := range inactive {
+		path, err := a.Activate(ctx, vg, name)
+		res[name] = Activation{Path: path, Err: err}
+	}
+	return res
+}
+
+// lvActive tells from lv_attr whether an LV is active: its fifth
+// character is the state, 'a' for active.
+func lvActive(attr string) bool { return len(attr) >= 5 && attr[4] == 'a' }
+
 func (a *dmActivator) DevicePath(ctx context.Context, vg, lv string) (string, error) {
 	info, err := a.lvm.LogicalVolume(ctx, vg, lv)
 	if err != nil {
 		return "", err
 	}
-	// lv_attr's fifth character is the state: 'a' for active.
-	if len(info.Attr) < 5 || info.Attr[4] != 'a' {
+	if !lvActive(info.Attr) {
 		return "", fmt.Errorf("%s/%s (lv_attr %q): %w", vg, lv, info.Attr, ErrNotActive)
 	}
 	return dmPath(vg, lv), nil
@@ -201,9 +254,38 @@ func LoopMappingOf(ctx context.Context, lvm *LVM, vg, lv string) (LoopMapping, e
 	if err != nil {
 		return LoopMapping{}, err
 	}
+	layout, err := readVGLayout(ctx, lvm, vg)
+	if err != nil {
+		return LoopMapping{}, err
+	}
+	return layout.mapping(vg, lv, segs)
+}
+
+// vgLayout is what mapping an LV needs of its volume group besides the
+// LV's segments: the extent size and where each PV's extents start.
+type vgLayout struct {
+	extentSize uint64
+	pvs        []PV
+}
+
+func readVGLayout(ctx context.Context, lvm *LVM, vg string) (vgLayout, error) {
+	info, err := lvm.VolumeGroup(ctx, vg)
+	if err != nil {
+		return vgLayout{}, err
+	}
+	pvs, err := lvm.PhysicalVolumes(ctx, vg)
+	if err != nil {
+		return vgLayout{}, err
+	}
+	return vgLayout{extentSize: info.ExtentSize, pvs: pvs}, nil
+}
+
+// mapping is LoopMappingOf for an LV whose segments are segs.
+func (g vgLayout) mapping(vg, lv string, segs []Segment) (LoopMapping, error) {
 	if len(segs) == 0 {
 		return LoopMapping{}, fmt.Errorf("%s/%s has no segments: %w", vg, lv, ErrNotLoopMappable)
 	}
+	segs = slices.Clone(segs)
 	sort.Slice(segs, func(i, j int) bool { return segs[i].LVStartExtent < segs[j].LVStartExtent })
 	var first, last PERange
 	var extents uint64
@@ -227,20 +309,12 @@ func LoopMappingOf(ctx context.Context, lvm *LVM, vg, lv string) (LoopMapping, e
 		last = r
 		extents += seg.Extents
 	}
-	info, err := lvm.VolumeGroup(ctx, vg)
-	if err != nil {
-		return LoopMapping{}, err
-	}
-	pvs, err := lvm.PhysicalVolumes(ctx, vg)
-	if err != nil {
-		return LoopMapping{}, err
-	}
-	for _, pv := range pvs {
+	for _, pv := range g.pvs {
 		if pv.Name == first.PV {
 			return LoopMapping{
 				PV:     pv.Name,
-				Offset: pv.PEStart + first.Start*info.ExtentSize,
-				Size:   extents * info.ExtentSize,
+				Offset: pv.PEStart + first.Start*g.extentSize,
+				Size:   extents * g.extentSize,
 			}, nil
 		}
 	}
@@ -264,35 +338,131 @@ func findLoop(m LoopMapping) (LoopDevice, bool, error) {
 func (a *loopActivator) Activate(ctx context.Context, vg, lv string) (string, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	m, err := LoopMappingOf(ctx, a.lvm, vg, lv)
+	path, err := a.activate(ctx, vg, lv)
 	if err != nil {
 		return "", fmt.Errorf("activate %s/%s by loop: %w", vg, lv, err)
+	}
+	return path, nil
+}
+
+func (a *loopActivator) activate(ctx context.Context, vg, lv string) (string, error) {
+	segs, err := a.lvm.Segments(ctx, vg, lv)
+	if err != nil {
+		return "", err
+	}
+	layout, err := readVGLayout(ctx, a.lvm, vg)
+	if err != nil {
+		return "", err
+	}
+	path, m, err := a.existing(vg, lv, layout, segs)
+	if err != nil || path != "" {
+		return path, err
+	}
+	return attachLV(m)
+}
+
+// ActivateAll maps every LV from three lvm commands (the VG's segments,
+// the VG, its PVs) and attaches the loop devices that are missing several
+// at a time.
+func (a *loopActivator) ActivateAll(ctx context.Context, vg string, lvs []LV) map[string]Activation {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	res := make(map[string]Activation, len(lvs))
+	failAll := func(err error) map[string]Activation {
+		for _, lv := range lvs {
+			res[lv.Name] = Activation{Err: fmt.Errorf("activate %s/%s by loop: %w", vg, lv.Name, err)}
+		}
+		return res
+	}
+	if err := validateVGName(vg); err != nil {
+		return failAll(err)
+	}
+	segs, err := a.lvm.SegmentsOfVG(ctx, vg)
+	if err != nil {
+		return failAll(err)
+	}
+	layout, err := readVGLayout(ctx, a.lvm, vg)
+	if err != nil {
+		return failAll(err)
+	}
+	type attach struct {
+		name string
+		m    LoopMapping
+	}
+	var todo []attach
+	for _, lv := range lvs {
+		path, m, err := a.existing(vg, lv.Name, layout, segs[lv.Name])
+		switch {
+		case err != nil:
+			res[lv.Name] = Activation{Err: fmt.Errorf("activate %s/%s by loop: %w", vg, lv.Name, err)}
+		case path != "":
+			res[lv.Name] = Activation{Path: path}
+		default:
+			todo = append(todo, attach{lv.Name, m})
+		}
+	}
+	results := make([]Activation, len(todo))
+	sem := make(chan struct{}, parallelAttaches)
+	var wg sync.WaitGroup
+	for i, t := range todo {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			path, err := attachLV(t.m)
+			if err != nil {
+				err = fmt.Errorf("activate %s/%s by loop: %w", vg, t.name, err)
+			}
+			results[i] = Activation{Path: path, Err: err}
+		}()
+	}
+	wg.Wait()
+	for i, t := range todo {
+		res[t.name] = results[i]
+	}
+	return res
+}
+
+// existing maps LV vg/lv (whose segments are segs), remembers the
+// mapping and returns the loop device already mapping it, "" if there is
+// none. Called with a.mu held.
+func (a *loopActivator) existing(vg, lv string, layout vgLayout, segs []Segment) (string, LoopMapping, error) {
+	if err := validateNames(vg, lv); err != nil {
+		return "", LoopMapping{}, err
+	}
+	m, err := layout.mapping(vg, lv, segs)
+	if err != nil {
+		return "", m, err
 	}
 	a.remember(vg, lv, m)
-	if l, ok, err := findLoop(m); err != nil {
-		return "", err
-	} else if ok {
-		if l.SizeLimit != m.Size {
-			// The LV was extended while it was not refreshed (e.g. the
-			// daemon crashed between lvextend and Refresh).
-			if err := SetLoopSizeLimit(l.Path, m.Size); err != nil {
-				return "", fmt.Errorf("activate %s/%s by loop: %w", vg, lv, err)
-			}
-		}
-		return l.Path, nil
+	l, ok, err := findLoop(m)
+	if err != nil || !ok {
+		return "", m, err
 	}
+	if l.SizeLimit != m.Size {
+		// The LV was extended while it was not refreshed (e.g. the
+		// daemon crashed between lvextend and Refresh).
+		if err := SetLoopSizeLimit(l.Path, m.Size); err != nil {
+			return "", m, err
+		}
+	}
+	return l.Path, m, nil
+}
+
+// attachLV attaches a loop device for mapping m. The LV keeps the PV's
+// logical block size, as device-mapper would.
+func attachLV(m LoopMapping) (string, error) {
 	pvInfo, err := Inspect(m.PV)
 	if err != nil {
-		return "", fmt.Errorf("activate %s/%s by loop: %w", vg, lv, err)
+		return "", err
 	}
-	// The LV keeps the PV's logical block size, as device-mapper would.
 	l, err := AttachLoop(m.PV, LoopOptions{
 		Offset:     m.Offset,
 		SizeLimit:  m.Size,
 		SectorSize: uint32(pvInfo.LogicalBlockSize),
 	})
 	if err != nil {
-		return "", fmt.Errorf("activate %s/%s by loop: %w", vg, lv, err)
+		return "", err
 	}
 	return l.Path, nil
 }

@@ -4,7 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -215,5 +219,119 @@ esac`)
 	want := LoopMapping{PV: "/dev/pv", Offset: 1<<20 + 10*4<<20, Size: 5 * 4 << 20}
 	if m != want {
 		t.Errorf("mapping %+v, want %+v", m, want)
+	}
+}
+
+// countingLVM returns an LVM like l whose commands are counted: the real
+// lvm runs behind a script that logs each call. calls reads the count.
+func countingLVM(t *testing.T, l *LVM) (counted *LVM, calls func() int) {
+	t.Helper()
+	real, err := exec.LookPath("lvm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	log := filepath.Join(dir, "calls")
+	bin := filepath.Join(dir, "lvm")
+	script := "#!/bin/sh\necho \"$1\" >> " + log + "\nexec " + real + " \"$@\"\n"
+	if err := os.WriteFile(bin, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c := &LVM{Command: bin, NoDeviceMapper: l.NoDeviceMapper, Devices: l.Devices}
+	return c, func() int {
+		b, err := os.ReadFile(log)
+		if errors.Is(err, os.ErrNotExist) {
+			return 0
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Count(string(b), "\n")
+	}
+}
+
+func TestLoopActivateAllMapsEveryLVWithThreeCommands(t *testing.T) {
+	vg := newTestVG(t, 128<<20)
+	ctx := context.Background()
+	const extent = 4 << 20
+	names := []string{"a", "c", "d", "e", "b"}
+	for i, name := range names[:4] {
+		if _, err := vg.lvm.CreateLV(ctx, vg.name, name, uint64(i+1)*extent, CreateOptions{Contiguous: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// "split" has two segments with a gap: it cannot be mapped.
+	if _, err := vg.lvm.CreateLV(ctx, vg.name, "split", extent, CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vg.lvm.CreateLV(ctx, vg.name, "blocker", extent, CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vg.lvm.ExtendLV(ctx, vg.name, "split", 2*extent); err != nil {
+		t.Fatal(err)
+	}
+	// "b" (last, so it can grow in place) is active from before (a
+	// restart keeps it), at its old size: the daemon died between
+	// lvextend and the refresh.
+	if _, err := vg.lvm.CreateLV(ctx, vg.name, "b", 2*extent, CreateOptions{Contiguous: true}); err != nil {
+		t.Fatal(err)
+	}
+	first, err := NewActivator(ActivationLoop, vg.lvm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, err := first.Activate(ctx, vg.name, "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vg.lvm.ExtendLV(ctx, vg.name, "b", 3*extent); err != nil {
+		t.Fatal(err)
+	}
+
+	lvm, calls := countingLVM(t, vg.lvm)
+	lvs, err := lvm.LogicalVolumes(ctx, vg.name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := NewActivator(ActivationLoop, lvm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := calls()
+	got := a.ActivateAll(ctx, vg.name, lvs)
+	if n := calls() - before; n != 3 {
+		t.Errorf("ActivateAll of %d LVs ran %d lvm commands, want 3 (segments, VG, PVs)", len(lvs), n)
+	}
+	if len(got) != len(lvs) {
+		t.Errorf("ActivateAll returned %d results for %d LVs: %+v", len(got), len(lvs), got)
+	}
+	if r := got["split"]; !errors.Is(r.Err, ErrNotLoopMappable) || r.Path != "" {
+		t.Errorf("split: %+v, want ErrNotLoopMappable and no device", r)
+	}
+	if r := got["b"]; r.Err != nil || r.Path != kept {
+		t.Errorf("b: %+v, want its existing device %s", r, kept)
+	}
+	for _, name := range append(names, "blocker") {
+		r := got[name]
+		if r.Err != nil {
+			t.Errorf("%s: %v", name, r.Err)
+			continue
+		}
+		// Each device is the LV's extents, at the LV's current size, as
+		// Activate would map them.
+		m, err := LoopMappingOf(ctx, vg.lvm, vg.name, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := loopByPath(r.Path)
+		if err != nil || l.Offset != m.Offset || l.SizeLimit != m.Size || l.BackingFile != vg.pv {
+			t.Errorf("%s: loop %+v, %v; want %s at offset %d, %d bytes", name, l, err, vg.pv, m.Offset, m.Size)
+		}
+		if again, err := a.Activate(ctx, vg.name, name); err != nil || again != r.Path {
+			t.Errorf("%s: Activate after ActivateAll = %q, %v; want %s", name, again, err, r.Path)
+		}
+	}
+	if loops, err := FindLoops(vg.pv); err != nil || len(loops) != len(names)+1 {
+		t.Errorf("loops over the PV: %d, %v; want one per mappable LV (%d)", len(loops), err, len(names)+1)
 	}
 }

@@ -396,7 +396,15 @@ func (p *LoopPool) names() ([]string, error) {
 // still attached from before a restart keep theirs). It returns every
 // volume it could attach; errors for single volumes are joined, so one bad
 // file does not keep the others down.
-func (p *LoopPool) AttachAll() ([]PoolVolume, error) {
+//
+// ready, if not nil, is called with each of those volumes as soon as it
+// has its device, before AttachAll returns and from several goroutines at
+// once: the caller reads the volumes already attached while the others
+// still attach. It must not call the pool's methods (the pool is locked).
+func (p *LoopPool) AttachAll(ready func(PoolVolume)) ([]PoolVolume, error) {
+	if ready == nil {
+		ready = func(PoolVolume) {}
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	entries, err := os.ReadDir(p.dir)
@@ -429,6 +437,9 @@ func (p *LoopPool) AttachAll() ([]PoolVolume, error) {
 			continue
 		}
 		found = append(found, vol)
+		if vol.Device != "" {
+			ready(vol)
+		}
 	}
 	// Attaching waits in the kernel (LOOP_CONFIGURE freezes the device's
 	// queue: RCU grace periods, not CPU), so after a reboot the pool's
@@ -450,6 +461,7 @@ func (p *LoopPool) AttachAll() ([]PoolVolume, error) {
 				return
 			}
 			v.Device = dev.Path
+			ready(*v)
 		}(&found[i], &attachErrs[i])
 	}
 	wg.Wait()

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -160,12 +161,30 @@ func TestLoopPoolAttachAllAfterRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	vols, err := restarted.AttachAll()
+	var readyMu sync.Mutex
+	readied := map[string]PoolVolume{}
+	vols, err := restarted.AttachAll(func(v PoolVolume) {
+		readyMu.Lock()
+		defer readyMu.Unlock()
+		if _, twice := readied[v.Name]; twice {
+			t.Errorf("ready called twice for %s", v.Name)
+		}
+		readied[v.Name] = v
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(vols) != 3 {
 		t.Fatalf("AttachAll = %+v, want 3 volumes", vols)
+	}
+	// ready saw each volume, kept or newly attached, with its device.
+	for _, vol := range vols {
+		if readied[vol.Name] != vol {
+			t.Errorf("ready got %+v for %s, want %+v", readied[vol.Name], vol.Name, vol)
+		}
+	}
+	if len(readied) != len(vols) {
+		t.Errorf("ready called for %d volumes, want %d", len(readied), len(vols))
 	}
 	for _, vol := range vols {
 		if vol.Meta != metas[vol.Name] || vol.Device == "" || vol.Size != 4<<20 {
@@ -182,7 +201,7 @@ func TestLoopPoolAttachAllAfterRestart(t *testing.T) {
 		t.Errorf("stale temporary file survived AttachAll: %v", err)
 	}
 	// AttachAll is idempotent.
-	again, err := restarted.AttachAll()
+	again, err := restarted.AttachAll(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -202,7 +221,7 @@ func TestLoopPoolReportsBrokenVolume(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(p.Dir(), "foreign.img"), make([]byte, 4096), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	vols, err := p.AttachAll()
+	vols, err := p.AttachAll(nil)
 	if err == nil {
 		t.Error("AttachAll accepted a file without metadata")
 	}

@@ -298,6 +298,8 @@ type PV struct {
 // Segment is one segment of an LV: LV extents [LVStartExtent,
 // LVStartExtent+Extents) map to Ranges on physical volumes.
 type Segment struct {
+	// LV is the name of the logical volume the segment belongs to.
+	LV            string
 	LVStartExtent uint64
 	Extents       uint64
 	Type          string
@@ -420,6 +422,30 @@ func (l *LVM) Segments(ctx context.Context, vg, name string) ([]Segment, error) 
 		return nil, err
 	}
 	return parseSegments(rows)
+}
+
+// SegmentsOfVG returns the segments of every logical volume of vg, by LV
+// name: one lvs command for all of them.
+func (l *LVM) SegmentsOfVG(ctx context.Context, vg string) (map[string][]Segment, error) {
+	if err := validateVGName(vg); err != nil {
+		return nil, err
+	}
+	defer l.lockVG(vg)()
+	args := append(append([]string{"--segments"}, reportArgs...),
+		"-o", "lv_name,seg_start_pe,seg_size_pe,segtype,stripes,seg_pe_ranges", "--", vg)
+	rows, err := l.report(ctx, "lvs", args, "seg")
+	if err != nil {
+		return nil, err
+	}
+	segs, err := parseSegments(rows)
+	if err != nil {
+		return nil, err
+	}
+	byLV := map[string][]Segment{}
+	for _, seg := range segs {
+		byLV[seg.LV] = append(byLV[seg.LV], seg)
+	}
+	return byLV, nil
 }
 
 // CreateOptions are the optional parts of CreateLV.

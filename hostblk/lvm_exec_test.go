@@ -324,3 +324,66 @@ func TestActivationModeIsExplicit(t *testing.T) {
 		t.Errorf("NewActivator(loop) = %v, %v", a, err)
 	}
 }
+
+func TestDeviceMapperActivateAllOneCommand(t *testing.T) {
+	bin, dir := fakeLVM(t, `exit 0`)
+	a, err := NewActivator(ActivationDeviceMapper, &LVM{Command: bin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lvs := []LV{
+		{Name: "up", Attr: "-wi-a-----"},
+		{Name: "down1", Attr: "-wi-------"},
+		{Name: "down2", Attr: "-wi-------"},
+	}
+	got := a.ActivateAll(context.Background(), "vg0", lvs)
+	want := map[string]Activation{
+		"up":    {Path: "/dev/vg0/up"},
+		"down1": {Path: "/dev/vg0/down1"},
+		"down2": {Path: "/dev/vg0/down2"},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("ActivateAll = %+v, want %+v", got, want)
+	}
+	// The active LV needs no command; the inactive ones share one.
+	calls := fakeCalls(t, dir)
+	if wantCall := []string{"lvchange", "--activate", "y", "--", "vg0/down1", "vg0/down2"}; len(calls) != 1 || !slices.Equal(calls[0], wantCall) {
+		t.Errorf("lvm calls %q, want only %q", calls, wantCall)
+	}
+}
+
+func TestDeviceMapperActivateAllAllActiveRunsNothing(t *testing.T) {
+	bin, dir := fakeLVM(t, `exit 0`)
+	a, err := NewActivator(ActivationDeviceMapper, &LVM{Command: bin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := a.ActivateAll(context.Background(), "vg0", []LV{{Name: "up", Attr: "-wi-ao----"}})
+	if got["up"] != (Activation{Path: "/dev/vg0/up"}) {
+		t.Errorf("ActivateAll = %+v", got)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "calls")); err == nil {
+		t.Errorf("lvm ran for an LV already active: %q", fakeCalls(t, dir))
+	}
+}
+
+func TestDeviceMapperActivateAllFailureNamesEachLV(t *testing.T) {
+	// lvchange fails as a whole when one LV cannot be activated; each is
+	// then tried alone so the good one is activated and the bad one
+	// carries lvm's own message.
+	bin, _ := fakeLVM(t, `case "$*" in
+*vg0/bad*) echo '  Failed to find logical volume "vg0/bad"' >&2; exit 5;;
+esac
+exit 0`)
+	a, err := NewActivator(ActivationDeviceMapper, &LVM{Command: bin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := a.ActivateAll(context.Background(), "vg0", []LV{{Name: "good", Attr: "-wi-------"}, {Name: "bad", Attr: "-wi-------"}})
+	if got["good"] != (Activation{Path: "/dev/vg0/good"}) {
+		t.Errorf("good: %+v, want activated", got["good"])
+	}
+	if r := got["bad"]; !errors.Is(r.Err, ErrLVNotFound) || r.Path != "" {
+		t.Errorf("bad: %+v, want ErrLVNotFound and no device", r)
+	}
+}

@@ -210,6 +210,7 @@ func parseSegments(rows []reportRow) ([]Segment, error) {
 	for _, r := range rows {
 		var f fieldErrs
 		seg := Segment{
+			LV:            f.str(r, "lv_name"),
 			LVStartExtent: f.uint(r, "seg_start_pe"),
 			Extents:       f.uint(r, "seg_size_pe"),
 			Type:          f.str(r, "segtype"),

@@ -31,9 +31,9 @@ func TestParseSegmentReport(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []Segment{
-		{LVStartExtent: 0, Extents: 2, Type: "linear", Stripes: 1, Ranges: []PERange{{"/dev/loop0", 0, 1}}},
-		{LVStartExtent: 2, Extents: 2, Type: "linear", Stripes: 1, Ranges: []PERange{{"/dev/loop0", 4, 5}}},
-		{LVStartExtent: 0, Extents: 4, Type: "striped", Stripes: 2, Ranges: []PERange{{"/dev/sda", 0, 1}, {"/dev/sdb", 0, 1}}},
+		{LV: "a", LVStartExtent: 0, Extents: 2, Type: "linear", Stripes: 1, Ranges: []PERange{{"/dev/loop0", 0, 1}}},
+		{LV: "a", LVStartExtent: 2, Extents: 2, Type: "linear", Stripes: 1, Ranges: []PERange{{"/dev/loop0", 4, 5}}},
+		{LV: "s", LVStartExtent: 0, Extents: 4, Type: "striped", Stripes: 2, Ranges: []PERange{{"/dev/sda", 0, 1}, {"/dev/sdb", 0, 1}}},
 	}
 	if !reflect.DeepEqual(segs, want) {
 		t.Errorf("segments\n got %+v\nwant %+v", segs, want)
@@ -79,8 +79,8 @@ func TestParseReportErrorsNameFieldAndValue(t *testing.T) {
 	for _, tc := range []struct{ report, kind, want string }{
 		{`{"report":[{"pv":[{"pv_name":"/dev/x","vg_name":"v","pv_size":"60.00m","pe_start":"1048576"}]}]}`, "pv", `pv_size="60.00m"`},
 		{`{"report":[{"pv":[{"pv_name":"/dev/x","vg_name":"v","pv_size":"1"}]}]}`, "pv", "pe_start"},
-		{`{"report":[{"seg":[{"seg_start_pe":"0","seg_size_pe":"1","segtype":"linear","stripes":"1","seg_pe_ranges":"/dev/x:5-1"}]}]}`, "seg", "/dev/x:5-1"},
-		{`{"report":[{"seg":[{"seg_start_pe":"0","seg_size_pe":"1","segtype":"linear","stripes":"1","seg_pe_ranges":"nocolon"}]}]}`, "seg", "nocolon"},
+		{`{"report":[{"seg":[{"lv_name":"a","seg_start_pe":"0","seg_size_pe":"1","segtype":"linear","stripes":"1","seg_pe_ranges":"/dev/x:5-1"}]}]}`, "seg", "/dev/x:5-1"},
+		{`{"report":[{"seg":[{"lv_name":"a","seg_start_pe":"0","seg_size_pe":"1","segtype":"linear","stripes":"1","seg_pe_ranges":"nocolon"}]}]}`, "seg", "nocolon"},
 		{`{"report":[{"pv":[{"pv_name":{}}]}]}`, "pv", "pv_name"},
 		{`{"report":`, "pv", "pv report"},
 		{``, "pv", "no output"},

@@ -266,6 +266,20 @@ c_lvm_chain() {
 	# qemu reads ov1 through its chain: the guest view is the imported data.
 	qemu-img compare -f qcow2 -F raw "$(vol fast ov1 device-path)" "$IMG/lvbase.raw"
 }
+c_lvm_start_activates() {
+	# An LV the administrator deactivated (or one LVM did not
+	# autoactivate) is active again once volagent has started: the start
+	# activates every inactive LV of the pool in one lvchange.
+	lvchange -an "$VG/ov1"
+	lvs --noheadings -o lv_attr "$VG/ov1" | grep -q '^ *....-' || die "ov1 still active: $(lvs "$VG")"
+	systemctl restart volagent
+	waitfor 30 "volagent on the bus" bus_up
+	lvs --noheadings -o lv_attr "$VG/ov1" | grep -q '^ *....a' || die "ov1 inactive after volagent started: $(lvs "$VG")"
+	[ -b "$(vol fast ov1 device-path)" ] || die "ov1's device $(vol fast ov1 device-path) is not a block device"
+	volumes | jq -e 'map(select(.pool == "fast" and (.problem // "") != "")) | length == 0' >/dev/null ||
+		die "volumes with a problem after the start: $(volumes | jq -c 'map(select((.problem // "") != ""))')"
+	qemu-img compare -f qcow2 -F raw "$(vol fast ov1 device-path)" "$IMG/lvbase.raw"
+}
 
 # ---------------------------------------------------------------- 2.4
 c_libvirt_pools() {
@@ -532,6 +546,7 @@ case $phase in
 	check "2.3 lvm: an imported volume appears as /dev/VG/LV on device-mapper" c_lvm_import
 	check "2.3 lvm: an overlay over an LVM volume records /dev/VG/LV" c_lvm_overlay
 	check "2.3 lvm: qemu reads the overlay through its chain" c_lvm_chain
+	check "2.3 lvm: volagent activates the pool's inactive LVs when it starts" c_lvm_start_activates
 	check "2.4 libvirt: volagent's request pools are defined in libvirtd" c_libvirt_pools
 	check "2.4 libvirt: virsh vol-create on a request pool makes an overlay" c_vol_create
 	check "2.4 libvirt: the hook refuses a domain without <driver type>" c_hook_refuses
