@@ -416,13 +416,15 @@ func (l *LVM) Segments(ctx context.Context, vg, name string) ([]Segment, error) 
 	}
 	defer l.lockVG(vg)()
 	args := append(append([]string{"--segments"}, reportArgs...),
-		"-o", "lv_name,seg_start_pe,seg_size_pe,segtype,stripes,seg_pe_ranges", "--", vg+"/"+name)
+		"-o", segFields, "--", vg+"/"+name)
 	rows, err := l.report(ctx, "lvs", args, "seg")
 	if err != nil {
 		return nil, err
 	}
 	return parseSegments(rows)
 }
+
+var segFields = "lv_name,seg_start_pe,seg_size_pe,segtype,stripes,seg_pe_ranges"
 
 // SegmentsOfVG returns the segments of every logical volume of vg, by LV
 // name: one lvs command for all of them.
@@ -432,7 +434,7 @@ func (l *LVM) SegmentsOfVG(ctx context.Context, vg string) (map[string][]Segment
 	}
 	defer l.lockVG(vg)()
 	args := append(append([]string{"--segments"}, reportArgs...),
-		"-o", "lv_name,seg_start_pe,seg_size_pe,segtype,stripes,seg_pe_ranges", "--", vg)
+		"-o", segFields, "--", vg)
 	rows, err := l.report(ctx, "lvs", args, "seg")
 	if err != nil {
 		return nil, err
