@@ -78,7 +78,7 @@ func TestServeLibvirtPoolFill(t *testing.T) {
 		t.Fatalf("low pool: SpaceLow %v, SpaceNeeded %v", prop("SpaceLow"), prop("SpaceNeeded"))
 	}
 	warning := fmt.Sprintf(`pool \"%s\" is low on space: 4.0 MiB free, the running domains' next growth needs 8.0 MiB; extend volume group \"%s\" (vgextend) or free extents in it`, libvirtLVMPool, e.vg)
-	if log := e.daemon.stderr.String(); strings.Count(log, warning) != 1 {
+	if log := e.daemon.stderr.waitFor(t, warning); strings.Count(log, warning) != 1 {
 		t.Fatalf("want one warning %q; volagentd stderr:\n%s", warning, log)
 	}
 	out, errOut, code := runVolagent(t, "pools", "--json", "--bus-address", e.bus.Address)
@@ -116,7 +116,7 @@ func TestServeLibvirtPoolFill(t *testing.T) {
 		return ok && v.Value() == false
 	})
 	recovered := fmt.Sprintf(`pool \"%s\" has space again`, libvirtLVMPool)
-	if log := e.daemon.stderr.String(); strings.Count(log, recovered) != 1 || strings.Count(log, warning) != 1 {
+	if log := e.daemon.stderr.waitFor(t, recovered); strings.Count(log, recovered) != 1 || strings.Count(log, warning) != 1 {
 		t.Fatalf("want one warning and one note %q; volagentd stderr:\n%s", recovered, log)
 	}
 	if prop("SpaceNeeded") != uint64(chunk) {

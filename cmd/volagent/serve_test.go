@@ -205,6 +205,22 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
+// waitFor returns what was written once it contains want, polling: a
+// daemon logs after it signals, and its stderr reaches the buffer through
+// a pipe. It fails the test after 30 s.
+func (s *syncBuffer) waitFor(t *testing.T, want string) string {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		got := s.String()
+		if strings.Contains(got, want) {
+			return got
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q written in 30 s:\n%s", want, got)
+		}
+	}
+}
+
 // startDaemon starts `volagentd` on the env's bus with a notify
 // socket of its own, and extra environment; it is killed at cleanup if
 // still running. It does not wait for READY=1 (see waitReady).
