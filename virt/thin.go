@@ -81,9 +81,19 @@ type growthState struct {
 	maxChunk int64   // the largest chunk it grew by
 }
 
+// minRateWindow is the shortest interval a write rate is measured over.
+// Threshold crossings and allocation reads both feed observe, and one of
+// each can come milliseconds apart with tens of MiB between what they
+// report (the threshold's offset, the image's end a moment later): over
+// such an interval that is a rate of GiB/s, and a growth of tens of GiB
+// for a guest writing at 200 MiB/s.
+const minRateWindow = time.Second
+
 // observe records that the guest wrote up to written at now (a threshold
-// crossing). The rate follows an acceleration at once and halves at each
-// crossing once the guest slows down.
+// crossing, or an allocation read). The rate follows an acceleration at
+// once and halves at each observation once the guest slows down. An
+// observation sooner than minRateWindow after the last one counted only
+// moves nothing: the next one measures over the longer interval.
 func (t *ThinController) observe(id string, written int64, now time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -95,8 +105,12 @@ func (t *ThinController) observe(id string, written int64, now time.Time) {
 		t.growth[id] = &growthState{at: now, written: written}
 		return
 	}
-	if dt := now.Sub(g.at).Seconds(); dt > 0 && written > g.written {
-		g.rate = max(float64(written-g.written)/dt, g.rate/2)
+	dt := now.Sub(g.at)
+	if dt < minRateWindow {
+		return
+	}
+	if written > g.written {
+		g.rate = max(float64(written-g.written)/dt.Seconds(), g.rate/2)
 	}
 	g.at, g.written = now, written
 }

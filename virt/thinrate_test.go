@@ -35,3 +35,28 @@ func TestThinChunkFollowsWriteRate(t *testing.T) {
 		t.Fatalf("largestChunk = %d, want %d", got, want)
 	}
 }
+
+// A threshold crossing and an allocation read that come milliseconds
+// apart do not make a rate: 64 MiB between them over 5 ms would be
+// 12.8 GiB/s, and a growth of tens of GiB for a guest that writes 100 MiB/s.
+func TestThinRateIgnoresCloseObservations(t *testing.T) {
+	c := NewThinController(nil, nil)
+	const pool = 1 << 30
+	now := time.Unix(1000, 0)
+	c.observe("v", 1<<30, now)
+	c.observe("v", 1<<30+64<<20, now.Add(5*time.Millisecond))
+	if got := c.chunkFor("v", pool); got != pool {
+		t.Fatalf("chunk after two observations 5 ms apart = %d, want the pool's %d", got, pool)
+	}
+	// The next observation measures from the first: 100 MiB/s over 2 s.
+	c.observe("v", 1<<30+200<<20, now.Add(2*time.Second))
+	c.mu.Lock()
+	rate := c.growth["v"].rate
+	c.mu.Unlock()
+	if want := float64(100 << 20); rate != want {
+		t.Fatalf("rate = %.0f B/s, want %.0f (200 MiB over the 2 s since the first observation)", rate, want)
+	}
+	if got := c.chunkFor("v", pool); got != pool {
+		t.Fatalf("chunk at 100 MiB/s = %d, want the pool's %d", got, pool)
+	}
+}
