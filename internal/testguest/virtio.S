@@ -31,6 +31,7 @@
 	.equ VRING, 0x10000            # queue 0: page-aligned, at most 28 KiB
 	.equ HDRS, 0x18000             # request headers, 16 bytes a slot
 	.equ STATUS, 0x19000           # request status bytes, one a slot
+	.equ SLOT_LBA, 0x19800         # each slot's first LBA, 4 bytes a slot
 	.equ BUFS, 0x200000            # request buffers, REQ_BYTES a slot
 	.equ REQ_SECTORS, REQ_BYTES/512
 
@@ -195,6 +196,21 @@ found:
 	movl $INFLIGHT*REQ_BYTES/4, %ecx
 	movl $0xabababab, %eax
 	rep stosl
+	# Every slot's buffer holds LBAs 0.. (slot_lba 0): a request adds the
+	# distance to its own first LBA, one instruction a sector, as a
+	# hypervisor that emulates every instruction (PVM with a guest
+	# without paging) makes each count.
+	movl $BUFS, %edi
+	movl $INFLIGHT, %edx
+1:	xorl %eax, %eax
+2:	movl %eax, (%edi)
+	movl $0, 4(%edi)
+	incl %eax
+	addl $512, %edi
+	cmpl $REQ_SECTORS, %eax
+	jb 2b
+	decl %edx
+	jnz 1b
 
 	# Slot i: descriptors 3i (header), 3i+1 (data), 3i+2 (status).
 	xorl %esi, %esi
@@ -302,14 +318,26 @@ submit:
 1:	subl %ecx, remaining
 	imull $REQ_BYTES, %esi, %edi
 	addl $BUFS, %edi
-	movl lba, %eax
+	movl lba, %eax                 # the slot's sectors hold the LBAs
+	movl %eax, %ebx                # from slot_lba on: move them here
+	xchgl %eax, SLOT_LBA(,%esi,4)
+	subl %eax, %ebx
 	movl %ecx, %edx
-2:	movl %eax, (%edi)              # each sector's LBA
-	movl $0, 4(%edi)
-	incl %eax
+2:	cmpl $16, %edx
+	jb 3f
+	.irp k, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
+	addl %ebx, \k*512(%edi)
+	.endr
+	addl $16*512, %edi
+	subl $16, %edx
+	jmp 2b
+3:	testl %edx, %edx
+	jz 4f
+	addl %ebx, (%edi)
 	addl $512, %edi
 	decl %edx
-	jnz 2b
+	jmp 3b
+4:
 	movl %esi, %edi
 	shll $4, %edi
 	addl $HDRS, %edi
