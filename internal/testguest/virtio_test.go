@@ -2,7 +2,6 @@ package testguest
 
 import (
 	"bytes"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,13 +69,13 @@ func TestVirtioWriter(t *testing.T) {
 	testutil.RequireTool(t, "qemu-system-x86_64")
 	const sectors = 96<<20/SectorSize + 3 // not a whole number of requests
 	for _, tc := range []struct {
-		bootBus string
-		w       Writer
+		name, bootBus string
+		w             Writer
 	}{
-		{"ide", Writer{Virtio: true, Sectors: sectors, DoneLBA: sectors + 2048}},
-		{"virtio", Writer{Virtio: true, Sectors: sectors, DoneLBA: sectors + 2048, InFlight: 24, RequestBytes: 256 << 10}},
+		{"boot disk on IDE, default requests", "ide", Writer{Virtio: true, Sectors: sectors, DoneLBA: sectors + 2048}},
+		{"boot disk on virtio, 24 of 256 KiB", "virtio", Writer{Virtio: true, Sectors: sectors, DoneLBA: sectors + 2048, InFlight: 24, RequestBytes: 256 << 10}},
 	} {
-		t.Run(fmt.Sprintf("boot disk on %s %dx%d", tc.bootBus, tc.w.InFlight, tc.w.RequestBytes), func(t *testing.T) {
+		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			boot := tc.w.BootDisk(t, dir)
 			data := filepath.Join(dir, "data.raw")
