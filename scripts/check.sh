@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 GO=${GO:-go}
-PKGS=(qcow2 hostblk backend dbusapi systemd internal/bytesize cmd/volagentd)
+PKGS=(qcow2 hostblk backend dbusapi systemd internal/bytesize internal/testguest cmd/volagentd)
 LIST=scripts/check-needs-root.txt
 
 work=$(mktemp -d /tmp/volagent-check.XXXXXX)

@@ -120,7 +120,7 @@ type thinRun struct {
 	thresholdGrowths   int // growths at a block threshold
 	deviceSize         int64
 	allocationSteps    int           // changes of HighestAllocated seen while the guest ran
-	writing            time.Duration // from the domain's start to the guest's DONE
+	writing            time.Duration // from the domain's start (or the guest's WRITING) to its DONE
 	written            int64         // bytes the guest wrote (data and done marker)
 }
 
@@ -229,11 +229,17 @@ func runThinGuest(t testing.TB, mgr *backend.Manager, g guestRun) thinRun {
 	written := int64(g.writer.DoneLBA+1) * testguest.SectorSize
 	const stall = 2 * time.Minute
 	var progress int64
+	var writingFrom time.Time // the serial file's last write when it said WRITING
 	deadline := time.Now().Add(stall)
 	for {
 		out, _ := os.ReadFile(serial)
 		if strings.Contains(string(out), testguest.SerialDone) {
 			break
+		}
+		if writingFrom.IsZero() && strings.Contains(string(out), testguest.SerialStart) {
+			if fi, err := os.Stat(serial); err == nil {
+				writingFrom = fi.ModTime() // nothing follows WRITING until DONE
+			}
 		}
 		if v, err := mgr.Volume(vol.ID); err == nil && v.HighestAllocated > progress {
 			progress, deadline = v.HighestAllocated, time.Now().Add(stall)
@@ -252,6 +258,9 @@ func runThinGuest(t testing.TB, mgr *backend.Manager, g guestRun) thinRun {
 	counted(func() {
 		if started.IsZero() {
 			started = created // no STARTED event seen: from the create call
+		}
+		if !writingFrom.IsZero() {
+			started = writingFrom // the virtio writer's boot is not its writing
 		}
 		run.writing, run.written = fi.ModTime().Sub(started), int64(g.writer.Sectors)*testguest.SectorSize
 	})

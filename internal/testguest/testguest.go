@@ -1,9 +1,12 @@
-// Package testguest builds a guest without an operating system for tests
+// Package testguest builds guests without an operating system for tests
 // that need a domain's own writes (not qemu-io's, which bypass the guest
-// device's error policy): a boot sector (writer.S) that writes a known
-// pattern over the second BIOS disk through int 13h, and the check of
-// what it wrote. The boot sector is assembled at test time with binutils;
-// no binary is committed.
+// device's error policy): boot programs that write a known pattern over
+// a data disk, and the check of what they wrote. writer.S, a boot sector,
+// writes the second BIOS disk through int 13h, one 63.5 KiB request at a
+// time; virtio.S (Writer.Virtio) drives a virtio-blk data disk itself
+// from 32-bit protected mode with many large requests in flight, as fast
+// as the host takes them. Both write the same pattern and done marker.
+// They are assembled at test time with binutils; no binary is committed.
 package testguest
 
 import (
@@ -22,6 +25,16 @@ import (
 //go:embed writer.S
 var writerSource []byte
 
+//go:embed virtio.S
+var virtioSource []byte
+
+// virtioLoadSectors is how many sectors after the boot sector virtio.S
+// loads from the boot disk: all of its code and data.
+const virtioLoadSectors = 8
+
+// bootDiskSize is the size of the boot disk BootDisk makes.
+const bootDiskSize = 1 << 20
+
 // SectorSize is the size of the guest's sectors.
 const SectorSize = 512
 
@@ -31,57 +44,99 @@ const Fill = 0xAB
 // doneMagic starts the done marker sector.
 const doneMagic = "TGDONE!!"
 
-// Writer says what the boot sector writes on drive 0x81: Sectors
-// sectors from LBA 0, then the done marker at DoneLBA.
+// Writer says what the guest writes on its data disk: Sectors sectors
+// from LBA 0, then the done marker at DoneLBA.
 type Writer struct {
 	Sectors uint32
 	DoneLBA uint32
 	// PerCall is the number of sectors an int 13h call writes (1..127);
-	// 0 means 64.
+	// 0 means 64. The int 13h writer only.
 	PerCall int
+
+	// Virtio selects virtio.S: the data disk is the first virtio-blk
+	// device on PCI bus 0 (legacy interface, as qemu's transitional
+	// virtio-blk-pci on the pc machine has) whose capacity reaches past
+	// DoneLBA, which must lie past the 1 MiB boot disk; the boot disk may
+	// be on any bus SeaBIOS boots from, virtio included.
+	Virtio bool
+	// InFlight is how many requests the virtio writer keeps in flight
+	// (1..64); 0 means 16.
+	InFlight int
+	// RequestBytes is the size of the virtio writer's requests, a
+	// multiple of the sector size; 0 means 1 MiB. InFlight requests
+	// must fit in 32 MiB of guest memory.
+	RequestBytes int
 }
 
 // Serial output of the writer on COM1.
 const (
-	SerialDone  = "DONE"  // everything written
-	SerialError = "ERR"   // a write failed (followed by the BIOS status)
-	SerialNoExt = "NOEXT" // no int 13h extensions on drive 0x81
+	SerialDone  = "DONE"    // everything written
+	SerialStart = "WRITING" // the virtio writer starts writing
+	SerialError = "ERR"     // a write failed (followed by the BIOS or virtio status, or what failed)
+	SerialNoExt = "NOEXT"   // no int 13h extensions on drive 0x81
 )
 
 // BootDisk assembles the writer and returns a 1 MiB raw disk image in dir
-// whose first sector is it.
+// that boots it.
 func (w Writer) BootDisk(t testing.TB, dir string) string {
 	t.Helper()
 	testutil.RequireTool(t, "as", "ld")
-	perCall := w.PerCall
-	if perCall == 0 {
-		perCall = 64
+	if w.Sectors == 0 || w.DoneLBA < w.Sectors {
+		t.Fatalf("testguest: bad writer %+v: want some sectors, the done marker after them", w)
 	}
-	if perCall < 1 || perCall > 127 || w.Sectors == 0 || w.DoneLBA < w.Sectors {
-		t.Fatalf("testguest: bad writer %+v: want 1..127 sectors a call, some sectors, the done marker after them", w)
+	var source []byte
+	var syms []string
+	if w.Virtio {
+		inFlight, reqBytes := w.InFlight, w.RequestBytes
+		if inFlight == 0 {
+			inFlight = 16
+		}
+		if reqBytes == 0 {
+			reqBytes = 1 << 20
+		}
+		if inFlight < 1 || inFlight > 64 || reqBytes < SectorSize || reqBytes%SectorSize != 0 || inFlight*reqBytes > 32<<20 || w.DoneLBA < bootDiskSize/SectorSize {
+			t.Fatalf("testguest: bad virtio writer %+v: want 1..64 requests in flight of whole sectors, 32 MiB at most in all, the done marker past the boot disk's %d sectors", w, bootDiskSize/SectorSize)
+		}
+		source = virtioSource
+		syms = []string{"INFLIGHT=" + fmt.Sprint(inFlight), "REQ_BYTES=" + fmt.Sprint(reqBytes), "LOAD_SECTORS=" + fmt.Sprint(virtioLoadSectors)}
+	} else {
+		perCall := w.PerCall
+		if perCall == 0 {
+			perCall = 64
+		}
+		if perCall < 1 || perCall > 127 {
+			t.Fatalf("testguest: bad writer %+v: want 1..127 sectors a call", w)
+		}
+		source = writerSource
+		syms = []string{"PER_CALL=" + fmt.Sprint(perCall)}
 	}
+	syms = append(syms, "SECTORS="+fmt.Sprint(w.Sectors), "DONE_LBA="+fmt.Sprint(w.DoneLBA))
 	src, obj, bin := filepath.Join(dir, "writer.S"), filepath.Join(dir, "writer.o"), filepath.Join(dir, "writer.bin")
-	if err := os.WriteFile(src, writerSource, 0o644); err != nil {
+	if err := os.WriteFile(src, source, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	testutil.Run(t, "as", "--32",
-		"--defsym", fmt.Sprintf("SECTORS=%d", w.Sectors),
-		"--defsym", fmt.Sprintf("PER_CALL=%d", perCall),
-		"--defsym", fmt.Sprintf("DONE_LBA=%d", w.DoneLBA),
-		"-o", obj, src)
+	args := []string{"--32"}
+	for _, sym := range syms {
+		args = append(args, "--defsym", sym)
+	}
+	testutil.Run(t, "as", append(args, "-o", obj, src)...)
 	testutil.Run(t, "ld", "-m", "elf_i386", "-Ttext", "0x7c00", "--oformat", "binary", "-o", bin, obj)
-	sector, err := os.ReadFile(bin)
+	code, err := os.ReadFile(bin)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(sector) != SectorSize || sector[510] != 0x55 || sector[511] != 0xaa {
-		t.Fatalf("testguest: %s is %d bytes, not a boot sector", bin, len(sector))
+	size := SectorSize // what the BIOS loads
+	if w.Virtio {
+		size += virtioLoadSectors * SectorSize // what the boot sector loads
+	}
+	if len(code) < SectorSize || len(code) > size || (!w.Virtio && len(code) != SectorSize) || code[510] != 0x55 || code[511] != 0xaa {
+		t.Fatalf("testguest: %s is %d bytes, not a boot sector and at most %d bytes", bin, len(code), size)
 	}
 	disk := filepath.Join(dir, "boot.raw")
-	if err := os.WriteFile(disk, sector, 0o644); err != nil {
+	if err := os.WriteFile(disk, code, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Truncate(disk, 1<<20); err != nil {
+	if err := os.Truncate(disk, bootDiskSize); err != nil {
 		t.Fatal(err)
 	}
 	return disk
