@@ -405,9 +405,20 @@ c_locks_libvirt_refused() {
 	{ yes vmtest-lock || true; } | head -c 200M >/tmp/big.raw
 	volagent import --allow-backing "$IMG" --source-format raw /tmp/big.raw "$dev" </dev/null >/tmp/import.log 2>&1 &
 	pid=$!
-	waitfor 30 "volagent import to open $dev" has_open "$pid" "$dev"
-	# Stopped mid-copy, it still holds the disk: a domain must not start on it.
+	# Stopped at once and let run in slices of a few ms until it has the
+	# disk open: it is then stopped with the disk held, mid-copy at the
+	# latest. (Polling while it ran let a fast copy finish between the
+	# poll and the stop.)
 	kill -STOP "$pid"
+	local end=$((SECONDS + 60))
+	until has_open "$pid" "$dev"; do
+		kill -0 "$pid" 2>/dev/null || die "volagent import exited before it opened $dev: $(cat /tmp/import.log)"
+		[ "$SECONDS" -lt "$end" ] || { kill -CONT "$pid"; die "volagent import did not open $dev in 60 s"; }
+		kill -CONT "$pid"
+		sleep 0.01
+		kill -STOP "$pid"
+	done
+	# Stopped mid-copy, it still holds the disk: a domain must not start on it.
 	if out=$(virsh start lockdom 2>&1); then
 		kill -CONT "$pid"
 		virsh destroy lockdom >/dev/null 2>&1
