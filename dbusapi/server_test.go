@@ -55,12 +55,7 @@ func startServerWith(t *testing.T, allowAll bool, limits InspectLimits) *harness
 	if reply, err := conn.RequestName(BusName, dbus.NameFlagDoNotQueue); err != nil || reply != dbus.RequestNameReplyPrimaryOwner {
 		t.Fatalf("RequestName: %v %v", reply, err)
 	}
-	client, err := dbus.Connect(bus.Address)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close() })
-	return &harness{bus: bus, fake: fake, srv: srv, client: client}
+	return &harness{bus: bus, fake: fake, srv: srv, client: bus.Connect(t)}
 }
 
 func (h *harness) call(path dbus.ObjectPath, method string, args ...any) *dbus.Call {

@@ -173,7 +173,7 @@ func qemuImgCheckClean(t *testing.T, dev string) {
 func TestServeLibvirtDomainsInUse(t *testing.T) {
 	e := newLibvirtEnv(t)
 	e.startDaemon()
-	client := e.client()
+	client := e.bus.Connect(t)
 
 	t.Run("running domain under another name of the device", func(t *testing.T) {
 		for _, pool := range []string{libvirtLoopPool, libvirtLVMPool} {
@@ -347,7 +347,7 @@ func networkDiskXML(format, sock, export, backingStore string) string {
 func TestServeLibvirtDomainHooks(t *testing.T) {
 	e := newLibvirtEnv(t)
 	e.startDaemon()
-	client := e.client()
+	client := e.bus.Connect(t)
 	violations := watchViolations(t, client)
 
 	overlay := filepath.Join(e.images, "good.qcow2")

@@ -204,17 +204,6 @@ func (e *libvirtEnv) startDaemon() *libvirtDaemon {
 	return d
 }
 
-// client connects to the env's bus as root, closed when the test ends.
-func (e *libvirtEnv) client() *dbus.Conn {
-	e.t.Helper()
-	conn, err := dbus.Connect(e.bus.Address)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	e.t.Cleanup(func() { conn.Close() })
-	return conn
-}
-
 func (e *libvirtEnv) stopDaemon() {
 	e.t.Helper()
 	d := e.daemon
@@ -350,7 +339,7 @@ func hmp(t *testing.T, domain, command string) string {
 func TestServeLibvirt(t *testing.T) {
 	e := newLibvirtEnv(t)
 	e.startDaemon()
-	client := e.client()
+	client := e.bus.Connect(t)
 	violations := watchViolations(t, client)
 
 	t.Run("hook asks the daemon", func(t *testing.T) {

@@ -31,7 +31,7 @@ import (
 func TestServeLibvirtPoolFill(t *testing.T) {
 	e := newLibvirtEnv(t)
 	e.startDaemon()
-	client := e.client()
+	client := e.bus.Connect(t)
 	poolPath := dbusapi.PoolPath(libvirtLVMPool)
 	if err := client.AddMatchSignal(dbus.WithMatchSender(dbusapi.BusName), dbus.WithMatchObjectPath(poolPath)); err != nil {
 		t.Fatal(err)

@@ -314,17 +314,6 @@ func (d *daemon) kill(t *testing.T) {
 	<-d.exited
 }
 
-// client connects to the env's bus as root.
-func (e *serveEnv) client() *dbus.Conn {
-	e.t.Helper()
-	conn, err := dbus.Connect(e.bus.Address)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	e.t.Cleanup(func() { conn.Close() })
-	return conn
-}
-
 // cli runs a client subcommand against the env's bus.
 func (e *serveEnv) cli(args ...string) (string, string, int) {
 	e.t.Helper()
@@ -487,7 +476,7 @@ func TestServeLoopPool(t *testing.T) {
 	t.Cleanup(func() { monitor.Process.Kill(); monitor.Wait() })
 	// The monitor has attached once it shows a call made after it started:
 	// ping the daemon until a Ping appears in its output.
-	pinger := e.client()
+	pinger := e.bus.Connect(t)
 	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(monOut.String(), `"member":"Ping"`); {
 		if time.Now().After(deadline) {
 			t.Fatalf("busctl monitor shows no Ping after 30s of pinging; output:\n%s", monOut.String())
@@ -574,7 +563,7 @@ func TestServeLoopPool(t *testing.T) {
 		t.Errorf("Check: %s", out)
 	}
 	// Inspect of the volume's device, through the Go client (fd passing).
-	conn := e.client()
+	conn := e.bus.Connect(t)
 	dev, err := os.Open(vm1.DevicePath)
 	if err != nil {
 		t.Fatal(err)
@@ -768,7 +757,7 @@ func TestServeRestartAfterKill(t *testing.T) {
 	big := e.writeSlowImage("big.raw", 16<<30)
 	d := e.startDaemon()
 	d.waitReady(t)
-	conn := e.client()
+	conn := e.bus.Connect(t)
 	for _, pool := range []string{"fast", "thick"} {
 		// A complete volume, which must survive every kill.
 		if _, errOut, code := e.cli("overlay", "create", "--pool", pool, "--name", "keep", "--backing", base, "--backing-format", "raw"); code != 0 {

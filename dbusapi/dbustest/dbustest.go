@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/godbus/dbus/v5"
 )
 
 // Options say which policies the bus enforces.
@@ -158,4 +160,16 @@ func (b *Bus) MustBusctl(t testing.TB, args ...string) string {
 		t.Fatalf("busctl %q: %v\n%s", args, err, errOut)
 	}
 	return out
+}
+
+// Connect connects to the bus as the test's user (root in the tests that
+// start a daemon); the connection is closed when the test ends.
+func (b *Bus) Connect(t testing.TB) *dbus.Conn {
+	t.Helper()
+	conn, err := dbus.Connect(b.Address)
+	if err != nil {
+		t.Fatalf("connecting to the private bus %s: %v", b.Address, err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
 }
