@@ -119,9 +119,11 @@ func (a *dmActivator) ActivateAll(ctx context.Context, vg string, lvs []LV) map[
 	res := make(map[string]Activation, len(lvs))
 	var inactive []string
 	for _, lv := range lvs {
+		if err := validateNames(vg, lv.Name); err != nil {
+			res[lv.Name] = Activation{Err: err}
+			continue
+		}
 		switch {
-		case validateNames(vg, lv.Name) != nil:
-			res[lv.Name] = Activation{Err: validateNames(vg, lv.Name)}
 		case lvActive(lv.Attr):
 			res[lv.Name] = Activation{Path: dmPath(vg, lv.Name)}
 		default:
@@ -346,19 +348,19 @@ func (a *loopActivator) Activate(ctx context.Context, vg, lv string) (string, er
 }
 
 func (a *loopActivator) activate(ctx context.Context, vg, lv string) (string, error) {
-	segs, err := a.lvm.Segments(ctx, vg, lv)
+	m, err := LoopMappingOf(ctx, a.lvm, vg, lv)
 	if err != nil {
 		return "", err
 	}
-	layout, err := readVGLayout(ctx, a.lvm, vg)
-	if err != nil {
-		return "", err
-	}
-	path, m, err := a.existing(vg, lv, layout, segs)
+	path, err := a.existing(vg, lv, m)
 	if err != nil || path != "" {
 		return path, err
 	}
-	return attachLV(m)
+	pv, err := Inspect(m.PV)
+	if err != nil {
+		return "", err
+	}
+	return attachLV(m, pv.LogicalBlockSize)
 }
 
 // ActivateAll maps every LV from three lvm commands (the VG's segments,
@@ -368,98 +370,89 @@ func (a *loopActivator) ActivateAll(ctx context.Context, vg string, lvs []LV) ma
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	res := make(map[string]Activation, len(lvs))
-	failAll := func(err error) map[string]Activation {
+	fail := func(lv string, err error) {
+		res[lv] = Activation{Err: fmt.Errorf("activate %s/%s by loop: %w", vg, lv, err)}
+	}
+	segs, err := a.lvm.SegmentsOfVG(ctx, vg)
+	var layout vgLayout
+	if err == nil {
+		layout, err = readVGLayout(ctx, a.lvm, vg)
+	}
+	if err != nil {
 		for _, lv := range lvs {
-			res[lv.Name] = Activation{Err: fmt.Errorf("activate %s/%s by loop: %w", vg, lv.Name, err)}
+			fail(lv.Name, err)
 		}
 		return res
 	}
-	if err := validateVGName(vg); err != nil {
-		return failAll(err)
-	}
-	segs, err := a.lvm.SegmentsOfVG(ctx, vg)
-	if err != nil {
-		return failAll(err)
-	}
-	layout, err := readVGLayout(ctx, a.lvm, vg)
-	if err != nil {
-		return failAll(err)
-	}
 	type attach struct {
-		name string
-		m    LoopMapping
+		name       string
+		m          LoopMapping
+		sectorSize int
 	}
 	var todo []attach
+	sectorSizes := map[string]int{} // by PV: one look at each
 	for _, lv := range lvs {
-		path, m, err := a.existing(vg, lv.Name, layout, segs[lv.Name])
+		m, err := layout.mapping(vg, lv.Name, segs[lv.Name])
+		var path string
+		if err == nil {
+			path, err = a.existing(vg, lv.Name, m)
+		}
+		if err == nil && path == "" {
+			if _, ok := sectorSizes[m.PV]; !ok {
+				var pv DeviceInfo
+				pv, err = Inspect(m.PV)
+				sectorSizes[m.PV] = pv.LogicalBlockSize
+			}
+		}
 		switch {
 		case err != nil:
-			res[lv.Name] = Activation{Err: fmt.Errorf("activate %s/%s by loop: %w", vg, lv.Name, err)}
+			fail(lv.Name, err)
 		case path != "":
 			res[lv.Name] = Activation{Path: path}
 		default:
-			todo = append(todo, attach{lv.Name, m})
+			todo = append(todo, attach{lv.Name, m, sectorSizes[m.PV]})
 		}
 	}
-	results := make([]Activation, len(todo))
-	sem := make(chan struct{}, parallelAttaches)
-	var wg sync.WaitGroup
+	paths := make([]string, len(todo))
+	errs := make([]error, len(todo))
+	inParallel(len(todo), func(i int) {
+		paths[i], errs[i] = attachLV(todo[i].m, todo[i].sectorSize)
+	})
 	for i, t := range todo {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			path, err := attachLV(t.m)
-			if err != nil {
-				err = fmt.Errorf("activate %s/%s by loop: %w", vg, t.name, err)
-			}
-			results[i] = Activation{Path: path, Err: err}
-		}()
-	}
-	wg.Wait()
-	for i, t := range todo {
-		res[t.name] = results[i]
+		if errs[i] != nil {
+			fail(t.name, errs[i])
+		} else {
+			res[t.name] = Activation{Path: paths[i]}
+		}
 	}
 	return res
 }
 
-// existing maps LV vg/lv (whose segments are segs), remembers the
-// mapping and returns the loop device already mapping it, "" if there is
-// none. Called with a.mu held.
-func (a *loopActivator) existing(vg, lv string, layout vgLayout, segs []Segment) (string, LoopMapping, error) {
-	if err := validateNames(vg, lv); err != nil {
-		return "", LoopMapping{}, err
-	}
-	m, err := layout.mapping(vg, lv, segs)
-	if err != nil {
-		return "", m, err
-	}
+// existing remembers mapping m of LV vg/lv and returns the loop device
+// already mapping it, "" if there is none. Called with a.mu held.
+func (a *loopActivator) existing(vg, lv string, m LoopMapping) (string, error) {
 	a.remember(vg, lv, m)
 	l, ok, err := findLoop(m)
 	if err != nil || !ok {
-		return "", m, err
+		return "", err
 	}
 	if l.SizeLimit != m.Size {
 		// The LV was extended while it was not refreshed (e.g. the
 		// daemon crashed between lvextend and Refresh).
 		if err := SetLoopSizeLimit(l.Path, m.Size); err != nil {
-			return "", m, err
+			return "", err
 		}
 	}
-	return l.Path, m, nil
+	return l.Path, nil
 }
 
-// attachLV attaches a loop device for mapping m. The LV keeps the PV's
-// logical block size, as device-mapper would.
-func attachLV(m LoopMapping) (string, error) {
-	pvInfo, err := Inspect(m.PV)
-	if err != nil {
-		return "", err
-	}
+// attachLV attaches a loop device for mapping m with the PV's logical
+// block size, which the LV keeps, as under device-mapper.
+func attachLV(m LoopMapping, sectorSize int) (string, error) {
 	l, err := AttachLoop(m.PV, LoopOptions{
 		Offset:     m.Offset,
 		SizeLimit:  m.Size,
-		SectorSize: uint32(pvInfo.LogicalBlockSize),
+		SectorSize: uint32(sectorSize),
 	})
 	if err != nil {
 		return "", err

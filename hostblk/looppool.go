@@ -441,30 +441,20 @@ func (p *LoopPool) AttachAll(ready func(PoolVolume)) ([]PoolVolume, error) {
 			ready(vol)
 		}
 	}
-	// Attaching waits in the kernel (LOOP_CONFIGURE freezes the device's
-	// queue: RCU grace periods, not CPU), so after a reboot the pool's
-	// files are attached several at a time.
 	attachErrs := make([]error, len(found))
-	sem := make(chan struct{}, parallelAttaches)
-	var wg sync.WaitGroup
-	for i := range found {
-		if found[i].Device != "" {
-			continue
+	inParallel(len(found), func(i int) {
+		v := &found[i]
+		if v.Device != "" {
+			return
 		}
-		wg.Add(1)
-		sem <- struct{}{}
-		go func(v *PoolVolume, errp *error) {
-			defer func() { <-sem; wg.Done() }()
-			dev, err := AttachLoop(v.File, p.opts)
-			if err != nil {
-				*errp = fmt.Errorf("attach pool volume %s: %w", v.Name, err)
-				return
-			}
-			v.Device = dev.Path
-			ready(*v)
-		}(&found[i], &attachErrs[i])
-	}
-	wg.Wait()
+		dev, err := AttachLoop(v.File, p.opts)
+		if err != nil {
+			attachErrs[i] = fmt.Errorf("attach pool volume %s: %w", v.Name, err)
+			return
+		}
+		v.Device = dev.Path
+		ready(*v)
+	})
 	vols := found[:0]
 	for i, v := range found {
 		if attachErrs[i] != nil {
@@ -476,8 +466,27 @@ func (p *LoopPool) AttachAll(ready func(PoolVolume)) ([]PoolVolume, error) {
 	return vols, errors.Join(errs...)
 }
 
-// parallelAttaches bounds the loop devices AttachAll attaches at once.
+// parallelAttaches bounds the loop devices attached at once (loop pools,
+// loop activation).
 const parallelAttaches = 16
+
+// inParallel runs fn(0) ... fn(n-1), parallelAttaches at a time, and
+// returns when all have. Attaching waits in the kernel (LOOP_CONFIGURE
+// freezes the device's queue: RCU grace periods, not CPU), so after a
+// reboot a pool's devices are attached several at a time.
+func inParallel(n int, fn func(i int)) {
+	sem := make(chan struct{}, parallelAttaches)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			fn(i)
+		}()
+	}
+	wg.Wait()
+}
 
 // Grow grows a volume's backing file to size bytes and its loop device
 // with it. Growing to the current size is a no-op that still refreshes
