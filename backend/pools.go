@@ -74,22 +74,14 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 	// offer sends a volume to the readers, or sets it aside. It is called
 	// from several goroutines at once (loop pools).
 	offer := func(c scanFound) {
-		if m.isPending(VolumeID(p.cfg.Name, c.name)) {
-			return // an operation of ours is on it; it registers the result
-		}
-		if c.meta.State != "" {
-			if p.shared != nil && (!c.madeHere || c.where != "" && c.where != ActiveLocal) {
-				// Another host's operation is on it (between lvcreate and
-				// its activation nobody holds its lock yet), or its crash
-				// is that host's to clean up when it starts again.
-				return
-			}
+		switch m.scanAction(p, c) {
+		case scanRead:
+			next <- c
+		case scanRemove:
 			outMu.Lock()
 			stale = append(stale, c)
 			outMu.Unlock()
-			return
 		}
-		next <- c
 	}
 	err := m.findVolumes(ctx, p, offer)
 	close(next)
@@ -105,6 +97,30 @@ func (m *Manager) scanPool(ctx context.Context, p *pool) ([]*volume, error) {
 		}
 	}
 	return out, nil
+}
+
+// What scanPool does with a volume it found.
+type scanActionKind int
+
+const (
+	scanSkip   scanActionKind = iota // not this scan's: left alone
+	scanRead                         // listed, read from its device
+	scanRemove                       // left by an interrupted operation
+)
+
+func (m *Manager) scanAction(p *pool, c scanFound) scanActionKind {
+	switch {
+	case m.isPending(VolumeID(p.cfg.Name, c.name)):
+		return scanSkip // an operation of ours is on it; it registers the result
+	case c.meta.State == "":
+		return scanRead
+	case p.shared != nil && (!c.madeHere || c.where != "" && c.where != ActiveLocal):
+		// Another host's operation is on it (between lvcreate and its
+		// activation nobody holds its lock yet), or its crash is that
+		// host's to clean up when it starts again.
+		return scanSkip
+	}
+	return scanRemove
 }
 
 // scanFound is a volume scanPool found on a pool's devices.
@@ -155,7 +171,7 @@ func (m *Manager) findVolumes(ctx context.Context, p *pool, offer func(scanFound
 			// Tags another tool mangled: the LV is volagent's (it has
 			// "volagent." tags) but what it is cannot be told.
 			f.problem = fmt.Sprintf("its LVM tags cannot be read: %v", err)
-		} else if p.shared == nil && meta.State == "" && !m.isPending(VolumeID(p.cfg.Name, lv.Name)) {
+		} else if p.shared == nil && m.scanAction(p, f) == scanRead {
 			// Shared pools activate on demand, under the VG's locks.
 			toActivate = append(toActivate, lv)
 		}
