@@ -28,6 +28,11 @@ var writerSource []byte
 //go:embed virtio.S
 var virtioSource []byte
 
+// serialSource is the COM1 output both writers include.
+//
+//go:embed serial.inc
+var serialSource []byte
+
 // virtioLoadSectors is how many sectors after the boot sector virtio.S
 // loads from the boot disk: all of its code and data.
 const virtioLoadSectors = 8
@@ -115,7 +120,10 @@ func (w Writer) BootDisk(t testing.TB, dir string) string {
 	if err := os.WriteFile(src, source, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	args := []string{"--32"}
+	if err := os.WriteFile(filepath.Join(dir, "serial.inc"), serialSource, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"--32", "-I", dir} // serial.inc
 	for _, sym := range syms {
 		args = append(args, "--defsym", sym)
 	}

@@ -433,27 +433,7 @@ pci_write:
 	outl %eax, %dx
 	ret
 
-# puthex: the low nibble of AL.
-puthex:
-	andb $0x0f, %al
-	addb $'0', %al
-	cmpb $'9', %al
-	jbe putc
-	addb $'a'-'9'-1, %al
-# putc: AL on COM1 (qemu's UART is always ready to send).
-putc:
-	movw $COM1, %dx
-	outb %al, %dx
-	ret
-
-# puts: the NUL-terminated string at ESI.
-puts:
-	lodsb
-	testb %al, %al
-	jz 1f
-	call putc
-	jmp puts
-1:	ret
+	.include "serial.inc"
 
 start_msg:  .asciz "WRITING\n"
 done_msg:   .asciz "DONE\n"

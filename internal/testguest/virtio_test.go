@@ -14,7 +14,7 @@ import (
 
 // runQemu boots bootDisk (on bootBus: "ide" or "virtio") under KVM with
 // data as a virtio-blk disk (driveOpts appended to its -drive) and
-// returns the guest's serial output once it holds DONE or ERR, and how
+// returns the guest's serial output once it holds DONE, ERR or NOEXT, and how
 // long that took from qemu's start. qemu is killed at cleanup.
 func runQemu(t *testing.T, bootDisk, bootBus, data, driveOpts string) (string, time.Duration) {
 	t.Helper()
@@ -41,7 +41,7 @@ func runQemu(t *testing.T, bootDisk, bootBus, data, driveOpts string) (string, t
 	})
 	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(50 * time.Millisecond) {
 		out, _ := os.ReadFile(serial)
-		if bytes.Contains(out, []byte(SerialDone)) || bytes.Contains(out, []byte(SerialError)) {
+		if bytes.Contains(out, []byte(SerialDone)) || bytes.Contains(out, []byte(SerialError)) || bytes.Contains(out, []byte(SerialNoExt)) {
 			return string(out), time.Since(started)
 		}
 		select {
@@ -115,4 +115,33 @@ func TestVirtioWriter(t *testing.T) {
 		}
 		t.Logf("serial: %q", out)
 	})
+}
+
+// TestInt13Writer boots the int 13h writer under KVM with its data disk
+// on virtio-blk (the BIOS's second disk) and checks what it wrote.
+func TestInt13Writer(t *testing.T) {
+	testutil.RequireRoot(t) // /dev/kvm
+	testutil.RequireTool(t, "qemu-system-x86_64")
+	dir := t.TempDir()
+	w := Writer{Sectors: 16<<20/SectorSize + 5, DoneLBA: 16<<20/SectorSize + 64, PerCall: 127}
+	boot := w.BootDisk(t, dir)
+	data := filepath.Join(dir, "data.raw")
+	if err := os.WriteFile(data, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(data, int64(w.DoneLBA+2048)*SectorSize); err != nil {
+		t.Fatal(err)
+	}
+	out, _ := runQemu(t, boot, "ide", data, "")
+	if !strings.Contains(out, SerialDone) || strings.Contains(out, SerialError) {
+		t.Fatalf("guest's serial output: %q", out)
+	}
+	f, err := os.Open(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := w.Verify(f); err != nil {
+		t.Fatalf("what the guest wrote does not read back: %v", err)
+	}
 }

@@ -13,7 +13,7 @@
 #
 # SECTORS, PER_CALL (at most 127) and DONE_LBA come from the assembler's
 # --defsym; build.go assembles and links it:
-#   as --32 --defsym SECTORS=... -o writer.o writer.S
+#   as --32 -I DIR --defsym SECTORS=... -o writer.o writer.S   (DIR holds serial.inc)
 #   ld -m elf_i386 -Ttext 0x7c00 --oformat binary -o writer.bin writer.o
 
 	.code16
@@ -131,27 +131,7 @@ halt:
 	hlt
 	jmp halt
 
-# puthex: the low nibble of AL.
-puthex:
-	andb $0x0f, %al
-	addb $'0', %al
-	cmpb $'9', %al
-	jbe putc
-	addb $'a'-'9'-1, %al
-# putc: AL on COM1 (qemu's UART is always ready to send).
-putc:
-	movw $COM1, %dx
-	outb %al, %dx
-	ret
-
-# puts: the NUL-terminated string at DS:SI.
-puts:
-	lodsb
-	testb %al, %al
-	jz 1f
-	call putc
-	jmp puts
-1:	ret
+	.include "serial.inc"
 
 done_msg:  .asciz "DONE\n"
 noext_msg: .asciz "NOEXT\n"
